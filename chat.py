@@ -1,0 +1,1166 @@
+"""chat.py: a group chat over gRPC, in one file you can read top to bottom.
+
+One server process holds one chat room. A fixed group of members (ids 1, 2, 3
+with --members 1,2,3) each run a client process. The running example, used in
+every section below, in the tests and in README:
+
+    alice (id 1) sends "hi" while bob (id 2) is offline. Later bob comes
+    online and gets "hi", because he has not read it yet. alice does not get
+    her own "hi" back. A stranger (id 9) is refused and gets nothing.
+
+The path of alice's "hi", which is also the order of this file:
+
+    alice's process                     server process                   bob's process
+    ---------------                     --------------                   -------------
+    TerminalClient / stdin              ChatRoomServicer.Send            (offline)
+      ChatClient.send --- Send ------->   Store.append  (SQLite commit,
+                     <-- SendReply ---      "hi" gets seq 7)
+                         (seq=7)          Hub.publish -> one queue per
+                                            online member (not alice's)
+                                                                         ChatClient._receive
+                                        ChatRoomServicer.Join <--- Join ---  (bob comes online)
+                                          Welcome, replay of seq 7 -------->  prints "bob: hi"
+                                          CaughtUp, then live events ----->
+                                        ChatRoomServicer.MarkRead <-- MarkRead(up_to_seq=7)
+                                          Store.mark_read: 7 is read now
+
+Sections, in the order "hi" travels:
+
+    1. The vocabulary      chat.proto, loaded when the program starts
+    2. The rules           limits and input checks shared by both sides
+    3. The store           SQLite: history, read positions, retry ids
+    4. The hub             who is online, and fan-out to their queues
+    5. The servicer        the four RPCs: Join, Send, MarkRead, ListMembers
+    6. Serving             the grpc.aio server and its completion queue
+    7. The client          channel, stub, the receive thread, read receipts
+    8. The terminal client stdin -> Send, Join stream -> stdout
+    9. main(argv)          the command line
+
+The server uses grpc.aio (one thread, one asyncio event loop, any number of
+open streams). The client uses grpc's threaded API (blocking calls plus one
+thread that reads the stream), because a terminal or a Tk window has its own
+main loop that is not asyncio. So the file shows both of grpcio's APIs and
+how each one waits for the network.
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+
+log = logging.getLogger("chat")
+
+
+# 1. The vocabulary ---------------------------------------------------------
+#
+# protos_and_services() runs protoc inside this process (it needs the
+# grpcio-tools package) and returns two modules, the same ones that
+# `python -m grpc_tools.protoc` would write to chat_pb2.py and
+# chat_pb2_grpc.py:
+#   pb        the message classes: pb.JoinRequest, pb.Event, ...
+#   services  pb-agnostic glue: ChatRoomStub (client side) and
+#             add_ChatRoomServicer_to_server (server side).
+# The path is looked up relative to each entry of sys.path. When you run
+# `python chat.py`, sys.path[0] is the folder that holds chat.py, so this
+# works from any working directory.
+pb, services = grpc.protos_and_services("chat.proto")
+
+
+# 2. The rules ----------------------------------------------------------------
+#
+# Both sides use these checks: the server to refuse bad input with
+# INVALID_ARGUMENT and a sentence, the clients to explain a refusal before
+# they even send. The server is the one that counts: a client can be anything.
+
+MAX_TEXT_CHARS = 4000  # one message; about two pages of text
+MAX_NAME_CHARS = 32
+MAX_MESSAGE_ID_CHARS = 64
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+# The largest request the server will even read. gRPC checks this before our
+# code runs and answers RESOURCE_EXHAUSTED ("Received message larger than
+# max"). It is far above MAX_TEXT_CHARS (4,000 characters are at most 16 KB
+# of UTF-8), so an oversized message still gets our own, clearer sentence,
+# while a megabyte of junk is cut off by gRPC itself. gRPC's default is 4 MiB.
+MAX_REQUEST_BYTES = 256 * 1024
+
+# How many events may wait in one member's queue on the server. A member
+# whose client stops reading falls behind; past this many, the server closes
+# that member's stream (it catches up from its read position when it comes
+# back) instead of letting the queue, and the server's memory, grow.
+QUEUE_LIMIT = 1000
+
+
+def id_problem(client_id):
+    """Why client_id is not a valid member id, or None if it is."""
+    if not client_id:
+        return "the client id is empty; give one with --id, e.g. --id 1."
+    if not ID_PATTERN.fullmatch(client_id):
+        return (f"the client id {client_id[:40]!r} is not valid: use 1 to 32 "
+                "letters, digits, '_', '.' or '-'.")
+    return None
+
+
+def name_problem(name):
+    """Why name is not a valid display name, or None if it is."""
+    if len(name) > MAX_NAME_CHARS:
+        return (f"the name is {len(name)} characters long; the limit is "
+                f"{MAX_NAME_CHARS}.")
+    if not name.isprintable() or (name and not name.strip()):
+        return "the name must be printable characters, not only spaces."
+    return None
+
+
+def text_problem(text):
+    """Why text cannot be sent as a message, or None if it can."""
+    if not text.strip():
+        return "a message needs some text; this one is empty."
+    if len(text) > MAX_TEXT_CHARS:
+        return (f"the message is {len(text):,} characters long; the limit is "
+                f"{MAX_TEXT_CHARS:,}.")
+    # Control characters could rewrite other people's terminals (an escape
+    # sequence that clears the screen, say), so only newline and tab pass.
+    if any(not ch.isprintable() and ch not in "\n\t" for ch in text):
+        return ("the message contains control characters; only newlines and "
+                "tabs are allowed.")
+    return None
+
+
+# 3. The store ----------------------------------------------------------------
+#
+# Everything that must survive a restart lives in one SQLite file:
+#   messages  the history; the INTEGER PRIMARY KEY is the seq, so SQLite hands
+#             out the room's single total order for free.
+#   members   each member's last name and read position (read_seq).
+#
+# Durability: Send answers only after the INSERT has committed. WAL mode
+# appends each commit to chat.db-wal, and synchronous=FULL makes SQLite
+# fsync that file before the commit returns, so an acknowledged message
+# survives `kill -9` of the server and even a power cut. (With
+# synchronous=NORMAL it would survive the kill but not the power cut.)
+#
+# The store is called straight from the event loop, with no thread in
+# between: each call is a fraction of a millisecond on a local disk, and
+# running them in order on one thread is what keeps "commit, then fan out"
+# in seq order without any locks.
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused
+    sender_id   TEXT NOT NULL,
+    sender_name TEXT NOT NULL,
+    text        TEXT NOT NULL,
+    sent_at_us  INTEGER NOT NULL,                   -- microseconds, Unix time
+    message_id  TEXT                                -- the sender's retry id
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_copy_per_retry
+    ON messages (sender_id, message_id);            -- NULLs never collide
+CREATE TABLE IF NOT EXISTS members (
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL,
+    read_seq INTEGER NOT NULL DEFAULT 0             -- last seq confirmed read
+);
+"""
+
+
+@dataclasses.dataclass
+class Stored:
+    """One row of the messages table."""
+    seq: int
+    sender_id: str
+    sender_name: str
+    text: str
+    sent_at_us: int
+
+
+class StoreLocked(Exception):
+    """Another server process is using the database file."""
+
+
+class Store:
+    """History and read positions in SQLite. Every method commits at once."""
+
+    def __init__(self, path):
+        # isolation_level=None: no hidden BEGIN; each statement commits by
+        # itself, which is exactly the "stored before acknowledged" we want.
+        self.db = sqlite3.connect(path, isolation_level=None)
+        # EXCLUSIVE locking keeps the file locked for as long as this server
+        # runs, so a second server on the same file fails at start instead of
+        # handing out the same seq twice. (It also lets WAL mode work without
+        # its shared-memory index.) The OS drops the lock if we are killed.
+        self.db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error):
+                raise StoreLocked(f"{path} is in use by another chat server")
+            raise
+        self.db.execute("PRAGMA synchronous = FULL")
+
+    def close(self):
+        self.db.close()
+
+    def add_members(self, ids):
+        """Make sure each id has a row (used for the fixed --members group)."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO members (id, name) VALUES (?, ?)",
+            [(member_id, member_id) for member_id in ids])
+
+    def remember(self, member_id, name):
+        """Record that member_id is in the room and now calls itself name."""
+        self.db.execute(
+            "INSERT INTO members (id, name) VALUES (?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            (member_id, name))
+
+    def members(self):
+        """[(id, name)] of everyone who belongs to the room, by id."""
+        return self.db.execute(
+            "SELECT id, name FROM members ORDER BY id").fetchall()
+
+    def is_member(self, member_id):
+        return self.db.execute("SELECT 1 FROM members WHERE id = ?",
+                               (member_id,)).fetchone() is not None
+
+    def append(self, sender_id, sender_name, text, message_id):
+        """Store a message; return (Stored, is_new).
+
+        A retried Send carries the message_id of the first attempt. If that
+        attempt was stored, return the stored row and is_new=False, so the
+        caller neither stores nor fans out a second copy.
+        """
+        if message_id:
+            row = self.db.execute(
+                "SELECT seq, sender_id, sender_name, text, sent_at_us "
+                "FROM messages WHERE sender_id = ? AND message_id = ?",
+                (sender_id, message_id)).fetchone()
+            if row:
+                return Stored(*row), False
+        sent_at_us = time.time_ns() // 1000
+        cursor = self.db.execute(
+            "INSERT INTO messages (sender_id, sender_name, text, sent_at_us, "
+            "message_id) VALUES (?, ?, ?, ?, ?)",
+            (sender_id, sender_name, text, sent_at_us, message_id or None))
+        return Stored(cursor.lastrowid, sender_id, sender_name, text,
+                      sent_at_us), True
+
+    def head(self):
+        """The highest seq stored so far (0 for an empty room)."""
+        return self.db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
+
+    def read_seq(self, member_id):
+        row = self.db.execute("SELECT read_seq FROM members WHERE id = ?",
+                              (member_id,)).fetchone()
+        return row[0] if row else 0
+
+    def mark_read(self, member_id, up_to_seq):
+        """Move member_id's read position forward (never back, never past
+        the last stored message); return the stored position."""
+        self.db.execute(
+            "UPDATE members SET read_seq = MAX(read_seq, MIN(?, ?)) "
+            "WHERE id = ?", (up_to_seq, self.head(), member_id))
+        return self.read_seq(member_id)
+
+    def count_unread(self, member_id, after_seq, up_to_seq):
+        """How many messages from others lie in (after_seq, up_to_seq]."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM messages "
+            "WHERE seq > ? AND seq <= ? AND sender_id != ?",
+            (after_seq, up_to_seq, member_id)).fetchone()[0]
+
+    def messages_for(self, member_id, after_seq, up_to_seq, limit):
+        """Up to limit messages from others in (after_seq, up_to_seq], oldest
+        first. The member's own messages are skipped: it already has them."""
+        rows = self.db.execute(
+            "SELECT seq, sender_id, sender_name, text, sent_at_us "
+            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id != ? "
+            "ORDER BY seq LIMIT ?",
+            (after_seq, up_to_seq, member_id, limit)).fetchall()
+        return [Stored(*row) for row in rows]
+
+
+# 4. The hub ------------------------------------------------------------------
+#
+# The hub knows who is online and hands each new event to them. It does not
+# write to the network itself. grpc.aio allows only one write at a time per
+# stream, and a broadcaster that awaited each member's write in turn would
+# stall everyone behind the slowest reader. So each online member gets a
+# Session with its own bounded asyncio.Queue, and that member's own Join
+# handler drains the queue into its stream (section 5). publish() only does
+# put_nowait(): it never waits, and a full queue means that member is too
+# far behind.
+#
+# Events are serialized once, here, and every queue gets the same bytes:
+# with 1,000 members online that is one SerializeToString() per message
+# instead of 1,000. (Join is registered without a response serializer in
+# section 6, so gRPC sends these bytes as they are.)
+#
+# Everything here runs on the event loop thread, so no locks are needed.
+
+
+class Session:
+    """One open Join stream: a member's queue and the task that drains it."""
+
+    def __init__(self, member_id, name):
+        self.member_id = member_id
+        self.name = name
+        self.queue = asyncio.Queue(QUEUE_LIMIT)
+        # The task running this member's Join handler. grpc.aio runs every
+        # RPC in its own asyncio task; cancelling it is how the server ends
+        # one stream without touching the others.
+        self.task = asyncio.current_task()
+        self.closing = None  # (code, details) once the server ends the stream
+
+    def close(self, code, details):
+        """End this stream with a status. Runs on the loop, from any task.
+
+        Cancelling raises CancelledError in the Join handler at whatever it
+        is awaiting: the next event, or a write to a client that stopped
+        reading. The handler then sends (code, details) to the client.
+        """
+        if self.closing is None:
+            self.closing = (code, details)
+            self.task.cancel()
+
+
+class Hub:
+    """Who is online, and fan-out of serialized events to their queues."""
+
+    def __init__(self):
+        self.online = {}  # member id -> Session
+
+    def add(self, session):
+        """Put session online; return the session it replaces, if any."""
+        replaced = self.online.get(session.member_id)
+        self.online[session.member_id] = session
+        return replaced
+
+    def remove(self, session):
+        """Take session offline. False if it was already gone or replaced."""
+        if self.online.get(session.member_id) is not session:
+            return False
+        del self.online[session.member_id]
+        return True
+
+    def publish(self, data, skip=None):
+        """Queue data for every online member except skip; return the
+        sessions whose queue was full (the caller disconnects them)."""
+        too_slow = []
+        for member_id, session in self.online.items():
+            if member_id == skip:
+                continue
+            try:
+                session.queue.put_nowait(data)
+            except asyncio.QueueFull:
+                too_slow.append(session)
+        return too_slow
+
+
+# 5. The servicer ---------------------------------------------------------------
+#
+# One method per RPC in chat.proto, named as there. Each runs as a coroutine
+# on the event loop. A refusal is `await context.abort(code, sentence)`,
+# which raises, ends the handler, and sends the client that status code with
+# the sentence as its details.
+
+
+def to_event(stored):
+    """A stored row as the Event a client receives."""
+    message = pb.ChatMessage(seq=stored.seq, sender_id=stored.sender_id,
+                             sender_name=stored.sender_name, text=stored.text)
+    message.sent_at.FromMicroseconds(stored.sent_at_us)
+    return pb.Event(message=message)
+
+
+class ChatRoomServicer:
+    """The chat room's RPCs. Runs on the event loop; owns the store and hub."""
+
+    REPLAY_BATCH = 500  # messages read from SQLite at a time during a replay
+
+    def __init__(self, store, members=None, max_clients=0):
+        self.store = store
+        self.hub = Hub()
+        self.fixed_group = bool(members)  # False: any valid id may join
+        self.max_clients = max_clients    # 0: no limit
+        if members:
+            store.add_members(members)
+
+    # -- the RPCs, in the order a member uses them --
+
+    async def Join(self, request, context):
+        """Replay what the member has not read, then stream live events."""
+        member_id = request.client_id
+        await self._check_member(context, member_id)
+        name = request.name or member_id
+        if problem := name_problem(name):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               problem)
+        if (self.max_clients and member_id not in self.hub.online
+                and len(self.hub.online) >= self.max_clients):
+            await self._refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the room is full: {len(self.hub.online)} of "
+                f"{self.max_clients} members are online. Try again later.")
+
+        # From here to the first await, nothing else runs on the loop. So the
+        # session is online (it will get every message published from now on)
+        # at the same instant we read `head`, the last message already stored:
+        # the replay covers up to head, the queue everything after it. No gap,
+        # no overlap.
+        session = Session(member_id, name)
+        replaced = self.hub.add(session)
+        if replaced:
+            # The same member again, e.g. its client reconnecting before the
+            # server noticed the old connection was dead. The newest wins.
+            replaced.close(grpc.StatusCode.ABORTED,
+                           f"id {member_id} joined again from another client; "
+                           "this session was closed.")
+        self.store.remember(member_id, name)
+        if request.after_seq:  # a client resuming after a reconnect
+            self.store.mark_read(member_id, request.after_seq)
+            start = min(request.after_seq, self.store.head())
+        else:                  # a new client process: use the stored position
+            start = self.store.read_seq(member_id)
+        head = self.store.head()
+        unread = self.store.count_unread(member_id, start, head)
+        log.info("%s (%s) joined from %s; %d unread", name, member_id,
+                 context.peer(), unread)
+        if not replaced:
+            self._announce(session, online=True)
+
+        # We write to the stream ourselves (`await context.write`) rather
+        # than `yield` from an async generator: when this task is cancelled
+        # during a write, CancelledError is raised here, in our code, where
+        # we can still send a status. With `yield`, it would be raised inside
+        # grpc's loop around the generator, and the client would get no
+        # status at all.
+        try:
+            await context.write(pb.Event(welcome=pb.Welcome(
+                unread=unread, read_seq=start,
+                members=self._members())).SerializeToString())
+            while batch := self.store.messages_for(member_id, start, head,
+                                                   self.REPLAY_BATCH):
+                for stored in batch:
+                    await context.write(to_event(stored).SerializeToString())
+                start = batch[-1].seq
+            await context.write(
+                pb.Event(caught_up=pb.CaughtUp()).SerializeToString())
+            while True:
+                await context.write(await session.queue.get())
+        except asyncio.CancelledError:
+            # Either the client went away (gRPC cancelled us), or the server
+            # closed this session (Session.close). In the second case the
+            # client is still there and deserves to know why.
+            if session.closing:
+                await context.abort(*session.closing)
+            raise
+        finally:
+            if self.hub.remove(session):
+                log.info("%s (%s) left", name, member_id)
+                self._announce(session, online=False)
+
+    async def Send(self, request, context):
+        """Store one message, fan it out, and answer with its seq."""
+        member_id = request.client_id
+        await self._check_member(context, member_id)
+        if problem := text_problem(request.text):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               problem)
+        if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT,
+                f"message_id is longer than {MAX_MESSAGE_ID_CHARS} characters.")
+        session = self.hub.online.get(member_id)
+        if session is None:
+            await self._refuse(
+                context, grpc.StatusCode.FAILED_PRECONDITION,
+                f"id {member_id} is not online; Join the room before sending.")
+        stored, is_new = self.store.append(member_id, session.name,
+                                           request.text, request.message_id)
+        if is_new:
+            # Same loop turn as the commit, so fan-out happens in seq order.
+            self._broadcast(to_event(stored).SerializeToString(),
+                            skip=member_id)
+        reply = pb.SendReply(seq=stored.seq)
+        reply.sent_at.FromMicroseconds(stored.sent_at_us)
+        return reply
+
+    async def MarkRead(self, request, context):
+        """Record that the member's client has received up to a seq."""
+        await self._check_member(context, request.client_id)
+        read_seq = self.store.mark_read(request.client_id, request.up_to_seq)
+        return pb.MarkReadReply(read_seq=read_seq)
+
+    async def ListMembers(self, request, context):
+        """The group, and who is online."""
+        return pb.ListMembersReply(members=self._members())
+
+    # -- helpers --
+
+    async def _check_member(self, context, member_id):
+        """Refuse bad ids (INVALID_ARGUMENT) and strangers (PERMISSION_DENIED)."""
+        if problem := id_problem(member_id):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               problem)
+        if self.fixed_group and not self.store.is_member(member_id):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                               f"id {member_id} is not a member of this group.")
+
+    async def _refuse(self, context, code, sentence):
+        log.info("refused %s: %s %s", context.peer(), code.name, sentence)
+        await context.abort(code, sentence)  # raises: the handler ends here
+
+    def _members(self):
+        return [pb.Member(id=member_id, name=name,
+                          online=member_id in self.hub.online)
+                for member_id, name in self.store.members()]
+
+    def _announce(self, session, online):
+        member = pb.Member(id=session.member_id, name=session.name,
+                           online=online)
+        self._broadcast(pb.Event(presence=pb.Presence(member=member))
+                        .SerializeToString(), skip=session.member_id)
+
+    def _broadcast(self, data, skip):
+        for session in self.hub.publish(data, skip):
+            log.warning("%s (%s) fell %d events behind; disconnecting it",
+                        session.name, session.member_id, QUEUE_LIMIT)
+            self._disconnect(session, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"your client fell more than {QUEUE_LIMIT} events "
+                             "behind; reconnect to catch up.")
+
+    def _disconnect(self, session, code, details):
+        """Close one member's stream now, and tell the others it left."""
+        if self.hub.remove(session):
+            self._announce(session, online=False)
+        session.close(code, details)
+
+    def disconnect_everyone(self, code, details):
+        for session in list(self.hub.online.values()):
+            self._disconnect(session, code, details)
+
+
+# 6. Serving ------------------------------------------------------------------
+#
+# How grpc.aio waits for the network. gRPC's core is C. You give it a batch
+# of operations for one call (send these headers, send this message, receive
+# a message, ...) and a tag. When the whole batch is done, core posts an
+# event {tag, success} to a completion queue (CQ). grpc.aio keeps one CQ for
+# the whole process:
+#
+#     native threads (C)        poller thread (Python, GIL released)     event loop
+#     ------------------        -------------------------------------     ----------
+#     read/write sockets  -->   grpc_completion_queue_next() -> event -->  socketpair
+#                               writes 1 byte to wake the loop             readable:
+#                                                                          tag's Future
+#                                                                          .set_result()
+#
+# Every `await` on a gRPC operation (context.write, a new call arriving,
+# ...) starts a batch whose tag wraps an asyncio Future, and then awaits that
+# Future. The poller thread turns CQ events into Future results on the loop.
+# The socket reads and writes themselves happen on core's own threads (the
+# EventEngine), which Python never sees. So 1,000 open streams cost 1,000
+# suspended coroutines and their queues, not 1,000 threads.
+#
+# (grpcio's other server, grpc.server() with a ThreadPoolExecutor, runs each
+# handler on a pool thread. A streaming handler holds its thread for the
+# whole life of the stream, so the pool size would be the maximum number of
+# members online, and the ones over it would hang without an error.)
+
+# Keepalive: HTTP/2 PING frames on an otherwise idle connection. A member
+# whose network vanished (no FIN, no RST: a laptop lid closed, a cable
+# pulled) is otherwise noticed only when the server next writes to it, and
+# a write can sit in a buffer for a long time. With these, the server pings
+# every 30 s and drops a connection that does not answer within 10 s, which
+# ends that member's Join stream and frees its place in the room.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Our clients ping every 20 s too (section 7). By default a server takes
+    # a client's pings more often than every 5 minutes as abuse, and after
+    # two "strikes" closes the connection with GOAWAY "too_many_pings". Allow
+    # one every 10 s, with or without calls open.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Core stops pinging after 2 pings with no data sent in between, unless
+    # this is 0. An idle chat stream sends no data for hours.
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def chat_room_handlers(servicer):
+    """What services.add_ChatRoomServicer_to_server() would register, written
+    out, with one change: Join has no response serializer, because the hub
+    serializes each event once (section 4) and gRPC then sends bytes as they
+    are."""
+    rpc = grpc.unary_unary_rpc_method_handler
+    return grpc.method_handlers_generic_handler("chat.ChatRoom", {
+        "Join": grpc.unary_stream_rpc_method_handler(
+            servicer.Join, request_deserializer=pb.JoinRequest.FromString),
+        "Send": rpc(servicer.Send,
+                    request_deserializer=pb.SendRequest.FromString,
+                    response_serializer=pb.SendReply.SerializeToString),
+        "MarkRead": rpc(servicer.MarkRead,
+                        request_deserializer=pb.MarkReadRequest.FromString,
+                        response_serializer=pb.MarkReadReply.SerializeToString),
+        "ListMembers": rpc(
+            servicer.ListMembers,
+            request_deserializer=pb.ListMembersRequest.FromString,
+            response_serializer=pb.ListMembersReply.SerializeToString),
+    })
+
+
+async def serve(args):
+    """Run the server until SIGINT or SIGTERM. Returns the exit status."""
+    try:
+        store = Store(args.db)
+    except StoreLocked as error:
+        log.error("%s; stop it first, or use another --db.", error)
+        return 1
+    servicer = ChatRoomServicer(store, args.members, args.max_clients)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((chat_room_handlers(servicer),))
+    address = f"{args.host}:{args.port}"
+    try:
+        port = server.add_insecure_port(address)  # port 0: the OS picks one
+    except RuntimeError as error:
+        log.error("cannot listen on %s (%s); is the port in use?",
+                  address, error)
+        store.close()
+        return 1
+    await server.start()
+    print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
+    log.info("room open to %s; history in %s",
+             ", ".join(args.members) if args.members else "any id", args.db)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down")
+    # Tell every client why its stream ends (they reconnect when we are
+    # back), then let Sends already running finish: stop() refuses new
+    # calls at once and waits up to `grace` seconds for the rest.
+    servicer.disconnect_everyone(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; your client will reconnect.")
+    await server.stop(grace=5)
+    store.close()
+    log.info("stopped; %s closed", args.db)
+    return 0
+
+
+# 7. The client -----------------------------------------------------------------
+#
+# A channel is the client's connection to one server address. Creating one
+# does no I/O: it starts IDLE and connects on the first call. Its state then
+# moves CONNECTING -> READY, or to TRANSIENT_FAILURE if nothing listens;
+# when the server goes away, READY -> IDLE, and the next call connects again.
+# Every call on a channel (our Join stream, each Send, each MarkRead) is one
+# HTTP/2 stream on the same TCP connection: gRPC multiplexes them, so the
+# stream that is waiting for events never blocks a Send.
+#
+# A stub (services.ChatRoomStub) holds no connection of its own. For each
+# RPC it keeps a "multicallable" that knows the method name and how to
+# (de)serialize: stub.Send is unary-unary (call it, get a SendReply), and
+# stub.Join is unary-stream (call it, get an iterator of Events).
+#
+# How the threaded API waits for the network. Like grpc.aio, it waits on
+# completion queues (section 6), but with plain threads:
+#   * a blocking unary call (stub.Send(request)) makes a completion queue
+#     just for that call, and the calling thread waits on it itself, so no
+#     extra thread is involved;
+#   * streams and .future() calls share one completion queue per channel.
+#     The first one starts a "channel spin" thread that takes events off it
+#     and wakes whoever waits. Our receive thread, blocked in `for event in
+#     call`, is woken by that spin thread when the next Event arrives.
+# Callbacks that gRPC runs (add_done_callback, ...) therefore run on gRPC's
+# threads, never on your main thread; the same is true of our on_event.
+
+# The client pings every 20 s, so a server that vanished is noticed within
+# about 30 s (20 s + the 10 s timeout), even while the chat is quiet. The
+# server allows pings this often (SERVER_OPTIONS).
+CLIENT_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # After a connection fails, the channel waits before trying again:
+    # 1 s, then 1.6 times longer each time, with jitter, up to this cap
+    # (gRPC's default cap is 120 s, too long to wait for a restarted chat).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+SEND_TIMEOUT = 10  # seconds per attempt; a Send never hangs without an answer
+
+# Status codes after which the client tries again rather than gives up.
+#   UNAVAILABLE: the server is down or restarting, or the network dropped.
+#   RESOURCE_EXHAUSTED on a running stream: we fell behind; the server
+#     closed our stream and we catch up from where we are.
+#   DEADLINE_EXCEEDED on a Send: no answer in time, so we cannot know if it
+#     was stored; the retry carries the same message_id, so at most one copy.
+#   FAILED_PRECONDITION on a Send: "not online": the server restarted and our
+#     Join has not been redone yet.
+RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+         grpc.StatusCode.DEADLINE_EXCEEDED,
+         grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class Refused(Exception):
+    """The server said no, for a reason a person should read."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class ReadReceipts:
+    """Confirms received messages to the server with MarkRead.
+
+    Runs a thread of its own so that neither the receive thread nor the UI
+    waits for a round trip. When messages arrive faster than confirmations
+    go out, one MarkRead covers all of them: it always names the highest seq
+    received so far.
+    """
+
+    def __init__(self, stub, member_id):
+        self._stub = stub
+        self._member_id = member_id
+        self._changed = threading.Condition()
+        self._received = 0   # highest seq the receive thread has handed over
+        self._confirmed = 0  # highest seq the server has stored as read
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="read-receipts")
+        self._thread.start()
+
+    def received(self, seq):
+        """Called on the receive thread for each message that arrived."""
+        with self._changed:
+            self._received = max(self._received, seq)
+            self._changed.notify_all()
+
+    def flush_and_stop(self, timeout):
+        """Wait (at most timeout seconds) until everything received is
+        confirmed, then stop the thread."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._confirmed >= self._received,
+                                   timeout)
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self):
+        while True:
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: self._stopping or self._received > self._confirmed)
+                if self._stopping:
+                    return
+                seq = self._received
+            try:
+                self._stub.MarkRead(pb.MarkReadRequest(
+                    client_id=self._member_id, up_to_seq=seq),
+                    timeout=SEND_TIMEOUT, wait_for_ready=True)
+            except grpc.RpcError:
+                # The server is away; try again in a second (or at stop).
+                with self._changed:
+                    self._changed.wait_for(lambda: self._stopping, 1.0)
+                continue
+            with self._changed:
+                self._confirmed = max(self._confirmed, seq)
+                self._changed.notify_all()
+
+
+class ChatClient:
+    """The client's side of the protocol, with no user interface.
+
+    It joins, keeps a receive thread reading the Join stream (reconnecting
+    when the stream breaks), sends messages and confirms what it received.
+    The UI (terminal or Tk) gives it two callbacks, both called on the
+    receive thread, never on the UI's own thread:
+        on_event(event)          every pb.Event, in order, without repeats
+        on_status(state, text)   state is "online", "reconnecting" or
+                                 "closed"; text says why, for a person
+    """
+
+    def __init__(self, target, member_id, name, on_event, on_status):
+        self.target = target
+        self.member_id = member_id
+        self.name = name
+        self.on_event = on_event
+        self.on_status = on_status
+        self.channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
+        self.stub = services.ChatRoomStub(self.channel)
+        self.receipts = ReadReceipts(self.stub, member_id)
+        self.last_seq = 0       # highest seq received: where to resume from
+        self._state = "connecting"
+        self._reason = None     # the Refused that closed us, if any
+        self._changed = threading.Condition()
+        self._call = None       # the current Join call, to cancel on close
+        self._leaving = False
+        self._thread = threading.Thread(target=self._receive, daemon=True,
+                                        name="receive")
+
+    def connect(self):
+        """Join the room. Blocks until the replay of unread messages is over
+        (CaughtUp); raises Refused if the server refuses or cannot be
+        reached."""
+        self._thread.start()
+        self._wait_online()
+
+    def send(self, text):
+        """Send one message; block until the server has stored it and
+        return its SendReply. Retries through disconnects (with the same
+        message_id, so never twice). Raises Refused if the server says no."""
+        if problem := text_problem(text):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        request = pb.SendRequest(client_id=self.member_id, text=text,
+                                 message_id=uuid.uuid4().hex)
+        delay = Backoff()
+        while True:
+            self._wait_online()
+            try:
+                return self.stub.Send(request, timeout=SEND_TIMEOUT,
+                                      wait_for_ready=True)
+            except grpc.RpcError as error:
+                if error.code() not in RETRY:
+                    raise Refused(error.code(), error.details()) from None
+                with self._changed:
+                    self._changed.wait_for(lambda: self._leaving, delay.next())
+
+    def list_members(self):
+        """[pb.Member] for /who."""
+        try:
+            return self.stub.ListMembers(pb.ListMembersRequest(),
+                                         timeout=SEND_TIMEOUT).members
+        except grpc.RpcError as error:
+            raise Refused(error.code(), error.details()) from None
+
+    def close(self):
+        """Leave: stop the stream, confirm what we read, close the channel.
+        Call it from the UI thread, never from a callback."""
+        with self._changed:
+            self._leaving = True
+            self._changed.notify_all()
+            call = self._call
+        if call is not None:
+            call.cancel()  # the receive thread wakes with CANCELLED
+        if self._thread.is_alive():
+            self._thread.join()
+        self.receipts.flush_and_stop(timeout=5)
+        self.channel.close()
+
+    # -- the receive thread --
+
+    def _receive(self):
+        """Runs on the receive thread: read the Join stream, and join again
+        whenever it breaks, resuming after the last seq we have."""
+        delay = Backoff()
+        joined_before = False
+        while True:
+            request = pb.JoinRequest(client_id=self.member_id, name=self.name,
+                                     after_seq=self.last_seq)
+            with self._changed:
+                if self._leaving:
+                    return
+                # The first Join fails fast if nothing listens, so that a
+                # user who typed the wrong address hears so at once. Later
+                # Joins use wait_for_ready: the call waits while the channel
+                # reconnects (with gRPC's own backoff) instead of failing.
+                self._call = self.stub.Join(request,
+                                            wait_for_ready=joined_before)
+            try:
+                for event in self._call:
+                    if event.HasField("welcome"):
+                        joined_before = True
+                        delay.reset()
+                        self.last_seq = max(self.last_seq,
+                                            event.welcome.read_seq)
+                    elif event.HasField("caught_up"):
+                        self._set_state("online")
+                    elif event.HasField("message"):
+                        if event.message.seq <= self.last_seq:
+                            continue  # already have it
+                        self.last_seq = event.message.seq
+                        self.receipts.received(self.last_seq)
+                    self.on_event(event)
+                error = None  # the server ended the stream without a status
+            except grpc.RpcError as rpc_error:
+                error = rpc_error
+            if self._leaving:
+                return
+            if error is not None and (not joined_before
+                                      or error.code() not in RETRY):
+                self._close(Refused(error.code(), error.details()))
+                return
+            wait = delay.next()
+            why = error.details() if error is not None else "stream ended"
+            self._set_state("reconnecting",
+                            f"{why}; reconnecting in {wait:.1f} s")
+            with self._changed:
+                self._changed.wait_for(lambda: self._leaving, wait)
+
+    def _set_state(self, state, text=""):
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+        self.on_status(state, text)
+
+    def _close(self, refused):
+        with self._changed:
+            self._reason = refused
+        self._set_state("closed", refused.details)
+
+    @property
+    def closed(self):
+        """True once the server has ended the session for good."""
+        return self._state == "closed"
+
+    def _wait_online(self):
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._state in ("online", "closed") or self._leaving)
+            if self._state == "closed":
+                raise self._reason
+            if self._leaving:
+                raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+
+
+class Backoff:
+    """Delays for retries: 0.5 s doubling to 8 s, each with +-20% jitter so
+    that many clients of a restarted server do not all retry at once."""
+
+    def __init__(self, first=0.5, cap=8.0):
+        self.first, self.cap = first, cap
+        self.reset()
+
+    def reset(self):
+        self._next = self.first
+
+    def next(self):
+        wait = self._next * (0.8 + 0.4 * _random_fraction())
+        self._next = min(self._next * 2, self.cap)
+        return wait
+
+
+def _random_fraction():
+    return int.from_bytes(os.urandom(2), "big") / 65535
+
+
+# 8. The terminal client --------------------------------------------------------
+#
+# The contract that scripts and the tests rely on (DESIGN.md):
+#   stdin   each line is one message; "/quit" or end of input leaves once
+#           every message typed so far is acknowledged; "/who" lists members.
+#   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
+#   stderr  everything else.
+#   exit    0 after a normal leave; 1 with a one-line reason when the server
+#           refuses the join or cannot be reached.
+# The main thread reads stdin and sends; ChatClient's receive thread prints.
+
+
+def format_message(message):
+    """'[14:02:07] alice: hi' in local time. A newline inside a message is
+    shown as '\\n' so that each message stays on one line."""
+    sent_at = datetime.datetime.fromtimestamp(message.sent_at.ToMicroseconds()
+                                              / 1e6)
+    text = message.text.replace("\n", "\\n")
+    return f"[{sent_at:%H:%M:%S}] {message.sender_name}: {text}"
+
+
+class TerminalClient:
+    """stdin/stdout/stderr front end for ChatClient."""
+
+    def __init__(self, target, member_id, name):
+        self.chat = ChatClient(target, member_id, name, self.on_event,
+                               self.on_status)
+        self.joined_before = False  # set by the first Welcome
+        self.unread = 0      # from the last Welcome
+
+    def run(self, lines):
+        """Join, send each line, leave. Returns the exit status."""
+        try:
+            self.chat.connect()
+        except Refused as refused:
+            self.say(self.refusal_sentence(refused))
+            self.chat.close()
+            return 1
+        try:
+            for line in lines:
+                line = line.rstrip("\r\n")
+                if line == "/quit":
+                    break
+                if line == "/who":
+                    self.who()
+                    continue
+                try:
+                    self.chat.send(line)
+                except Refused as refused:
+                    if self.chat.closed:
+                        break
+                    self.say(f"not sent: {refused.details}")
+        except KeyboardInterrupt:  # Ctrl-C, or on_status below
+            pass
+        self.chat.close()
+        return 1 if self.chat.closed else 0
+
+    def who(self):
+        try:
+            members = self.chat.list_members()
+        except Refused as refused:
+            self.say(f"/who failed: {refused.details}")
+            return
+        self.say("members: " + ", ".join(
+            f"{m.name} ({m.id}{', online' if m.online else ''})"
+            for m in members))
+
+    # -- called on the receive thread --
+
+    def on_event(self, event):
+        kind = event.WhichOneof("kind")
+        if kind == "message":
+            print(format_message(event.message), flush=True)
+        elif kind == "welcome":
+            welcome = event.welcome
+            self.unread = welcome.unread
+            online = [m.name for m in welcome.members if m.online
+                      and m.id != self.chat.member_id]
+            again = "re" if self.joined_before else ""
+            self.joined_before = True
+            self.say(f"{again}connected to {self.chat.target} as {self.chat.name} "
+                     f"({self.chat.member_id}); {welcome.unread} unread "
+                     f"message{'' if welcome.unread == 1 else 's'}; online: "
+                     f"{', '.join(online) or 'nobody else'}")
+        elif kind == "caught_up" and self.unread:
+            self.say("-- end of unread messages --")
+        elif kind == "presence":
+            member = event.presence.member
+            self.say(f"* {member.name} "
+                     f"{'joined' if member.online else 'left'}")
+
+    def on_status(self, state, text):
+        if state == "reconnecting":
+            self.say(f"connection lost: {text}")
+        elif state == "closed" and self.joined_before:
+            # The server ended our session for good (e.g. the same id joined
+            # from elsewhere). The main thread is probably blocked reading
+            # stdin; a SIGINT interrupts that read with KeyboardInterrupt.
+            self.say(f"chat: the server closed the session: {text}")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def refusal_sentence(self, refused):
+        if refused.code == grpc.StatusCode.UNAVAILABLE:
+            # gRPC's details end with the OS's reason: "... Connection refused"
+            reason = refused.details.rsplit(": ", 1)[-1]
+            return (f"chat: cannot reach the server at {self.chat.target} "
+                    f"({reason}). Is `python chat.py server` running there?")
+        return f"chat: the server refused to let you join: {refused.details}"
+
+    @staticmethod
+    def say(text):
+        print(text, file=sys.stderr, flush=True)
+
+
+# 9. main(argv) ---------------------------------------------------------------
+
+
+def member_list(text):
+    """argparse type for --members: '1,2,3' -> ['1', '2', '3']."""
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    for member_id in ids:
+        if problem := id_problem(member_id):
+            raise argparse.ArgumentTypeError(problem)
+    if not ids:
+        raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
+    return ids
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="chat.py",
+                                     description="A group chat over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run the chat server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; "
+                        "0.0.0.0 serves your LAN)")
+    server.add_argument("--port", type=int, default=50051,
+                        help="port to listen on (default: %(default)s; "
+                        "0 picks a free one)")
+    server.add_argument("--members", type=member_list,
+                        help="comma-separated ids allowed to join, e.g. "
+                        "1,2,3 (default: any id)")
+    server.add_argument("--max-clients", type=int, default=0,
+                        help="most members online at once (default: 0, "
+                        "no limit)")
+    server.add_argument("--db", default="chat.db",
+                        help="SQLite file for history and read positions "
+                        "(default: %(default)s; :memory: keeps nothing)")
+    server.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: %(default)s)")
+    server.set_defaults(func=run_server)
+
+    client = commands.add_parser("client", help="join the chat")
+    client.add_argument("--id", required=True, dest="client_id", metavar="ID",
+                        help="your member id, e.g. 1")
+    client.add_argument("--name", help="display name (default: your id)")
+    client.add_argument("--server", default="127.0.0.1:50051",
+                        help="HOST:PORT of the chat server "
+                        "(default: %(default)s)")
+    client.add_argument("--no-gui", action="store_true",
+                        help="use the terminal client")
+    client.set_defaults(func=run_client)
+    return parser
+
+
+def run_server(args):
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if args.max_clients < 0:
+        log.error("--max-clients must be 0 (no limit) or more")
+        return 2
+    return asyncio.run(serve(args))
+
+
+def run_client(args):
+    for problem in (id_problem(args.client_id),
+                    name_problem(args.name or "")):
+        if problem:
+            print(f"chat: {problem}", file=sys.stderr)
+            return 2
+    if not args.no_gui:
+        print("chat: the window is not built yet; using the terminal client",
+              file=sys.stderr)
+    # A message with characters the terminal cannot show must not crash us.
+    sys.stdout.reconfigure(errors="replace")
+    client = TerminalClient(args.server, args.client_id,
+                            args.name or args.client_id)
+    return client.run(sys.stdin)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
