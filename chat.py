@@ -329,7 +329,8 @@ class Session:
 
         Cancelling raises CancelledError in the Join handler at whatever it
         is awaiting: the next event, or a write to a client that stopped
-        reading. The handler then sends (code, details) to the client.
+        reading. The handler then sends (code, details) to the client, after
+        whatever gRPC has already buffered for it.
         """
         if self.closing is None:
             self.closing = (code, details)
@@ -691,7 +692,8 @@ async def serve(args):
 #     and wakes whoever waits. Our receive thread, blocked in `for event in
 #     call`, is woken by that spin thread when the next Event arrives.
 # Callbacks that gRPC runs (add_done_callback, ...) therefore run on gRPC's
-# threads, never on your main thread; the same is true of our on_event.
+# threads, never on your main thread. Our own on_event callbacks run on our
+# receive thread. Either way: not on the UI's thread.
 
 # The client pings every 20 s, so a server that vanished is noticed within
 # about 30 s (20 s + the 10 s timeout), even while the chat is quiet. The

@@ -1,0 +1,457 @@
+"""Tests for chat.py: real server and client processes, talking real gRPC.
+
+Each test starts `python chat.py server --port 0` in a temporary directory,
+reads "listening on HOST:PORT" from its stdout, and then starts terminal
+clients (`python chat.py client --no-gui`) that it drives through stdin and
+reads through stdout (chat messages) and stderr (everything else). Where a
+test needs to do what no well-behaved client does (send junk, never read,
+send the same request twice), it talks to the server with a raw gRPC stub.
+
+Tests wait for lines to appear, never for a fixed time. The classes follow
+the path of alice's "hi": joining, sending and fan-out, who may join,
+surviving crashes, and bad input.
+
+Run: python -m unittest -v
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+sys.dont_write_bytecode = True  # tests write only to temporary directories
+
+import grpc  # noqa: E402
+
+import chat  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT = os.path.join(HERE, "chat.py")
+WAIT = 20  # seconds: the most any expected line may take to appear
+
+pb = chat.pb
+
+
+class Process:
+    """A `python chat.py ...` child. Threads collect its stdout and stderr
+    lines so that a test can wait for one to appear."""
+
+    def __init__(self, args, cwd):
+        self.args = args
+        self.popen = subprocess.Popen(
+            [sys.executable, CHAT, *args], cwd=cwd, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            encoding="utf-8", bufsize=1,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        self.lines = {"stdout": [], "stderr": []}
+        self.changed = threading.Condition()
+        self.readers = [threading.Thread(target=self._collect, args=(name,),
+                                         daemon=True)
+                        for name in self.lines]
+        for reader in self.readers:
+            reader.start()
+
+    def _collect(self, name):
+        for line in getattr(self.popen, name):
+            with self.changed:
+                self.lines[name].append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines[name].append(None)  # end of stream
+            self.changed.notify_all()
+
+    def wait_for(self, pattern, stream="stderr", count=1):
+        """Block until `count` lines of `stream` match the regex `pattern`;
+        return the last of them. Fails the test after WAIT seconds."""
+        regex = re.compile(pattern)
+
+        def matches():
+            return [line for line in self.lines[stream]
+                    if line is not None and regex.search(line)]
+        with self.changed:
+            found = self.changed.wait_for(lambda: len(matches()) >= count,
+                                          WAIT)
+            if not found:
+                raise AssertionError(
+                    f"{self.args[0]}: no {count} line(s) matching {pattern!r} "
+                    f"on {stream} within {WAIT} s; {stream} was:\n"
+                    + "\n".join(line for line in self.lines[stream] if line))
+            return matches()[count - 1]
+
+    def output(self, stream="stdout"):
+        """Lines of stream so far (all of them once the process has ended)."""
+        with self.changed:
+            return [line for line in self.lines[stream] if line is not None]
+
+    def type(self, *lines):
+        for line in lines:
+            self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def finish(self):
+        """Close stdin (end of input) and wait for the exit status."""
+        self.popen.stdin.close()
+        return self.wait()
+
+    def wait(self):
+        status = self.popen.wait(WAIT)
+        for reader in self.readers:
+            reader.join(WAIT)
+        return status
+
+    def stop(self):
+        """Cleanup: end the process by its pid if it still runs."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(WAIT)
+        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
+
+
+class ChatTestCase(unittest.TestCase):
+    """Starts servers and clients in a temporary directory, ends them all."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "chat.db")
+
+    def start(self, *args):
+        process = Process(args, self.tmp.name)
+        self.addCleanup(process.stop)
+        return process
+
+    def start_server(self, *args, port=0, db=None):
+        """Start a server; return it with .address set to "HOST:PORT"."""
+        server = self.start("server", "--port", str(port),
+                            "--db", db or self.db, *args)
+        line = server.wait_for(r"^listening on ", stream="stdout")
+        server.address = line.split()[-1]
+        return server
+
+    def start_client(self, server, client_id, name, expect_join=True):
+        client = self.start("client", "--no-gui", "--server", server.address,
+                            "--id", client_id, "--name", name)
+        if expect_join:
+            client.wait_for(r"^connected to ")
+        return client
+
+    def stub(self, server):
+        """A raw stub, for what well-behaved clients never do."""
+        channel = grpc.insecure_channel(server.address)
+        self.addCleanup(channel.close)
+        return chat.services.ChatRoomStub(channel)
+
+    def raw_join(self, stub, client_id, name=""):
+        """Open a Join stream and read up to CaughtUp; return the call."""
+        call = stub.Join(pb.JoinRequest(client_id=client_id, name=name),
+                         timeout=WAIT)
+        self.addCleanup(call.cancel)
+        for event in call:
+            if event.HasField("caught_up"):
+                return call
+        self.fail("Join ended before CaughtUp")
+
+    def assertRefused(self, code, call, *args):
+        with self.assertRaises(grpc.RpcError) as caught:
+            call(*args, timeout=WAIT)
+        self.assertEqual(caught.exception.code(), code,
+                         caught.exception.details())
+        self.assertTrue(caught.exception.details())  # a sentence for people
+        return caught.exception.details()
+
+
+def texts(client):
+    """'alice: hi' for each chat line the client printed (time removed)."""
+    return [line.split("] ", 1)[1] for line in client.output()]
+
+
+class JoinAndUnreadTest(ChatTestCase):
+    """A member who comes online late gets what it has not read."""
+
+    def test_late_joiners_get_unread_messages(self):
+        # The assignment: alice sends; bob and chad come online later.
+        server = self.start_server("--members", "1,2,3")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("hi")
+        self.assertEqual(alice.finish(), 0)  # exits once "hi" is stored
+        for client_id, name in (("2", "bob"), ("3", "chad")):
+            late = self.start_client(server, client_id, name)
+            late.wait_for(r"1 unread message;")
+            late.wait_for(r"^\[\d\d:\d\d:\d\d\] alice: hi$", stream="stdout")
+            self.assertEqual(late.finish(), 0)
+            self.assertEqual(texts(late), ["alice: hi"])
+
+    def test_read_messages_are_not_replayed(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("hi")
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for("alice: hi", stream="stdout")
+        self.assertEqual(bob.finish(), 0)  # leaves after confirming "hi"
+        alice.type("are you there?")
+        self.assertEqual(alice.finish(), 0)
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for(r"1 unread message;")
+        self.assertEqual(bob.finish(), 0)
+        self.assertEqual(texts(bob), ["alice: are you there?"])
+
+    def test_message_that_never_arrived_stays_unread(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1")
+        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        # bob's client is told "1 unread", then dies before reading "hi".
+        call = stub.Join(pb.JoinRequest(client_id="2"), timeout=WAIT)
+        self.assertEqual(next(call).welcome.unread, 1)
+        call.cancel()
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for(r"1 unread message;")
+        bob.wait_for("alice|1: hi", stream="stdout")
+
+
+class SendAndFanOutTest(ChatTestCase):
+    """One message, stored once, delivered to everyone else in one order."""
+
+    def test_everyone_but_the_sender_gets_it(self):
+        server = self.start_server("--members", "1,2,3")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        chad = self.start_client(server, "3", "chad")
+        alice.type("hi")
+        bob.wait_for("alice: hi", stream="stdout")
+        chad.wait_for("alice: hi", stream="stdout")
+        chad.type("done")  # stored after "hi", so alice sees it after "hi"
+        alice.wait_for("chad: done", stream="stdout")
+        self.assertEqual(texts(alice), ["chad: done"])
+        for client in (alice, bob, chad):
+            self.assertEqual(client.finish(), 0)
+
+    def test_joins_and_leaves_are_announced(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        alice.wait_for(r"^\* bob joined$")
+        self.assertEqual(bob.finish(), 0)
+        alice.wait_for(r"^\* bob left$")
+
+    def test_concurrent_senders_give_one_order_with_nothing_lost(self):
+        server = self.start_server("--members", "1,2,3,4")
+        senders = {name: self.start_client(server, str(i), name)
+                   for i, name in enumerate(["alice", "bob", "chad"], 1)}
+        dave = self.start_client(server, "4", "dave")  # only listens
+        for name, client in senders.items():
+            client.type(*[f"{name} {n}" for n in range(30)])
+        dave.wait_for(".", stream="stdout", count=90)
+        order = texts(dave)
+        self.assertEqual(len(set(order)), 90)  # nothing twice
+        for name, client in senders.items():
+            mine = [f"{name}: {name} {n}" for n in range(30)]
+            self.assertEqual([t for t in order if t.startswith(name)], mine)
+            client.wait_for(".", stream="stdout", count=60)
+            self.assertEqual(texts(client),
+                             [t for t in order if not t.startswith(name)])
+        for client in [*senders.values(), dave]:
+            self.assertEqual(client.finish(), 0)
+
+
+class WhoMayJoinTest(ChatTestCase):
+    """The group is fixed; the room has a size; an id is online once."""
+
+    def test_stranger_is_refused_and_gets_nothing(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("hi")
+        eve = self.start_client(server, "9", "eve", expect_join=False)
+        self.assertEqual(eve.finish(), 1)
+        self.assertEqual(eve.output(), [])
+        self.assertRegex(eve.output("stderr")[-1], "not a member")
+        stub = self.stub(server)
+        join = stub.Join(pb.JoinRequest(client_id="9"))
+        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
+                           lambda timeout: list(join))
+        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, stub.Send,
+                           pb.SendRequest(client_id="9", text="let me in"))
+        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, stub.MarkRead,
+                           pb.MarkReadRequest(client_id="9", up_to_seq=1))
+
+    def test_full_room_refuses_until_someone_leaves(self):
+        server = self.start_server("--max-clients", "2")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        chad = self.start_client(server, "3", "chad", expect_join=False)
+        self.assertEqual(chad.finish(), 1)
+        self.assertRegex(chad.output("stderr")[-1], "room is full")
+        self.assertEqual(bob.finish(), 0)
+        alice.wait_for(r"^\* bob left$")
+        chad = self.start_client(server, "3", "chad")
+        self.assertEqual(chad.finish(), 0)
+
+    def test_same_id_again_takes_over_the_old_session(self):
+        server = self.start_server("--members", "1,2")
+        old = self.start_client(server, "1", "alice")
+        new = self.start_client(server, "1", "alice")
+        old.wait_for("joined again from another client")
+        self.assertEqual(old.wait(), 1)
+        bob = self.start_client(server, "2", "bob")
+        bob.type("still there?")
+        new.wait_for("bob: still there", stream="stdout")
+
+    def test_who_lists_members_and_who_is_online(self):
+        server = self.start_server("--members", "1,2,3")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("/who")
+        alice.wait_for(r"^members: alice \(1, online\), 2 \(2\), 3 \(3\)$")
+
+
+class CrashAndRestartTest(ChatTestCase):
+    """An acknowledged message is never lost; clients ride out a restart."""
+
+    def test_acknowledged_message_survives_kill_9(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        reply = stub.Send(pb.SendRequest(client_id="1", text="survive"),
+                          timeout=WAIT)
+        server.popen.send_signal(signal.SIGKILL)  # right after the ack
+        server.wait()
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for("alice: survive", stream="stdout")
+        self.assertEqual(reply.seq, 1)
+
+    def test_client_reconnects_and_resumes_after_a_restart(self):
+        server = self.start_server("--members", "1,2")
+        port = server.address.rsplit(":", 1)[1]
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        alice.type("before")
+        bob.wait_for("alice: before", stream="stdout")
+        server.popen.send_signal(signal.SIGKILL)
+        server.wait()
+        bob.wait_for("^connection lost")
+        bob.type("typed while the server was down")
+        server = self.start_server("--members", "1,2", port=port)
+        bob.wait_for("^reconnected to ")
+        alice.wait_for("^reconnected to ")
+        alice.wait_for("bob: typed while the server was down",
+                       stream="stdout")
+        alice.type("after")
+        bob.wait_for("alice: after", stream="stdout")
+        self.assertEqual(texts(bob), ["alice: before", "alice: after"])
+
+    def test_sigterm_stops_the_server_cleanly(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        server.wait_for("stopped; .* closed")
+        alice.wait_for("connection lost: the server is shutting down")
+
+    def test_second_server_on_the_same_database_is_refused(self):
+        self.start_server()
+        second = self.start("server", "--port", "0", "--db", self.db)
+        self.assertEqual(second.wait(), 1)
+        second.wait_for("in use by another chat server")
+
+    def test_unreachable_server_is_reported(self):
+        with socket.socket() as probe:  # a port where nothing listens
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        client = self.start("client", "--no-gui", "--id", "1",
+                            "--server", f"127.0.0.1:{port}")
+        self.assertEqual(client.finish(), 1)
+        self.assertRegex(client.output("stderr")[-1],
+                         "cannot reach the server")
+
+
+class BadInputTest(ChatTestCase):
+    """Bad input gets a clear status; the server keeps serving everyone."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = self.start_server("--members", "1,2,3")
+        self.alice = self.start_client(self.server, "1", "alice")
+        self.bob = self.start_client(self.server, "2", "bob")
+
+    def assertStillChatting(self, text):
+        self.alice.type(text)
+        self.bob.wait_for(f"alice: {text}$", stream="stdout")
+
+    def test_bad_messages_get_invalid_argument(self):
+        stub = self.stub(self.server)
+        bad = {"": "empty", " \n\t ": "empty", "x" * 4001: "limit is 4,000",
+               "x" * 200_000: "limit is 4,000",
+               "clear\x1b[2J": "control characters"}
+        for text, sentence in bad.items():
+            details = self.assertRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, stub.Send,
+                pb.SendRequest(client_id="1", text=text))
+            self.assertIn(sentence, details)
+        self.assertRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.Send,
+                           pb.SendRequest(client_id="1", text="x" * 1_000_000))
+        self.assertRefused(grpc.StatusCode.INVALID_ARGUMENT, stub.Send,
+                           pb.SendRequest(client_id="1", text="ok",
+                                          message_id="m" * 65))
+        self.assertRefused(grpc.StatusCode.FAILED_PRECONDITION, stub.Send,
+                           pb.SendRequest(client_id="3", text="not joined"))
+        self.assertStillChatting("still fine")
+
+    def test_bad_ids_and_names_get_invalid_argument(self):
+        stub = self.stub(self.server)
+        for request in (pb.JoinRequest(client_id=""),
+                        pb.JoinRequest(client_id="x" * 33),
+                        pb.JoinRequest(client_id="a b"),
+                        pb.JoinRequest(client_id="1", name="n" * 33),
+                        pb.JoinRequest(client_id="1", name="bell\a")):
+            call = stub.Join(request)
+            self.assertRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                               lambda timeout: list(call))
+        self.assertStillChatting("ids checked")
+
+    def test_empty_line_from_the_terminal_is_refused_not_sent(self):
+        self.alice.type("", "after the empty one")
+        self.alice.wait_for("not sent: a message needs some text")
+        self.bob.wait_for("alice: after the empty one", stream="stdout")
+        self.assertEqual(texts(self.bob), ["alice: after the empty one"])
+
+    def test_junk_bytes_at_the_port(self):
+        host, port = self.server.address.rsplit(":", 1)
+        for junk in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
+                     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(junk)
+        self.assertStillChatting("after junk")
+
+    def test_client_killed_mid_stream(self):
+        self.bob.popen.send_signal(signal.SIGKILL)
+        self.alice.wait_for(r"^\* bob left$")
+        bob = self.start_client(self.server, "2", "bob")
+        self.alice.type("welcome back")
+        bob.wait_for("alice: welcome back", stream="stdout")
+
+
+class CommandLineTest(unittest.TestCase):
+    """What README quotes must stay true of the code."""
+
+    def test_readme_quotes_the_real_help(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for command in ("server", "client"):
+            usage = subprocess.run(
+                [sys.executable, CHAT, command, "--help"], capture_output=True,
+                text=True, check=True).stdout
+            for flag in re.findall(r"--[a-z-]+", usage):
+                self.assertIn(flag, readme, f"README does not explain {flag}")
+
+
+if __name__ == "__main__":
+    unittest.main()
