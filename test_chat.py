@@ -431,6 +431,33 @@ class BadInputTest(ChatTestCase):
                 sock.sendall(junk)
         self.assertStillChatting("after junk")
 
+    def test_client_that_never_reads_is_disconnected(self):
+        # carl (id 3) joins on a connection of his own and then never reads.
+        # Everything sent to him piles up: first in gRPC's buffers (a few
+        # MB), then in his queue on the server, until the queue is full.
+        channel = grpc.insecure_channel(
+            self.server.address,
+            options=[("grpc.use_local_subchannel_pool", 1)])
+        self.addCleanup(channel.close)
+        carl = chat.services.ChatRoomStub(channel).Join(
+            pb.JoinRequest(client_id="3", name="carl"))
+        self.addCleanup(carl.cancel)
+        self.alice.wait_for(r"^\* carl joined$")
+        stub = self.stub(self.server)
+        self.raw_join(stub, "1", "alice")  # takes alice's place, to send
+        text = "x" * (chat.MAX_TEXT_CHARS - 10)
+        count = 0
+        while not any("carl (3) fell" in line
+                      for line in self.server.output("stderr")):
+            count += 1
+            stub.Send(pb.SendRequest(client_id="1", text=f"{count} {text}"),
+                      timeout=WAIT)
+            self.assertLess(count, 20_000, "carl was never disconnected")
+        self.bob.wait_for(r"^\* carl left$")
+        self.bob.wait_for("alice: ", stream="stdout", count=count)
+        numbers = [int(t.split()[1]) for t in texts(self.bob)]
+        self.assertEqual(numbers, list(range(1, count + 1)))
+
     def test_client_killed_mid_stream(self):
         self.bob.popen.send_signal(signal.SIGKILL)
         self.alice.wait_for(r"^\* bob left$")
