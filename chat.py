@@ -49,9 +49,11 @@ import dataclasses
 import datetime
 import logging
 import os
+import queue
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -281,6 +283,14 @@ class Store:
             "WHERE seq > ? AND seq <= ? AND sender_id != ?",
             (after_seq, up_to_seq, member_id)).fetchone()[0]
 
+    def recent(self, up_to_seq, limit):
+        """The last limit messages up to up_to_seq, anyone's, oldest first."""
+        rows = self.db.execute(
+            "SELECT seq, sender_id, sender_name, text, sent_at_us "
+            "FROM messages WHERE seq <= ? ORDER BY seq DESC LIMIT ?",
+            (up_to_seq, limit)).fetchall()
+        return [Stored(*row) for row in reversed(rows)]
+
     def messages_for(self, member_id, after_seq, up_to_seq, limit):
         """Up to limit messages from others in (after_seq, up_to_seq], oldest
         first. The member's own messages are skipped: it already has them."""
@@ -378,18 +388,24 @@ class Hub:
 # the sentence as its details.
 
 
-def to_event(stored):
-    """A stored row as the Event a client receives."""
+def to_message(stored):
+    """A stored row as a pb.ChatMessage."""
     message = pb.ChatMessage(seq=stored.seq, sender_id=stored.sender_id,
                              sender_name=stored.sender_name, text=stored.text)
     message.sent_at.FromMicroseconds(stored.sent_at_us)
-    return pb.Event(message=message)
+    return message
+
+
+def to_event(stored):
+    """A stored row as the Event a client receives."""
+    return pb.Event(message=to_message(stored))
 
 
 class ChatRoomServicer:
     """The chat room's RPCs. Runs on the event loop; owns the store and hub."""
 
     REPLAY_BATCH = 500  # messages read from SQLite at a time during a replay
+    MAX_HISTORY = 50    # most already-read messages a Welcome carries
 
     def __init__(self, store, members=None, max_clients=0):
         self.store = store
@@ -437,6 +453,8 @@ class ChatRoomServicer:
             start = self.store.read_seq(member_id)
         head = self.store.head()
         unread = self.store.count_unread(member_id, start, head)
+        recent = self.store.recent(start, min(request.history,
+                                              self.MAX_HISTORY))
         log.info("%s (%s) joined from %s; %d unread", name, member_id,
                  context.peer(), unread)
         if not replaced:
@@ -450,8 +468,9 @@ class ChatRoomServicer:
         # status at all.
         try:
             await context.write(pb.Event(welcome=pb.Welcome(
-                unread=unread, read_seq=start,
-                members=self._members())).SerializeToString())
+                unread=unread, read_seq=start, members=self._members(),
+                recent=[to_message(stored) for stored in recent]
+            )).SerializeToString())
             while batch := self.store.messages_for(member_id, start, head,
                                                    self.REPLAY_BATCH):
                 for stored in batch:
@@ -803,10 +822,12 @@ class ChatClient:
                                  "closed"; text says why, for a person
     """
 
-    def __init__(self, target, member_id, name, on_event, on_status):
+    def __init__(self, target, member_id, name, on_event, on_status,
+                 history=0):
         self.target = target
         self.member_id = member_id
         self.name = name
+        self.history = history  # already-read messages to ask for, once
         self.on_event = on_event
         self.on_status = on_status
         self.channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
@@ -821,11 +842,15 @@ class ChatClient:
         self._thread = threading.Thread(target=self._receive, daemon=True,
                                         name="receive")
 
+    def start(self):
+        """Start joining in the background; on_status tells how it went."""
+        self._thread.start()
+
     def connect(self):
         """Join the room. Blocks until the replay of unread messages is over
         (CaughtUp); raises Refused if the server refuses or cannot be
         reached."""
-        self._thread.start()
+        self.start()
         self._wait_online()
 
     def send(self, text):
@@ -878,8 +903,10 @@ class ChatClient:
         delay = Backoff()
         joined_before = False
         while True:
-            request = pb.JoinRequest(client_id=self.member_id, name=self.name,
-                                     after_seq=self.last_seq)
+            request = pb.JoinRequest(
+                client_id=self.member_id, name=self.name,
+                after_seq=self.last_seq,
+                history=0 if joined_before else self.history)
             with self._changed:
                 if self._leaving:
                     return
@@ -979,6 +1006,16 @@ def _random_fraction():
 # The main thread reads stdin and sends; ChatClient's receive thread prints.
 
 
+def join_refusal(refused, target):
+    """A sentence for a Join that failed before it ever succeeded."""
+    if refused.code == grpc.StatusCode.UNAVAILABLE:
+        # gRPC's details end with the OS's reason: "... Connection refused"
+        reason = refused.details.rsplit(": ", 1)[-1]
+        return (f"cannot reach the server at {target} ({reason}). "
+                "Is `python chat.py server` running there?")
+    return f"the server refused to let you join: {refused.details}"
+
+
 def format_message(message):
     """'[14:02:07] alice: hi' in local time. A newline inside a message is
     shown as '\\n' so that each message stays on one line."""
@@ -1002,7 +1039,7 @@ class TerminalClient:
         try:
             self.chat.connect()
         except Refused as refused:
-            self.say(self.refusal_sentence(refused))
+            self.say("chat: " + join_refusal(refused, self.chat.target))
             self.chat.close()
             return 1
         try:
@@ -1068,20 +1105,440 @@ class TerminalClient:
             self.say(f"chat: the server closed the session: {text}")
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    def refusal_sentence(self, refused):
-        if refused.code == grpc.StatusCode.UNAVAILABLE:
-            # gRPC's details end with the OS's reason: "... Connection refused"
-            reason = refused.details.rsplit(": ", 1)[-1]
-            return (f"chat: cannot reach the server at {self.chat.target} "
-                    f"({reason}). Is `python chat.py server` running there?")
-        return f"chat: the server refused to let you join: {refused.details}"
-
     @staticmethod
     def say(text):
         print(text, file=sys.stderr, flush=True)
 
 
-# 9. main(argv) ---------------------------------------------------------------
+# 9. The window -------------------------------------------------------------------
+#
+# Tk's rule: only the thread that runs the mainloop (the main thread) may
+# touch widgets. _tkinter does pass calls from other threads over to it, but
+# then the other thread waits until the main thread gets round to them, and
+# before or after the mainloop such a call fails with "main thread is not in
+# main loop". So nothing in gRPC's or our threads touches Tk:
+#
+#   receive thread (ChatClient)        main thread (Tk mainloop)
+#   ---------------------------        --------------------------
+#   on_event / on_status:              Tk watches the pipe's read end
+#     inbox.put(item)                  (createfilehandler); when it is
+#     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
+#
+# It is the same trick grpc.aio uses to wake its event loop (section 6): a
+# byte on a pipe. Nothing runs while nothing happens; no timer polls the
+# queue. Sends go the other way, to a sender thread through `outbox`,
+# because ChatClient.send() blocks for a round trip, or for as long as the
+# server is away, and the window must never freeze.
+#
+# Test hook: with CHAT_TRACE=1 in the environment, the window also prints
+# what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
+# test_chat.py can check what a user would see.
+
+try:
+    import tkinter as tk
+    from tkinter import font as tkfont, messagebox, ttk
+except ImportError:  # Python built without Tk
+    tk = None
+
+COLORS = {"own": "#1c71d8", "other": "#26a269", "time": "#9a9996",
+          "read": "#9a9996", "divider": "#e01b24", "notice": "#77767b",
+          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996"}
+
+
+def gui_unavailable():
+    """Why the window cannot open here, or None if it can."""
+    if tk is None:
+        return "tkinter is not installed"
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        return "no display (DISPLAY is not set)"
+    return None
+
+
+def trace(*parts):
+    if os.environ.get("CHAT_TRACE"):
+        print("tk:", *parts, file=sys.stderr, flush=True)
+
+
+def ask_name(root, default):
+    """The first screen: ask for a display name. Returns it, or None if the
+    user pressed Escape or closed the window."""
+    root.title("chat.py: your name")
+    frame = ttk.Frame(root, padding=16)
+    frame.grid(sticky="nsew")
+    ttk.Label(frame, text="Your name in the chat:").grid(sticky="w")
+    name = tk.StringVar(value=default)
+    entry = ttk.Entry(frame, textvariable=name, width=30)
+    entry.grid(sticky="ew", pady=6)
+    problem = ttk.Label(frame, foreground=COLORS["failed"])
+    problem.grid(sticky="w")
+    answer = tk.StringVar()
+
+    def accept(_event=None):
+        text = name.get().strip()
+        why = name_problem(text) or ("" if text else "Please type a name.")
+        if why:
+            problem.configure(text=why)
+        else:
+            answer.set(text)
+
+    ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
+    root.bind("<Return>", accept)
+    root.bind("<Escape>", lambda _event: answer.set("\0"))
+    root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
+    entry.select_range(0, "end")
+    entry.focus_set()
+    trace("name dialog")
+    root.wait_variable(answer)  # runs the event loop until answer is set
+    frame.destroy()
+    root.unbind("<Return>")
+    root.unbind("<Escape>")
+    return None if answer.get() == "\0" else answer.get()
+
+
+class ChatWindow:
+    """The chat window. Every method runs on the Tk main thread, except the
+    two callbacks given to ChatClient and _send_loop, which say so."""
+
+    HISTORY = 20  # already-read messages shown above the unread ones
+
+    def __init__(self, root, target, member_id, name):
+        self.root = root
+        self.target = target
+        self.name = name
+        self.exit_status = 0
+        self.joined = False
+        self.unseen = 0            # messages that arrived while unfocused
+        self.pending = 0           # own messages not yet acknowledged
+        self.next_own = 0          # numbers own messages, to find them again
+        self.roster = {}           # member id -> pb.Member, for the list
+        self.inbox = queue.Queue()
+        self.outbox = queue.Queue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        root.tk.createfilehandler(self._wake_read, tk.READABLE, self._drain)
+        self._build()
+        self.chat = ChatClient(target, member_id, name, self._on_event,
+                               self._on_status, history=self.HISTORY)
+        self.connection = f"Connecting to {target}..."
+        self._show_status(self.connection)
+        threading.Thread(target=self._send_loop, daemon=True,
+                         name="sender").start()
+        self.chat.start()
+
+    # -- layout --
+
+    def _build(self):
+        root = self.root
+        root.columnconfigure(0, weight=1)
+        root.rowconfigure(0, weight=1)
+        outer = ttk.Frame(root, padding=6)
+        outer.grid(sticky="nsew")
+        outer.columnconfigure(0, weight=1)
+        outer.rowconfigure(0, weight=1)
+
+        self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
+                            height=20, padx=6, pady=4, relief="flat",
+                            highlightthickness=0, cursor="arrow",
+                            font="TkDefaultFont", spacing1=3)
+        scroll = ttk.Scrollbar(outer, command=self.view.yview)
+        self.view.configure(yscrollcommand=scroll.set)
+        self.view.grid(row=0, column=0, sticky="nsew")
+        scroll.grid(row=0, column=1, sticky="ns")
+        bold = tkfont.nametofont("TkDefaultFont").copy()
+        bold.configure(weight="bold")
+        italic = tkfont.nametofont("TkDefaultFont").copy()
+        italic.configure(slant="italic")
+        self.view.tag_configure("line", lmargin2=24)  # indent wrapped lines
+        self.view.tag_configure("time", foreground=COLORS["time"],
+                                font="TkSmallCaptionFont")
+        self.view.tag_configure("own", foreground=COLORS["own"], font=bold)
+        self.view.tag_configure("other", foreground=COLORS["other"], font=bold)
+        self.view.tag_configure("read", foreground=COLORS["read"])
+        self.view.tag_configure("notice", foreground=COLORS["notice"],
+                                font=italic)
+        self.view.tag_configure("divider", foreground=COLORS["divider"],
+                                justify="center")
+        self.view.tag_configure("failed", foreground=COLORS["failed"])
+        self.view.tag_configure("sending", foreground=COLORS["time"])
+
+        side = ttk.Frame(outer, padding=(8, 0, 0, 0))
+        side.grid(row=0, column=2, sticky="ns")
+        ttk.Label(side, text="Members").grid(sticky="w")
+        self.members = tk.Listbox(side, width=14, activestyle="none",
+                                  highlightthickness=0, relief="flat",
+                                  selectmode="browse", takefocus=False)
+        self.members.grid(sticky="ns")
+        side.rowconfigure(1, weight=1)
+
+        compose = ttk.Frame(outer, padding=(0, 6, 0, 0))
+        compose.grid(row=1, column=0, columnspan=3, sticky="ew")
+        compose.columnconfigure(0, weight=1)
+        self.entry = tk.Text(compose, height=3, wrap="word", undo=True,
+                             font="TkDefaultFont")
+        self.entry.grid(row=0, column=0, sticky="ew")
+        ttk.Button(compose, text="Send", command=self.send_typed).grid(
+            row=0, column=1, sticky="ns", padx=(6, 0))
+        self.entry.bind("<Return>", self._on_return)
+        self.entry.bind("<KP_Enter>", self._on_return)
+        self.entry.bind("<Shift-Return>", self._on_shift_return)
+
+        self.status = ttk.Label(outer, anchor="w", foreground=COLORS["notice"])
+        self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
+                         pady=(4, 0))
+        root.bind("<FocusIn>", self._on_focus)
+        root.bind("<FocusOut>", self._on_focus)
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        self._set_title()
+        self.entry.focus_set()
+
+    # -- typing and sending --
+
+    def _on_return(self, _event):
+        self.send_typed()
+        return "break"  # no newline in the box
+
+    def _on_shift_return(self, _event):
+        self.entry.insert("insert", "\n")
+        return "break"
+
+    def send_typed(self):
+        """Send what is in the message box (Enter or the Send button)."""
+        text = self.entry.get("1.0", "end-1c").strip("\n")
+        if problem := text_problem(text):
+            # Refused here, with the reason; the text stays in the box.
+            self._show_status(f"Not sent: {problem}", problem=True)
+            self.root.bell()
+            return
+        self.entry.delete("1.0", "end")
+        self._show_status(self.connection)
+        self.next_own += 1
+        self.pending += 1
+        tag = f"own{self.next_own}"
+        self._append([(f"{datetime.datetime.now():%H:%M:%S}  ", "time"),
+                      (f"{self.name}: ", "own"), (text, ()),
+                      ("  sending...", ("sending", tag + "status"))], tag)
+        trace("message", f"{self.name}: {text}", "sending")
+        self.outbox.put((tag, text))
+
+    def _send_loop(self):
+        """Runs on the sender thread: send queued messages one by one, in
+        the order they were typed; report each result to the main thread."""
+        while True:
+            tag, text = self.outbox.get()
+            try:
+                self._post("sent", tag, self.chat.send(text))
+            except Refused as refused:
+                self._post("failed", tag, refused.details)
+
+    def _sent(self, tag, reply):
+        self.pending -= 1
+        self._replace(tag + "status", "", ())
+        trace("sent", reply.seq)
+
+    def _failed(self, tag, reason):
+        self.pending -= 1
+        self._replace(tag + "status", f"  not sent: {reason}", "failed")
+        trace("failed", reason)
+
+    # -- from the receive thread to the main thread --
+
+    def _on_event(self, event):
+        """Runs on the receive thread: hand the event to the main thread."""
+        self._post("event", event)
+
+    def _on_status(self, state, text):
+        """Runs on the receive thread: hand the state to the main thread."""
+        self._post("status", state, text)
+
+    def _post(self, *item):
+        """Runs on a worker thread: queue item and wake the main thread."""
+        self.inbox.put(item)
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full, so a wake-up is already waiting
+
+    def _drain(self, _fd, _mask):
+        """Runs on the main thread when the pipe is readable."""
+        os.read(self._wake_read, 4096)
+        while True:
+            try:
+                kind, *args = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            {"event": self._show_event, "status": self._show_state,
+             "sent": self._sent, "failed": self._failed}[kind](*args)
+
+    # -- showing what happens --
+
+    def _show_event(self, event):
+        kind = event.WhichOneof("kind")
+        if kind == "welcome":
+            self._show_welcome(event.welcome)
+        elif kind == "message":
+            self._show_message(event.message)
+        elif kind == "caught_up":
+            if self.view.mark_names().count("divider"):
+                self.view.yview("divider")  # the first unread at the top
+                trace("scrolled to divider")
+        elif kind == "presence":
+            member = event.presence.member
+            self._notice(f"{member.name} {'joined' if member.online else 'left'}")
+            self._set_member(member)
+
+    def _show_welcome(self, welcome):
+        self.roster.clear()
+        for member in welcome.members:
+            self._set_member(member)
+        if self.joined:
+            self._notice("reconnected")
+            return
+        self.joined = True
+        for message in welcome.recent:
+            self._show_message(message, read=True)
+        if welcome.unread:
+            self._append([(f"\u2500\u2500\u2500\u2500  {welcome.unread} new "
+                           f"message{'s' if welcome.unread > 1 else ''}  "
+                           "\u2500\u2500\u2500\u2500", "divider")])
+            self.view.mark_set("divider", "end-1l linestart")
+            self.view.mark_gravity("divider", "left")
+            trace("divider", welcome.unread)
+
+    def _show_message(self, message, read=False):
+        own = message.sender_id == self.chat.member_id
+        sent_at = datetime.datetime.fromtimestamp(
+            message.sent_at.ToMicroseconds() / 1e6)
+        style = ("read",) if read else ()
+        self._append([(f"{sent_at:%H:%M:%S}  ", "time"),
+                      (f"{message.sender_name}: ",
+                       style or ("own" if own else "other")),
+                      (message.text, style)])
+        trace("message", f"{message.sender_name}: {message.text}",
+              "read" if read else "new")
+        if not read and not self.focused():
+            self.unseen += 1
+            self._set_title()
+
+    def _notice(self, text):
+        self._append([(text, "notice")])
+        trace("notice", text)
+
+    def _show_state(self, state, text):
+        if state == "online":
+            self.connection = f"Connected as {self.name} to {self.target}"
+        elif state == "reconnecting":
+            self.connection = f"Connection lost: {text}"
+        elif state == "closed":
+            self._refused(text)
+            return
+        self._show_status(self.connection)
+
+    def _refused(self, text):
+        """The server said no for good: explain, then close the window."""
+        sentence = (text if self.joined else
+                    join_refusal(self.chat._reason, self.target))
+        self._show_status(f"Refused: {sentence}", problem=True)
+        messagebox.showerror("chat.py", sentence, parent=self.root)
+        self.exit_status = 1
+        self.close(ask=False)
+
+    def _show_status(self, text, problem=False):
+        self.status.configure(
+            text=text,
+            foreground=COLORS["failed" if problem else "notice"])
+        trace("status", text)
+
+    def _set_member(self, member):
+        """Show member in the list: online ones first, then by name."""
+        self.roster[member.id] = member
+        self.members.delete(0, "end")
+        for index, shown in enumerate(sorted(
+                self.roster.values(),
+                key=lambda m: (not m.online, m.name.lower()))):
+            you = " (you)" if shown.id == self.chat.member_id else ""
+            self.members.insert(
+                "end", f"{'●' if shown.online else '○'} {shown.name}{you}")
+            self.members.itemconfigure(index, foreground=COLORS[
+                "online" if shown.online else "offline"])
+        trace("members", ", ".join(
+            f"{m.name}{'*' if m.online else ''}"
+            for m in self.roster.values()))
+
+    def _append(self, chunks, tag=None):
+        """Add one line to the view; follow it if the view was at the
+        bottom (the user was not scrolled up reading older messages)."""
+        at_bottom = self.view.yview()[1] >= 0.999
+        self.view.configure(state="normal")
+        if self.view.index("end-1c") != "1.0":
+            self.view.insert("end", "\n")
+        start = self.view.index("end-1c")
+        for text, tags in chunks:
+            self.view.insert("end", text, tags)
+        self.view.tag_add("line", start, "end-1c")
+        if tag:
+            self.view.tag_add(tag, start, "end-1c")
+        self.view.configure(state="disabled")
+        if at_bottom:
+            self.view.see("end")
+
+    def _replace(self, tag, text, tags):
+        """Replace the text tagged `tag` (e.g. "sending...")."""
+        first, last = self.view.tag_ranges(tag)
+        self.view.configure(state="normal")
+        self.view.delete(first, last)
+        self.view.insert(first, text, (tags, tag) if text else ())
+        self.view.configure(state="disabled")
+
+    # -- the title: name, room, and unread count while unfocused --
+
+    def focused(self):
+        return self.root.focus_displayof() is not None
+
+    def _on_focus(self, _event):
+        if self.focused():
+            self.unseen = 0
+        self._set_title()
+
+    def _set_title(self):
+        count = f"({self.unseen}) " if self.unseen else ""
+        title = f"{count}{self.name} - chat at {self.target}"
+        if self.root.title() != title:
+            self.root.title(title)
+            trace("title", title)
+
+    # -- leaving --
+
+    def close(self, ask=True):
+        """Close the window (the window manager's close button)."""
+        if ask and self.pending and not messagebox.askyesno(
+                "chat.py", f"{self.pending} message(s) not sent yet. "
+                "Close anyway and lose them?", parent=self.root):
+            return
+        self.root.tk.deletefilehandler(self._wake_read)
+        self.root.destroy()  # mainloop returns; run_window() does the rest
+
+
+def run_window(args):
+    """Open the window; returns the exit status."""
+    try:
+        root = tk.Tk(className="chat")
+    except tk.TclError as error:
+        return None, f"cannot open a window ({error})"
+    if args.geometry:
+        root.geometry(args.geometry)
+    name = args.name or ask_name(root, args.client_id)
+    if name is None:
+        root.destroy()
+        return 0, None
+    window = ChatWindow(root, args.server, args.client_id, name)
+    root.mainloop()
+    # The window is gone; leave the room (confirming what we received) out
+    # of sight. Safe to wait for the receive thread here: it never calls Tk.
+    window.chat.close()
+    return window.exit_status, None
+
+
+# 10. main(argv) --------------------------------------------------------------
 
 
 def member_list(text):
@@ -1129,8 +1586,14 @@ def build_parser():
                         help="HOST:PORT of the chat server "
                         "(default: %(default)s)")
     client.add_argument("--no-gui", action="store_true",
-                        help="use the terminal client")
+                        help="use the terminal client instead of the window")
+    client.add_argument("--geometry", metavar="WxH+X+Y",
+                        help="size and place of the window, e.g. 420x520+0+0")
     client.set_defaults(func=run_client)
+
+    demo = commands.add_parser(
+        "demo", help="a throwaway server and windows for alice, bob, chad")
+    demo.set_defaults(func=run_demo)
     return parser
 
 
@@ -1150,13 +1613,53 @@ def run_client(args):
             print(f"chat: {problem}", file=sys.stderr)
             return 2
     if not args.no_gui:
-        print("chat: the window is not built yet; using the terminal client",
-              file=sys.stderr)
+        fallback = gui_unavailable()
+        if fallback is None:
+            status, fallback = run_window(args)
+            if fallback is None:
+                return status
+        print(f"chat: {fallback}; using the terminal client", file=sys.stderr)
     # A message with characters the terminal cannot show must not crash us.
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id,
                             args.name or args.client_id)
     return client.run(sys.stdin)
+
+
+def run_demo(args):
+    """Start a server that keeps nothing (:memory:) and three windows;
+    stop the server when the last window closes."""
+    reason = gui_unavailable()
+    if reason:
+        print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
+        return 1
+    here = os.path.abspath(__file__)
+    server = subprocess.Popen(
+        [sys.executable, here, "server", "--port", "0", "--db", ":memory:",
+         "--members", "1,2,3", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True)
+    windows = []
+    try:
+        line = server.stdout.readline()  # "listening on HOST:PORT"
+        if not line.startswith("listening on "):
+            print("chat: the demo server did not start", file=sys.stderr)
+            return 1
+        address = line.split()[-1]
+        for number, name in enumerate(["alice", "bob", "chad"]):
+            windows.append(subprocess.Popen(
+                [sys.executable, here, "client", "--id", str(number + 1),
+                 "--name", name, "--server", address,
+                 "--geometry", f"420x520+{10 + 430 * number}+10"]))
+        for window in windows:
+            window.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in [*windows, server]:
+            if process.poll() is None:
+                process.terminate()
+            process.wait()
+    return 0
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ Run: python -m unittest -v
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,13 +42,13 @@ class Process:
     """A `python chat.py ...` child. Threads collect its stdout and stderr
     lines so that a test can wait for one to appear."""
 
-    def __init__(self, args, cwd):
+    def __init__(self, args, cwd, env=None):
         self.args = args
         self.popen = subprocess.Popen(
             [sys.executable, CHAT, *args], cwd=cwd, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             encoding="utf-8", bufsize=1,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
         self.lines = {"stdout": [], "stderr": []}
         self.changed = threading.Condition()
         self.readers = [threading.Thread(target=self._collect, args=(name,),
@@ -124,8 +125,8 @@ class ChatTestCase(unittest.TestCase):
         self.addCleanup(self.tmp.cleanup)
         self.db = os.path.join(self.tmp.name, "chat.db")
 
-    def start(self, *args):
-        process = Process(args, self.tmp.name)
+    def start(self, *args, env=None):
+        process = Process(args, self.tmp.name, env)
         self.addCleanup(process.stop)
         return process
 
@@ -464,6 +465,159 @@ class BadInputTest(ChatTestCase):
         bob = self.start_client(self.server, "2", "bob")
         self.alice.type("welcome back")
         bob.wait_for("alice: welcome back", stream="stdout")
+
+
+class XvfbTestCase(ChatTestCase):
+    """Runs a virtual screen (Xvfb) for the window tests."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not shutil.which("Xvfb") or not shutil.which("xdotool"):
+            reason = "Xvfb or xdotool not found (apt-get install xvfb xdotool)"
+            print(f"skipping window tests: {reason}", file=sys.stderr)
+            raise unittest.SkipTest(reason)
+        if chat.tk is None:
+            raise unittest.SkipTest("tkinter is not installed")
+        # -displayfd: Xvfb picks a free display number and writes it to
+        # this pipe once it accepts clients, so there is nothing to guess
+        # and nothing to wait for by time.
+        read_end, write_end = os.pipe()
+        cls.xvfb = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(write_end), "-screen", "0",
+             "1300x600x24", "-nolisten", "tcp"], pass_fds=[write_end],
+            stderr=subprocess.DEVNULL)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            number = pipe.readline().strip()
+        cls.display = f":{number}"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.xvfb.kill()
+        cls.xvfb.wait()
+
+    def xdotool(self, *args):
+        return subprocess.run(
+            ["xdotool", *args], check=True, capture_output=True, text=True,
+            env={**os.environ, "DISPLAY": self.display}, timeout=WAIT).stdout
+
+    def start_window(self, server, client_id, *args):
+        window = self.start("client", "--id", client_id, "--server",
+                            server.address, *args,
+                            env={"DISPLAY": self.display, "CHAT_TRACE": "1"})
+        return window
+
+    def focus(self, title):
+        """Give the keyboard to the window whose title matches."""
+        window_id = self.xdotool("search", "--sync", "--name",
+                                 title).split()[0]
+        self.xdotool("windowfocus", "--sync", window_id)
+
+    def type_into(self, title, *keys):
+        self.focus(title)
+        for key in keys:
+            if key in ("Return", "shift+Return", "Escape"):
+                self.xdotool("key", key)
+            else:
+                self.xdotool("type", "--delay", "5", key)
+
+
+class WindowTest(XvfbTestCase):
+    """The Tk client in a real window, driven by xdotool on Xvfb."""
+
+    def test_window_and_terminal_talk(self):
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        self.type_into("alice - chat", "hello from the window", "Return")
+        bob.wait_for("alice: hello from the window$", stream="stdout")
+        alice.wait_for("^tk: sent 1$")
+        self.type_into("alice - chat", "line one", "shift+Return",
+                       "line two", "Return")
+        bob.wait_for(r"alice: line one\\nline two$", stream="stdout")
+        bob.type("hi alice")
+        alice.wait_for("^tk: message bob: hi alice new$")
+        bob.finish()
+        alice.wait_for("^tk: notice bob left$")
+
+    def test_name_dialog_comes_first(self):
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        window = self.start_window(server, "1")
+        window.wait_for("^tk: name dialog$")
+        # The id is prefilled and selected, so typing replaces it.
+        self.type_into("your name", "zoe", "Return")
+        window.wait_for("^tk: status Connected as zoe")
+        bob.wait_for(r"^\* zoe joined$")
+
+    def test_unread_divider_below_the_history(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        alice.type("already read")
+        bob.wait_for("alice: already read", stream="stdout")
+        bob.finish()
+        alice.type("new one", "new two")
+        alice.finish()
+        window = self.start_window(server, "2", "--name", "bob")
+        window.wait_for("^tk: message alice: already read read$")
+        window.wait_for("^tk: divider 2$")
+        window.wait_for("^tk: message alice: new two new$")
+        window.wait_for("^tk: scrolled to divider$")
+        trace = window.output("stderr")
+        self.assertLess(trace.index("tk: message alice: already read read"),
+                        trace.index("tk: divider 2"))
+        self.assertLess(trace.index("tk: divider 2"),
+                        trace.index("tk: message alice: new one new"))
+
+    def test_refused_join_shows_the_reason_and_exits_1(self):
+        server = self.start_server("--members", "1,2")
+        window = self.start_window(server, "9", "--name", "eve")
+        window.wait_for("^tk: status Refused: .*not a member of this group")
+        self.type_into("^chat.py$", "Return")  # the error dialog's OK
+        self.assertEqual(window.wait(), 1)
+
+
+class WindowViewTest(XvfbTestCase):
+    """The window's view logic, in this process, against a real server."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = self.start_server("--members", "1,2")
+        self.root = chat.tk.Tk(screenName=self.display)
+        self.addCleanup(self.root.destroy)
+        self.window = chat.ChatWindow(self.root, self.server.address, "1",
+                                      "alice")
+        self.addCleanup(self.window.chat.close)
+        self.root.update()
+
+    def view_text(self):
+        return self.window.view.get("1.0", "end-1c")
+
+    def test_empty_or_oversized_message_is_refused_in_the_window(self):
+        for text in ("   ", "x" * (chat.MAX_TEXT_CHARS + 1)):
+            self.window.entry.insert("1.0", text)
+            self.window.send_typed()
+            self.assertIn("Not sent:", self.window.status.cget("text"))
+            self.assertEqual(self.window.entry.get("1.0", "end-1c"), text)
+            self.window.entry.delete("1.0", "end")
+        self.assertEqual(self.view_text(), "")
+
+    def test_view_follows_new_messages_unless_scrolled_up(self):
+        def message(n):
+            return pb.ChatMessage(seq=n, sender_id="2", sender_name="bob",
+                                  text=f"message {n}")
+        for n in range(1, 60):
+            self.window._show_message(message(n))
+        self.root.update()
+        self.assertEqual(self.window.view.yview()[1], 1.0)  # at the bottom
+        self.window.view.yview_moveto(0)  # the user scrolls up to read
+        self.root.update()
+        self.window._show_message(message(60))
+        self.root.update()
+        self.assertEqual(self.window.view.yview()[0], 0.0)  # left alone
+        self.assertTrue(self.view_text().endswith("bob: message 60"))
 
 
 class CommandLineTest(unittest.TestCase):
