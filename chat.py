@@ -34,7 +34,8 @@ Sections, in the order "hi" travels:
     6. Serving             the grpc.aio server and its completion queue
     7. The client          channel, stub, the receive thread, read receipts
     8. The terminal client stdin -> Send, Join stream -> stdout
-    9. main(argv)          the command line
+    9. The window          the Tk client: threads and Tk, without polling
+   10. main(argv)          the command line, and the demo
 
 The server uses grpc.aio (one thread, one asyncio event loop, any number of
 open streams). The client uses grpc's threaded API (blocking calls plus one
@@ -1288,6 +1289,7 @@ class ChatWindow:
         root.bind("<FocusIn>", self._on_focus)
         root.bind("<FocusOut>", self._on_focus)
         root.protocol("WM_DELETE_WINDOW", self.close)
+        root.bind("<Control-q>", lambda _event: self.close())
         self._set_title()
         self.entry.focus_set()
 
@@ -1509,7 +1511,7 @@ class ChatWindow:
     # -- leaving --
 
     def close(self, ask=True):
-        """Close the window (the window manager's close button)."""
+        """Close the window (its close button, or Ctrl+Q)."""
         if ask and self.pending and not messagebox.askyesno(
                 "chat.py", f"{self.pending} message(s) not sent yet. "
                 "Close anyway and lose them?", parent=self.root):
@@ -1634,6 +1636,9 @@ def run_demo(args):
         print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
         return 1
     here = os.path.abspath(__file__)
+    # `kill` (SIGTERM) should clean up like Ctrl-C does: raise SystemExit,
+    # so that the `finally` below stops the windows and the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     server = subprocess.Popen(
         [sys.executable, here, "server", "--port", "0", "--db", ":memory:",
          "--members", "1,2,3", "--log-level", "WARNING"],
@@ -1645,11 +1650,15 @@ def run_demo(args):
             print("chat: the demo server did not start", file=sys.stderr)
             return 1
         address = line.split()[-1]
+        print(f"demo: server at {address}, pid {server.pid}", file=sys.stderr)
         for number, name in enumerate(["alice", "bob", "chad"]):
             windows.append(subprocess.Popen(
                 [sys.executable, here, "client", "--id", str(number + 1),
                  "--name", name, "--server", address,
                  "--geometry", f"420x520+{10 + 430 * number}+10"]))
+            print(f"demo: window for {name}, pid {windows[-1].pid}",
+                  file=sys.stderr)
+        print("demo: close the three windows to stop", file=sys.stderr)
         for window in windows:
             window.wait()
     except KeyboardInterrupt:

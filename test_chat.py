@@ -579,6 +579,32 @@ class WindowTest(XvfbTestCase):
         self.assertEqual(window.wait(), 1)
 
 
+class DemoTest(XvfbTestCase):
+    """`python chat.py demo`: three windows; closing the last stops all."""
+
+    def test_demo_opens_three_windows_and_stops_with_the_last(self):
+        demo = self.start("demo", env={"DISPLAY": self.display})
+        demo.wait_for("^demo: close the three windows")
+        pids = [int(line.rsplit(" ", 1)[1])
+                for line in demo.output("stderr") if " pid " in line]
+        self.addCleanup(kill_all, pids)
+        for name in ("alice", "bob", "chad"):
+            self.focus(f"{name} - chat")
+            self.xdotool("key", "ctrl+q")
+        self.assertEqual(demo.wait(), 0)
+        for pid in pids:  # the server and the windows are gone, and reaped
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class WindowViewTest(XvfbTestCase):
     """The window's view logic, in this process, against a real server."""
 
@@ -631,7 +657,8 @@ class CommandLineTest(unittest.TestCase):
                 [sys.executable, CHAT, command, "--help"], capture_output=True,
                 text=True, check=True).stdout
             for flag in re.findall(r"--[a-z-]+", usage):
-                self.assertIn(flag, readme, f"README does not explain {flag}")
+                self.assertTrue(flag in readme,
+                                f"README does not explain {flag}")
 
 
 if __name__ == "__main__":
