@@ -37,8 +37,8 @@ Sections, in the order "hi" travels:
     9. The window          the Tk client: threads and Tk, without polling
    10. main(argv)          the command line, and the demo
 
-The server uses grpc.aio (one thread, one asyncio event loop, any number of
-open streams). The client uses grpc's threaded API (blocking calls plus one
+The server uses grpc.aio (one asyncio event loop runs every handler, for
+any number of open streams). The client uses grpc's threaded API (blocking calls plus one
 thread that reads the stream), because a terminal or a Tk window has its own
 main loop that is not asyncio. So the file shows both of grpcio's APIs and
 how each one waits for the network.
@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import hmac
 import logging
 import os
 import queue
@@ -61,6 +62,7 @@ import time
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger("chat")
 
@@ -72,8 +74,8 @@ log = logging.getLogger("chat")
 # `python -m grpc_tools.protoc` would write to chat_pb2.py and
 # chat_pb2_grpc.py:
 #   pb        the message classes: pb.JoinRequest, pb.Event, ...
-#   services  pb-agnostic glue: ChatRoomStub (client side) and
-#             add_ChatRoomServicer_to_server (server side).
+#   services  the service glue, built on pb's classes: ChatRoomStub
+#             (client side) and add_ChatRoomServicer_to_server (server side).
 # The path is looked up relative to each entry of sys.path. When you run
 # `python chat.py`, sys.path[0] is the folder that holds chat.py, so this
 # works from any working directory.
@@ -89,6 +91,16 @@ pb, services = grpc.protos_and_services("chat.proto")
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
 MAX_MESSAGE_ID_CHARS = 64
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
+
+# A room password, when the server has one, travels with every call as
+# call metadata under this key. Both sides read it from the environment
+# variable CHAT_PASSWORD, never from the command line, where `ps` shows it.
+PASSWORD_KEY = "chat-password"
+
+# Flood control: each member may send RATE messages a second on average,
+# and bursts of twice that (server --rate; 0 turns it off).
+RATE = 20
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 # The largest request the server will even read. gRPC checks this before our
@@ -99,9 +111,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 MAX_REQUEST_BYTES = 256 * 1024
 
 # How many events may wait in one member's queue on the server. A member
-# whose client stops reading falls behind; past this many, the server closes
-# that member's stream (it catches up from its read position when it comes
-# back) instead of letting the queue, and the server's memory, grow.
+# whose client stops reading falls behind; past this many, the server takes
+# it offline and drops its queue (it catches up from its read position when
+# it comes back) instead of letting the queue, and the server's memory, grow.
 QUEUE_LIMIT = 1000
 
 
@@ -197,7 +209,7 @@ class Store:
     def __init__(self, path):
         # isolation_level=None: no hidden BEGIN; each statement commits by
         # itself, which is exactly the "stored before acknowledged" we want.
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=0.1)
         # EXCLUSIVE locking keeps the file locked for as long as this server
         # runs, so a second server on the same file fails at start instead of
         # handing out the same seq twice. (It also lets WAL mode work without
@@ -340,8 +352,12 @@ class Session:
 
         Cancelling raises CancelledError in the Join handler at whatever it
         is awaiting: the next event, or a write to a client that stopped
-        reading. The handler then sends (code, details) to the client, after
-        whatever gRPC has already buffered for it.
+        reading. The handler then sends (code, details) to the client.
+
+        That status travels behind whatever gRPC has already buffered for
+        the stream. A client that stopped reading gets it only when it reads
+        again, and until then its handler waits, holding those buffers: a
+        few MB at most, because HTTP/2 flow control stops the writes there.
         """
         if self.closing is None:
             self.closing = (code, details)
@@ -389,6 +405,26 @@ class Hub:
 # the sentence as its details.
 
 
+class TokenBucket:
+    """Allows `rate` events a second on average, and bursts of `burst`."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self):
+        """Use one token if there is one; False means "too fast"."""
+        now = time.monotonic()
+        self.tokens = min(self.burst,
+                          self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 def to_message(stored):
     """A stored row as a pb.ChatMessage."""
     message = pb.ChatMessage(seq=stored.seq, sender_id=stored.sender_id,
@@ -408,11 +444,15 @@ class ChatRoomServicer:
     REPLAY_BATCH = 500  # messages read from SQLite at a time during a replay
     MAX_HISTORY = 50    # most already-read messages a Welcome carries
 
-    def __init__(self, store, members=None, max_clients=0):
+    def __init__(self, store, members=None, max_clients=0, password=None,
+                 rate=RATE):
         self.store = store
         self.hub = Hub()
         self.fixed_group = bool(members)  # False: any valid id may join
         self.max_clients = max_clients    # 0: no limit
+        self.password = password          # None: no password
+        self.rate = rate                  # messages a second; 0: no limit
+        self.buckets = {}                 # member id -> TokenBucket
         if members:
             store.add_members(members)
 
@@ -433,19 +473,13 @@ class ChatRoomServicer:
                 f"the room is full: {len(self.hub.online)} of "
                 f"{self.max_clients} members are online. Try again later.")
 
+        await self._check_seq(context, request.after_seq)
+
         # From here to the first await, nothing else runs on the loop. So the
-        # session is online (it will get every message published from now on)
-        # at the same instant we read `head`, the last message already stored:
-        # the replay covers up to head, the queue everything after it. No gap,
-        # no overlap.
-        session = Session(member_id, name)
-        replaced = self.hub.add(session)
-        if replaced:
-            # The same member again, e.g. its client reconnecting before the
-            # server noticed the old connection was dead. The newest wins.
-            replaced.close(grpc.StatusCode.ABORTED,
-                           f"id {member_id} joined again from another client; "
-                           "this session was closed.")
+        # session goes online (it gets every message published from then on)
+        # in the same instant in which we read `head`, the last message
+        # already stored: the replay covers up to head, the queue everything
+        # after it. No gap, no overlap.
         self.store.remember(member_id, name)
         if request.after_seq:  # a client resuming after a reconnect
             self.store.mark_read(member_id, request.after_seq)
@@ -456,17 +490,25 @@ class ChatRoomServicer:
         unread = self.store.count_unread(member_id, start, head)
         recent = self.store.recent(start, min(request.history,
                                               self.MAX_HISTORY))
+        session = Session(member_id, name)
+        replaced = self.hub.add(session)
+        if replaced:
+            # The same member again, e.g. its client reconnecting before the
+            # server noticed the old connection was dead. The newest wins.
+            replaced.close(grpc.StatusCode.ABORTED,
+                           f"id {member_id} joined again from another client; "
+                           "this session was closed.")
+        else:
+            self._announce(session, online=True)
         log.info("%s (%s) joined from %s; %d unread", name, member_id,
                  context.peer(), unread)
-        if not replaced:
-            self._announce(session, online=True)
 
         # We write to the stream ourselves (`await context.write`) rather
         # than `yield` from an async generator: when this task is cancelled
         # during a write, CancelledError is raised here, in our code, where
-        # we can still send a status. With `yield`, it would be raised inside
-        # grpc's loop around the generator, and the client would get no
-        # status at all.
+        # we can still send a status. With `yield`, a cancel that arrives
+        # while grpc is writing a yielded event is raised inside grpc's own
+        # loop around the generator, and the client gets no status at all.
         try:
             await context.write(pb.Event(welcome=pb.Welcome(
                 unread=unread, read_seq=start, members=self._members(),
@@ -504,6 +546,13 @@ class ChatRoomServicer:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"message_id is longer than {MAX_MESSAGE_ID_CHARS} characters.")
+        bucket = self.buckets.setdefault(member_id,
+                                         TokenBucket(self.rate, 2 * self.rate))
+        if self.rate and not bucket.take():
+            await self._refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"you are sending too fast: the limit is {self.rate} messages "
+                "a second. Wait a moment and send again.")
         session = self.hub.online.get(member_id)
         if session is None:
             await self._refuse(
@@ -522,23 +571,45 @@ class ChatRoomServicer:
     async def MarkRead(self, request, context):
         """Record that the member's client has received up to a seq."""
         await self._check_member(context, request.client_id)
+        await self._check_seq(context, request.up_to_seq)
         read_seq = self.store.mark_read(request.client_id, request.up_to_seq)
         return pb.MarkReadReply(read_seq=read_seq)
 
     async def ListMembers(self, request, context):
         """The group, and who is online."""
+        await self._check_password(context)
         return pb.ListMembersReply(members=self._members())
 
     # -- helpers --
 
+    async def _check_password(self, context):
+        """Refuse a call without the room's password (UNAUTHENTICATED)."""
+        if self.password is None:
+            return
+        given = dict(context.invocation_metadata()).get(PASSWORD_KEY, "")
+        # compare_digest takes as long for a wrong first character as for a
+        # wrong last one, so response times do not leak the password.
+        if not hmac.compare_digest(given.encode(), self.password.encode()):
+            await self._refuse(
+                context, grpc.StatusCode.UNAUTHENTICATED,
+                "wrong or missing room password; set CHAT_PASSWORD to the "
+                "room's password.")
+
     async def _check_member(self, context, member_id):
-        """Refuse bad ids (INVALID_ARGUMENT) and strangers (PERMISSION_DENIED)."""
+        """Refuse calls without the password (UNAUTHENTICATED), bad ids
+        (INVALID_ARGUMENT) and strangers (PERMISSION_DENIED)."""
+        await self._check_password(context)
         if problem := id_problem(member_id):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
         if self.fixed_group and not self.store.is_member(member_id):
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                                f"id {member_id} is not a member of this group.")
+
+    async def _check_seq(self, context, seq):
+        if seq > MAX_SEQ:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"seq {seq} is beyond any message.")
 
     async def _refuse(self, context, code, sentence):
         log.info("refused %s: %s %s", context.peer(), code.name, sentence)
@@ -569,9 +640,15 @@ class ChatRoomServicer:
             self._announce(session, online=False)
         session.close(code, details)
 
-    def disconnect_everyone(self, code, details):
-        for session in list(self.hub.online.values()):
+    async def disconnect_everyone(self, code, details, timeout):
+        """Close every stream with a status; wait (up to timeout seconds)
+        until the statuses are on their way."""
+        sessions = list(self.hub.online.values())
+        for session in sessions:
             self._disconnect(session, code, details)
+        if sessions:
+            await asyncio.wait([session.task for session in sessions],
+                               timeout=timeout)
 
 
 # 6. Serving ------------------------------------------------------------------
@@ -589,9 +666,10 @@ class ChatRoomServicer:
 #                                                                          tag's Future
 #                                                                          .set_result()
 #
-# Every `await` on a gRPC operation (context.write, a new call arriving,
-# ...) starts a batch whose tag wraps an asyncio Future, and then awaits that
-# Future. The poller thread turns CQ events into Future results on the loop.
+# Every `await` on a gRPC operation (context.write, reading a request, ...)
+# starts a batch whose tag wraps an asyncio Future, and then awaits that
+# Future. (A new call arriving is announced the same way, through the same
+# queue.) The poller thread turns CQ events into Future results on the loop.
 # The socket reads and writes themselves happen on core's own threads (the
 # EventEngine), which Python never sees. So 1,000 open streams cost 1,000
 # suspended coroutines and their queues, not 1,000 threads.
@@ -601,48 +679,79 @@ class ChatRoomServicer:
 # whole life of the stream, so the pool size would be the maximum number of
 # members online, and the ones over it would hang without an error.)
 
-# Keepalive: HTTP/2 PING frames on an otherwise idle connection. A member
-# whose network vanished (no FIN, no RST: a laptop lid closed, a cable
-# pulled) is otherwise noticed only when the server next writes to it, and
-# a write can sit in a buffer for a long time. With these, the server pings
-# every 30 s and drops a connection that does not answer within 10 s, which
-# ends that member's Join stream and frees its place in the room.
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # Our clients ping every 20 s too (section 7). By default a server takes
-    # a client's pings more often than every 5 minutes as abuse, and after
-    # two "strikes" closes the connection with GOAWAY "too_many_pings". Allow
-    # one every 10 s, with or without calls open.
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Core stops pinging after 2 pings with no data sent in between, unless
-    # this is 0. An idle chat stream sends no data for hours.
-    ("grpc.http2.max_pings_without_data", 0),
-]
+def server_options(keepalive):
+    """Channel arguments for the server; keepalive is in seconds.
+
+    Keepalive: HTTP/2 PING frames on an otherwise quiet connection. A member
+    whose network vanished (no FIN, no RST: a laptop lid closed, a cable
+    pulled) is otherwise noticed only when the server next writes to it, and
+    a write can sit in a buffer for a long time. With these, the server
+    pings every `keepalive` seconds (--keepalive, default 30) and drops a
+    connection that does not answer within min(keepalive, 10) seconds. That
+    ends the member's Join stream and frees its place in the room.
+    """
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(min(keepalive, 10) * 1000)),
+        # Our clients ping every 20 s too (section 7). By default a server
+        # takes a client's pings more often than every 5 minutes as abuse:
+        # after two "strikes", the next early ping gets the connection
+        # closed with GOAWAY "too_many_pings". Allow one every 10 s, with or
+        # without calls open.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 def chat_room_handlers(servicer):
-    """What services.add_ChatRoomServicer_to_server() would register, written
-    out, with one change: Join has no response serializer, because the hub
-    serializes each event once (section 4) and gRPC then sends bytes as they
-    are."""
-    rpc = grpc.unary_unary_rpc_method_handler
+    """Our RPCs as gRPC method handlers: what the generated
+    services.add_ChatRoomServicer_to_server() sets up, written out by hand
+    for two changes:
+      * Join has no response serializer. The hub serializes each event once
+        (section 4), and gRPC then sends those bytes as they are.
+      * No method has a request deserializer: each gets the raw bytes and
+        parses them itself (parsed_as). Given a request that does not parse
+        (say, a string field that is not UTF-8), gRPC's own deserializer
+        would log a traceback and answer UNKNOWN. We answer
+        INVALID_ARGUMENT, with a sentence.
+    """
     return grpc.method_handlers_generic_handler("chat.ChatRoom", {
         "Join": grpc.unary_stream_rpc_method_handler(
-            servicer.Join, request_deserializer=pb.JoinRequest.FromString),
-        "Send": rpc(servicer.Send,
-                    request_deserializer=pb.SendRequest.FromString,
-                    response_serializer=pb.SendReply.SerializeToString),
-        "MarkRead": rpc(servicer.MarkRead,
-                        request_deserializer=pb.MarkReadRequest.FromString,
-                        response_serializer=pb.MarkReadReply.SerializeToString),
-        "ListMembers": rpc(
-            servicer.ListMembers,
-            request_deserializer=pb.ListMembersRequest.FromString,
+            parsed_as(pb.JoinRequest, servicer.Join)),
+        "Send": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.SendRequest, servicer.Send),
+            response_serializer=pb.SendReply.SerializeToString),
+        "MarkRead": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.MarkReadRequest, servicer.MarkRead),
+            response_serializer=pb.MarkReadReply.SerializeToString),
+        "ListMembers": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.ListMembersRequest, servicer.ListMembers),
             response_serializer=pb.ListMembersReply.SerializeToString),
     })
+
+
+def parsed_as(request_class, method):
+    """Wrap an RPC method so that it receives raw bytes, parses them as
+    request_class, and refuses bytes that do not parse."""
+    async def handler(raw, context):
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError as error:
+            log.info("refused %s: not a valid %s (%s)", context.peer(),
+                     request_class.DESCRIPTOR.name, error)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request_class.DESCRIPTOR.name}"
+                f" ({str(error).rsplit(': ', 1)[-1]}).")
+        return await method(request, context)
+    return handler
+
+
+def tls_credentials(args):
+    """The server's certificate and private key, for TLS."""
+    with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
 async def serve(args):
@@ -652,12 +761,17 @@ async def serve(args):
     except StoreLocked as error:
         log.error("%s; stop it first, or use another --db.", error)
         return 1
-    servicer = ChatRoomServicer(store, args.members, args.max_clients)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer = ChatRoomServicer(store, args.members, args.max_clients,
+                                os.environ.get("CHAT_PASSWORD") or None,
+                                args.rate)
+    server = grpc.aio.server(options=server_options(args.keepalive))
     server.add_generic_rpc_handlers((chat_room_handlers(servicer),))
     address = f"{args.host}:{args.port}"
-    try:
-        port = server.add_insecure_port(address)  # port 0: the OS picks one
+    try:  # port 0: the OS picks a free port, and we get its number back
+        if args.tls_cert:
+            port = server.add_secure_port(address, tls_credentials(args))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as error:
         log.error("cannot listen on %s (%s); is the port in use?",
                   address, error)
@@ -665,8 +779,10 @@ async def serve(args):
         return 1
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
-    log.info("room open to %s; history in %s",
-             ", ".join(args.members) if args.members else "any id", args.db)
+    log.info("room open to %s; history in %s; %s; %s",
+             ", ".join(args.members) if args.members else "any id", args.db,
+             "TLS" if args.tls_cert else "plaintext (no TLS)",
+             "password required" if servicer.password else "no password")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -676,12 +792,13 @@ async def serve(args):
 
     log.info("shutting down")
     # Tell every client why its stream ends (they reconnect when we are
-    # back), then let Sends already running finish: stop() refuses new
-    # calls at once and waits up to `grace` seconds for the rest.
-    servicer.disconnect_everyone(
+    # back). Then let Sends already running finish: stop() refuses new calls
+    # at once and waits up to `grace` seconds for the rest, then cancels
+    # whatever still runs ("Cancelling all calls").
+    await servicer.disconnect_everyone(
         grpc.StatusCode.UNAVAILABLE,
-        "the server is shutting down; your client will reconnect.")
-    await server.stop(grace=5)
+        "the server is shutting down; your client will reconnect.", timeout=2)
+    await server.stop(grace=3)
     store.close()
     log.info("stopped; %s closed", args.db)
     return 0
@@ -721,6 +838,9 @@ async def serve(args):
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # After 2 pings with no data sent in between, a client's core slows
+    # down to one ping a minute, unless this is 0. An idle chat stream sends
+    # no data for hours.
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     # After a connection fails, the channel waits before trying again:
@@ -730,6 +850,16 @@ CLIENT_OPTIONS = [
 ]
 
 SEND_TIMEOUT = 10  # seconds per attempt; a Send never hangs without an answer
+
+
+def open_channel(target, tls_ca=None):
+    """A channel to the server: plaintext, or TLS when tls_ca names the PEM
+    file of the certificate (or its CA) that the server must present."""
+    if tls_ca is None:
+        return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
+    with open(tls_ca, "rb") as pem:
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem.read())
+    return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
 # Status codes after which the client tries again rather than gives up.
 #   UNAVAILABLE: the server is down or restarting, or the network dropped.
@@ -762,9 +892,10 @@ class ReadReceipts:
     received so far.
     """
 
-    def __init__(self, stub, member_id):
+    def __init__(self, stub, member_id, metadata):
         self._stub = stub
         self._member_id = member_id
+        self._metadata = metadata
         self._changed = threading.Condition()
         self._received = 0   # highest seq the receive thread has handed over
         self._confirmed = 0  # highest seq the server has stored as read
@@ -779,15 +910,22 @@ class ReadReceipts:
             self._received = max(self._received, seq)
             self._changed.notify_all()
 
+    def restart_from(self, seq):
+        """The server's history starts over below what we had (its database
+        was replaced): count from seq again."""
+        with self._changed:
+            self._received = self._confirmed = seq
+
     def flush_and_stop(self, timeout):
-        """Wait (at most timeout seconds) until everything received is
-        confirmed, then stop the thread."""
+        """Wait until everything received is confirmed, then stop the
+        thread; give up after about timeout seconds."""
+        deadline = time.monotonic() + timeout
         with self._changed:
             self._changed.wait_for(lambda: self._confirmed >= self._received,
                                    timeout)
             self._stopping = True
             self._changed.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self):
         while True:
@@ -800,7 +938,8 @@ class ReadReceipts:
             try:
                 self._stub.MarkRead(pb.MarkReadRequest(
                     client_id=self._member_id, up_to_seq=seq),
-                    timeout=SEND_TIMEOUT, wait_for_ready=True)
+                    timeout=SEND_TIMEOUT, wait_for_ready=True,
+                    metadata=self._metadata)
             except grpc.RpcError:
                 # The server is away; try again in a second (or at stop).
                 with self._changed:
@@ -824,19 +963,22 @@ class ChatClient:
     """
 
     def __init__(self, target, member_id, name, on_event, on_status,
-                 history=0):
+                 history=0, password=None, tls_ca=None):
         self.target = target
         self.member_id = member_id
         self.name = name
         self.history = history  # already-read messages to ask for, once
         self.on_event = on_event
         self.on_status = on_status
-        self.channel = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
+        self.channel = open_channel(target, tls_ca)
         self.stub = services.ChatRoomStub(self.channel)
-        self.receipts = ReadReceipts(self.stub, member_id)
+        # Call metadata: key/value pairs sent with a call, like HTTP headers
+        # (keys must be lowercase). Every call carries the room password.
+        self.metadata = ((PASSWORD_KEY, password),) if password else ()
+        self.receipts = ReadReceipts(self.stub, member_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
         self._state = "connecting"
-        self._reason = None     # the Refused that closed us, if any
+        self.refusal = None     # the Refused that closed us, if any
         self._changed = threading.Condition()
         self._call = None       # the current Join call, to cancel on close
         self._leaving = False
@@ -867,7 +1009,8 @@ class ChatClient:
             self._wait_online()
             try:
                 return self.stub.Send(request, timeout=SEND_TIMEOUT,
-                                      wait_for_ready=True)
+                                      wait_for_ready=True,
+                                      metadata=self.metadata)
             except grpc.RpcError as error:
                 if error.code() not in RETRY:
                     raise Refused(error.code(), error.details()) from None
@@ -878,7 +1021,8 @@ class ChatClient:
         """[pb.Member] for /who."""
         try:
             return self.stub.ListMembers(pb.ListMembersRequest(),
-                                         timeout=SEND_TIMEOUT).members
+                                         timeout=SEND_TIMEOUT,
+                                         metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
 
@@ -916,14 +1060,19 @@ class ChatClient:
                 # Joins use wait_for_ready: the call waits while the channel
                 # reconnects (with gRPC's own backoff) instead of failing.
                 self._call = self.stub.Join(request,
-                                            wait_for_ready=joined_before)
+                                            wait_for_ready=joined_before,
+                                            metadata=self.metadata)
             try:
                 for event in self._call:
                     if event.HasField("welcome"):
                         joined_before = True
                         delay.reset()
-                        self.last_seq = max(self.last_seq,
-                                            event.welcome.read_seq)
+                        # Normally read_seq is our own after_seq. It is lower
+                        # only if the server lost its history (a :memory:
+                        # server restarted); then its seqs start over.
+                        if event.welcome.read_seq < self.last_seq:
+                            self.receipts.restart_from(event.welcome.read_seq)
+                        self.last_seq = event.welcome.read_seq
                     elif event.HasField("caught_up"):
                         self._set_state("online")
                     elif event.HasField("message"):
@@ -932,7 +1081,7 @@ class ChatClient:
                         self.last_seq = event.message.seq
                         self.receipts.received(self.last_seq)
                     self.on_event(event)
-                error = None  # the server ended the stream without a status
+                error = None  # the server ended the stream with OK
             except grpc.RpcError as rpc_error:
                 error = rpc_error
             if self._leaving:
@@ -956,7 +1105,7 @@ class ChatClient:
 
     def _close(self, refused):
         with self._changed:
-            self._reason = refused
+            self.refusal = refused
         self._set_state("closed", refused.details)
 
     @property
@@ -969,7 +1118,7 @@ class ChatClient:
             self._changed.wait_for(
                 lambda: self._state in ("online", "closed") or self._leaving)
             if self._state == "closed":
-                raise self._reason
+                raise self.refusal
             if self._leaving:
                 raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
 
@@ -1029,38 +1178,49 @@ def format_message(message):
 class TerminalClient:
     """stdin/stdout/stderr front end for ChatClient."""
 
-    def __init__(self, target, member_id, name):
+    CLOSED = object()  # put in `lines` when the server ends the session
+
+    def __init__(self, target, member_id, name, password=None, tls_ca=None):
         self.chat = ChatClient(target, member_id, name, self.on_event,
-                               self.on_status)
+                               self.on_status, password=password,
+                               tls_ca=tls_ca)
         self.joined_before = False  # set by the first Welcome
         self.unread = 0      # from the last Welcome
+        # Lines typed, read from stdin by a thread of their own, so that the
+        # main thread can wait for "a line, or the session is over" at once.
+        self.lines = queue.Queue()
 
-    def run(self, lines):
+    def run(self, stdin):
         """Join, send each line, leave. Returns the exit status."""
+        threading.Thread(target=self._read, args=(stdin,), daemon=True,
+                         name="stdin").start()
         try:
             self.chat.connect()
-        except Refused as refused:
+            self._send_lines()
+        except Refused as refused:  # from connect(): never got in
             self.say("chat: " + join_refusal(refused, self.chat.target))
-            self.chat.close()
-            return 1
-        try:
-            for line in lines:
-                line = line.rstrip("\r\n")
-                if line == "/quit":
-                    break
-                if line == "/who":
-                    self.who()
-                    continue
-                try:
-                    self.chat.send(line)
-                except Refused as refused:
-                    if self.chat.closed:
-                        break
-                    self.say(f"not sent: {refused.details}")
-        except KeyboardInterrupt:  # Ctrl-C, or on_status below
+        except KeyboardInterrupt:   # Ctrl-C leaves, like /quit
             pass
         self.chat.close()
         return 1 if self.chat.closed else 0
+
+    def _read(self, stdin):
+        """Runs on the stdin thread."""
+        for line in stdin:
+            self.lines.put(line.rstrip("\r\n"))
+        self.lines.put(None)  # end of input
+
+    def _send_lines(self):
+        while (line := self.lines.get()) not in (None, "/quit", self.CLOSED):
+            if line == "/who":
+                self.who()
+                continue
+            try:
+                self.chat.send(line)  # blocks until stored
+            except Refused as refused:
+                if self.chat.closed:
+                    return
+                self.say(f"not sent: {refused.details}")
 
     def who(self):
         try:
@@ -1101,10 +1261,9 @@ class TerminalClient:
             self.say(f"connection lost: {text}")
         elif state == "closed" and self.joined_before:
             # The server ended our session for good (e.g. the same id joined
-            # from elsewhere). The main thread is probably blocked reading
-            # stdin; a SIGINT interrupts that read with KeyboardInterrupt.
+            # from elsewhere). Wake the main thread, which waits for a line.
             self.say(f"chat: the server closed the session: {text}")
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            self.lines.put(self.CLOSED)
 
     @staticmethod
     def say(text):
@@ -1125,9 +1284,10 @@ class TerminalClient:
 #     inbox.put(item)                  (createfilehandler); when it is
 #     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
 #
-# It is the same trick grpc.aio uses to wake its event loop (section 6): a
-# byte on a pipe. Nothing runs while nothing happens; no timer polls the
-# queue. Sends go the other way, to a sender thread through `outbox`,
+# It is the trick grpc.aio uses to wake its event loop (section 6), where
+# the byte goes over a socketpair. Nothing runs while nothing happens; no
+# timer polls the queue. (Windows has no Tk file handlers; there, and only
+# there, the window checks the queue every 100 ms instead.) Sends go the other way, to a sender thread through `outbox`,
 # because ChatClient.send() blocks for a round trip, or for as long as the
 # server is away, and the window must never freeze.
 #
@@ -1137,7 +1297,7 @@ class TerminalClient:
 
 try:
     import tkinter as tk
-    from tkinter import font as tkfont, messagebox, ttk
+    from tkinter import font as tkfont, messagebox, simpledialog, ttk
 except ImportError:  # Python built without Tk
     tk = None
 
@@ -1202,10 +1362,13 @@ class ChatWindow:
 
     HISTORY = 20  # already-read messages shown above the unread ones
 
-    def __init__(self, root, target, member_id, name):
+    def __init__(self, root, target, member_id, name, password=None,
+                 tls_ca=None):
         self.root = root
         self.target = target
+        self.member_id = member_id
         self.name = name
+        self.tls_ca = tls_ca
         self.exit_status = 0
         self.joined = False
         self.unseen = 0            # messages that arrived while unfocused
@@ -1216,14 +1379,23 @@ class ChatWindow:
         self.outbox = queue.Queue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
-        root.tk.createfilehandler(self._wake_read, tk.READABLE, self._drain)
+        if hasattr(root.tk, "createfilehandler"):
+            root.tk.createfilehandler(self._wake_read, tk.READABLE,
+                                      self._drain)
+        else:  # Windows
+            self._drain_every(100)
         self._build()
-        self.chat = ChatClient(target, member_id, name, self._on_event,
-                               self._on_status, history=self.HISTORY)
-        self.connection = f"Connecting to {target}..."
-        self._show_status(self.connection)
         threading.Thread(target=self._send_loop, daemon=True,
                          name="sender").start()
+        self._join(password)
+
+    def _join(self, password):
+        self.chat = ChatClient(self.target, self.member_id, self.name,
+                               self._on_event, self._on_status,
+                               history=self.HISTORY, password=password,
+                               tls_ca=self.tls_ca)
+        self.connection = f"Connecting to {self.target}..."
+        self._show_status(self.connection)
         self.chat.start()
 
     # -- layout --
@@ -1360,7 +1532,11 @@ class ChatWindow:
         except BlockingIOError:
             pass  # the pipe is full, so a wake-up is already waiting
 
-    def _drain(self, _fd, _mask):
+    def _drain_every(self, ms):
+        self._drain()
+        self.root.after(ms, self._drain_every, ms)
+
+    def _drain(self, _fd=None, _mask=None):
         """Runs on the main thread when the pipe is readable."""
         os.read(self._wake_read, 4096)
         while True:
@@ -1437,12 +1613,29 @@ class ChatWindow:
 
     def _refused(self, text):
         """The server said no for good: explain, then close the window."""
-        sentence = (text if self.joined else
-                    join_refusal(self.chat._reason, self.target))
+        reason = self.chat.refusal
+        if (not self.joined and reason.code == grpc.StatusCode.UNAUTHENTICATED
+                and self._ask_password()):
+            return
+        sentence = text if self.joined else join_refusal(reason, self.target)
         self._show_status(f"Refused: {sentence}", problem=True)
         messagebox.showerror("chat.py", sentence, parent=self.root)
         self.exit_status = 1
         self.close(ask=False)
+
+    def _ask_password(self):
+        """The room needs a password: ask for it and join again with it.
+        False if the user gave none."""
+        wrong = "Wrong password. " if self.chat.metadata else ""
+        self.chat.close()
+        trace("password dialog")
+        password = simpledialog.askstring(
+            "chat.py", f"{wrong}This room needs a password:", show="*",
+            parent=self.root)
+        if not password:
+            return False
+        self._join(password)
+        return True
 
     def _show_status(self, text, problem=False):
         self.status.configure(
@@ -1516,7 +1709,8 @@ class ChatWindow:
                 "chat.py", f"{self.pending} message(s) not sent yet. "
                 "Close anyway and lose them?", parent=self.root):
             return
-        self.root.tk.deletefilehandler(self._wake_read)
+        if hasattr(self.root.tk, "deletefilehandler"):
+            self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest
 
 
@@ -1532,7 +1726,8 @@ def run_window(args):
     if name is None:
         root.destroy()
         return 0, None
-    window = ChatWindow(root, args.server, args.client_id, name)
+    window = ChatWindow(root, args.server, args.client_id, name,
+                        os.environ.get("CHAT_PASSWORD") or None, args.tls_ca)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
@@ -1575,6 +1770,19 @@ def build_parser():
     server.add_argument("--db", default="chat.db",
                         help="SQLite file for history and read positions "
                         "(default: %(default)s; :memory: keeps nothing)")
+    server.add_argument("--rate", type=float, default=RATE,
+                        help="messages a second each member may send, with "
+                        "bursts of twice that (default: %(default)s; "
+                        "0: no limit)")
+    server.add_argument("--keepalive", type=float, default=30,
+                        help="seconds between pings to each client; one "
+                        "that does not answer is dropped (default: "
+                        "%(default)s)")
+    server.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate: serve TLS instead of "
+                        "plaintext (needs --tls-key)")
+    server.add_argument("--tls-key", metavar="FILE",
+                        help="PEM private key for --tls-cert")
     server.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
@@ -1587,6 +1795,9 @@ def build_parser():
     client.add_argument("--server", default="127.0.0.1:50051",
                         help="HOST:PORT of the chat server "
                         "(default: %(default)s)")
+    client.add_argument("--tls-ca", metavar="FILE",
+                        help="PEM certificate the server must present (its "
+                        "own, if self-signed, or its CA's): use TLS")
     client.add_argument("--no-gui", action="store_true",
                         help="use the terminal client instead of the window")
     client.add_argument("--geometry", metavar="WxH+X+Y",
@@ -1602,8 +1813,12 @@ def build_parser():
 def run_server(args):
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    if args.max_clients < 0:
-        log.error("--max-clients must be 0 (no limit) or more")
+    if args.max_clients < 0 or args.rate < 0 or args.keepalive <= 0:
+        log.error("--max-clients and --rate must be 0 or more, "
+                  "--keepalive more than 0")
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together")
         return 2
     return asyncio.run(serve(args))
 
@@ -1624,7 +1839,9 @@ def run_client(args):
     # A message with characters the terminal cannot show must not crash us.
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id,
-                            args.name or args.client_id)
+                            args.name or args.client_id,
+                            os.environ.get("CHAT_PASSWORD") or None,
+                            args.tls_ca)
     return client.run(sys.stdin)
 
 

@@ -379,7 +379,8 @@ class BadInputTest(ChatTestCase):
 
     def setUp(self):
         super().setUp()
-        self.server = self.start_server("--members", "1,2,3")
+        # --rate 0: no flood control, so that a test can send fast.
+        self.server = self.start_server("--members", "1,2,3", "--rate", "0")
         self.alice = self.start_client(self.server, "1", "alice")
         self.bob = self.start_client(self.server, "2", "bob")
 
