@@ -689,11 +689,18 @@ def server_options(keepalive):
     pings every `keepalive` seconds (--keepalive, default 30) and drops a
     connection that does not answer within min(keepalive, 10) seconds. That
     ends the member's Join stream and frees its place in the room.
+
+    The answer's deadline is grpc.http2.ping_timeout_ms (default: 1 minute).
+    In grpcio 1.85, grpc.keepalive_timeout_ms alone did not drop a silent
+    peer: its timer is armed only in a case that does not arise here
+    (chttp2 transport, writing.cc). We set both, to the same value.
     """
+    timeout_ms = int(min(keepalive, 10) * 1000)
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
-        ("grpc.keepalive_timeout_ms", int(min(keepalive, 10) * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         # Our clients ping every 20 s too (section 7). By default a server
         # takes a client's pings more often than every 5 minutes as abuse:
         # after two "strikes", the next early ping gets the connection
@@ -838,6 +845,7 @@ async def serve(args):
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # see server_options()
     # After 2 pings with no data sent in between, a client's core slows
     # down to one ping a minute, unless this is 0. An idle chat stream sends
     # no data for hours.
@@ -1161,8 +1169,12 @@ def join_refusal(refused, target):
     if refused.code == grpc.StatusCode.UNAVAILABLE:
         # gRPC's details end with the OS's reason: "... Connection refused"
         reason = refused.details.rsplit(": ", 1)[-1]
-        return (f"cannot reach the server at {target} ({reason}). "
-                "Is `python chat.py server` running there?")
+        if "refused" in reason or "resolve" in reason.lower():
+            hint = "Is `python chat.py server` running there?"
+        else:  # e.g. "Socket closed": TLS on one side only
+            hint = ("If the server uses TLS, give its certificate with "
+                    "--tls-ca; if it does not, leave --tls-ca out.")
+        return f"cannot reach the server at {target} ({reason}). {hint}"
     return f"the server refused to let you join: {refused.details}"
 
 

@@ -296,6 +296,32 @@ class WhoMayJoinTest(ChatTestCase):
         chad = self.start_client(server, "3", "chad")
         self.assertEqual(chad.finish(), 0)
 
+    def test_thousands_of_rapid_joins_beyond_capacity(self):
+        server = self.start_server("--max-clients", "3")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        stub = self.stub(server)
+        calls = [stub.Join(pb.JoinRequest(client_id=f"x{os.urandom(6).hex()}"),
+                           timeout=WAIT)
+                 for _ in range(2000)]
+        codes = []
+        for call in calls:  # none leaves before all are answered
+            try:
+                next(call)  # the one that fits gets its Welcome
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+        for call in calls:
+            call.cancel()
+        self.assertEqual(codes.count(grpc.StatusCode.OK), 1)
+        # The rest: "room full" from us, or (a few dozen, seen here) CANCELLED
+        # from gRPC itself, which sheds calls that arrive faster than the
+        # server takes them. Either way: refused, nobody else joined.
+        self.assertEqual(codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                         + codes.count(grpc.StatusCode.CANCELLED), 1999)
+        alice.type("still here")
+        bob.wait_for("alice: still here", stream="stdout")
+
     def test_same_id_again_takes_over_the_old_session(self):
         server = self.start_server("--members", "1,2")
         old = self.start_client(server, "1", "alice")
@@ -459,6 +485,40 @@ class BadInputTest(ChatTestCase):
         self.bob.wait_for("alice: ", stream="stdout", count=count)
         numbers = [int(t.split()[1]) for t in texts(self.bob)]
         self.assertEqual(numbers, list(range(1, count + 1)))
+        # carl still does not read. As many messages again must not make
+        # the server grow by as much as they hold (count x 4 KB, ~8 MB).
+        before = rss_kb(self.server.popen.pid)
+        for n in range(count + 1, 2 * count + 1):
+            stub.Send(pb.SendRequest(client_id="1", text=f"{n} {text}"),
+                      timeout=WAIT)
+        self.bob.wait_for("alice: ", stream="stdout", count=2 * count)
+        growth = rss_kb(self.server.popen.pid) - before
+        print(f"\nslow consumer: server RSS {before} kB after the kick, "
+              f"+{growth} kB after {count} more messages", file=sys.stderr)
+        self.assertLess(growth, count * 4 // 2)
+
+    def test_half_open_http2_preface_held_open(self):
+        host, port = self.server.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # then silence
+            self.assertStillChatting("while a connection hangs half open")
+
+    def test_invalid_utf8_in_a_string_field(self):
+        channel = grpc.insecure_channel(self.server.address)
+        self.addCleanup(channel.close)
+        send = channel.unary_unary("/chat.ChatRoom/Send")  # bytes in, out
+        # field 1 (client_id) = "1"; field 2 (text) = bytes 0xFF 0xFE
+        details = self.assertRefused(grpc.StatusCode.INVALID_ARGUMENT, send,
+                                     b"\x0a\x011\x12\x02\xff\xfe")
+        self.assertIn("not a valid SendRequest", details)
+        self.assertStillChatting("after bad UTF-8")
+
+    def test_five_megabyte_request_is_cut_off_by_grpc(self):
+        stub = self.stub(self.server)
+        self.assertRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.Send,
+                           pb.SendRequest(client_id="1",
+                                          text="x" * 5_000_000))
+        self.assertStillChatting("after 5 MB")
 
     def test_client_killed_mid_stream(self):
         self.bob.popen.send_signal(signal.SIGKILL)
@@ -466,6 +526,260 @@ class BadInputTest(ChatTestCase):
         bob = self.start_client(self.server, "2", "bob")
         self.alice.type("welcome back")
         bob.wait_for("alice: welcome back", stream="stdout")
+
+
+class Proxy:
+    """A TCP relay between clients and the server, to break the network on
+    purpose: cut() drops every connection, refuse() turns new ones away
+    until resume(), and freeze() keeps connections open but lets no byte
+    through, like a peer whose network vanished without a FIN."""
+
+    def __init__(self, target):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.sockets = []
+        self.refusing = self.frozen = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self.refusing:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink),
+                                 daemon=True).start()
+
+    def _pump(self, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if not self.frozen:
+                    sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def refuse(self):
+        self.refusing = True
+
+    def resume(self):
+        self.refusing = False
+
+    def freeze(self):
+        self.frozen = True
+
+    def close(self):
+        self.listener.close()
+        self.cut()
+
+
+def rss_kb(pid):
+    """Resident memory of a process in kB, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+class FaultTest(ChatTestCase):
+    """Each promise, with the fault injected for real."""
+
+    def proxy(self, server):
+        proxy = Proxy(server.address)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def test_dropped_connection_resumes_with_no_gap_and_no_repeat(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        proxy = self.proxy(server)
+        bob = self.start_client(Named(proxy.address), "2", "bob")
+
+        def send(text):
+            stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
+        send("one")
+        bob.wait_for("alice: one", stream="stdout")
+        proxy.refuse()
+        proxy.cut()  # the network drops; bob cannot get back in for now
+        bob.wait_for("^connection lost")
+        send("two")    # while bob is away
+        send("three")
+        proxy.resume()
+        bob.wait_for("^reconnected to ")
+        send("four")
+        bob.wait_for("alice: four", stream="stdout")
+        self.assertEqual(texts(bob), ["alice: one", "alice: two",
+                                      "alice: three", "alice: four"])
+
+    def test_vanished_client_is_noticed_by_keepalive(self):
+        server = self.start_server("--members", "1,2", "--keepalive", "1")
+        alice = self.start_client(server, "1", "alice")
+        proxy = self.proxy(server)
+        self.start_client(Named(proxy.address), "2", "bob")
+        alice.wait_for(r"^\* bob joined$")
+        proxy.freeze()  # bob's packets stop; no FIN, no RST
+        alice.wait_for(r"^\* bob left$")
+        server.wait_for("bob \\(2\\) left")
+
+    def test_retried_send_is_stored_once(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        request = pb.SendRequest(client_id="1", text="only once",
+                                 message_id="3f2a9c")
+        first = stub.Send(request, timeout=WAIT)
+        again = stub.Send(request, timeout=WAIT)  # as after a timeout
+        self.assertEqual(first.seq, again.seq)
+        stub.Send(pb.SendRequest(client_id="1", text="next"), timeout=WAIT)
+        bob.wait_for("alice: next", stream="stdout")
+        self.assertEqual(texts(bob), ["alice: only once", "alice: next"])
+
+    def test_sigterm_during_a_burst_loses_nothing_acknowledged(self):
+        server = self.start_server("--members", "1,2", "--rate", "0")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        acknowledged = []
+        for n in range(100_000):
+            if n == 50:
+                server.popen.send_signal(signal.SIGTERM)
+            try:
+                stub.Send(pb.SendRequest(client_id="1", text=f"burst {n}"),
+                          timeout=WAIT)
+            except grpc.RpcError:
+                break  # the server is gone
+            acknowledged.append(f"alice: burst {n}")
+        self.assertEqual(server.wait(), 0)
+        self.assertGreaterEqual(len(acknowledged), 50)
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for("-- end of unread messages --")
+        self.assertEqual(bob.finish(), 0)
+        self.assertEqual(texts(bob), acknowledged)
+
+    def test_flooding_member_is_slowed_down_and_loses_nothing(self):
+        server = self.start_server("--members", "1,2,3", "--rate", "20")
+        stub = self.stub(server)
+        self.raw_join(stub, "3", "carl")
+        refused = 0
+        for n in range(60):  # far faster than 20 a second
+            try:
+                stub.Send(pb.SendRequest(client_id="3", text=f"flood {n}"),
+                          timeout=WAIT)
+            except grpc.RpcError as error:
+                self.assertEqual(error.code(),
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.assertIn("sending too fast", error.details())
+                refused += 1
+        self.assertGreater(refused, 0)
+        # Our own client, piped 100 lines at once, waits and retries: every
+        # line arrives, in order, once; and others are not held up.
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        alice.type(*[f"line {n}" for n in range(100)])
+        bob.type("meanwhile")
+        alice.wait_for("bob: meanwhile", stream="stdout")
+        bob.wait_for("alice: line 99", stream="stdout")
+        self.assertEqual(texts(bob)[-100:],
+                         [f"alice: line {n}" for n in range(100)])
+        self.assertEqual(alice.finish(), 0)
+
+    def test_tls_and_a_plaintext_client_is_told(self):
+        if not shutil.which("openssl"):
+            self.skipTest("openssl not found")
+        key = os.path.join(self.tmp.name, "server.key")
+        cert = os.path.join(self.tmp.name, "server.crt")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+             "-keyout", key, "-out", cert, "-days", "1", "-subj",
+             "/CN=localhost", "-addext",
+             "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=WAIT)
+        server = self.start_server("--members", "1,2", "--tls-cert", cert,
+                                   "--tls-key", key)
+        alice = self.start("client", "--no-gui", "--id", "1", "--server",
+                           server.address, "--tls-ca", cert)
+        bob = self.start("client", "--no-gui", "--id", "2", "--name", "bob",
+                         "--server", server.address, "--tls-ca", cert)
+        bob.wait_for("^connected to ")
+        alice.wait_for("^connected to ")
+        alice.type("over TLS")
+        bob.wait_for("1: over TLS", stream="stdout")
+        plain = self.start_client(server, "2", "bob", expect_join=False)
+        self.assertEqual(plain.finish(), 1)
+        self.assertRegex(plain.output("stderr")[-1],
+                         "cannot reach the server.*--tls-ca")
+
+    def test_room_password(self):
+        env = {"CHAT_PASSWORD": "correct horse"}
+        server = self.start("server", "--port", "0", "--db", self.db,
+                            "--members", "1,2", env=env)
+        server.address = server.wait_for("^listening on ",
+                                         stream="stdout").split()[-1]
+        for given in ({}, {"CHAT_PASSWORD": "swordfish"}):
+            refused = self.start("client", "--no-gui", "--id", "1",
+                                 "--server", server.address, env=given)
+            self.assertEqual(refused.finish(), 1)
+            self.assertRegex(refused.output("stderr")[-1],
+                             "UNAUTHENTICATED|password")
+        stub = self.stub(server)
+        for call, request in (
+                (stub.Send, pb.SendRequest(client_id="1", text="hi")),
+                (stub.MarkRead, pb.MarkReadRequest(client_id="1")),
+                (stub.ListMembers, pb.ListMembersRequest())):
+            self.assertRefused(grpc.StatusCode.UNAUTHENTICATED, call, request)
+        join = stub.Join(pb.JoinRequest(client_id="1"))
+        self.assertRefused(grpc.StatusCode.UNAUTHENTICATED,
+                           lambda timeout: list(join))
+        alice = self.start("client", "--no-gui", "--id", "1", "--name",
+                           "alice", "--server", server.address, env=env)
+        bob = self.start("client", "--no-gui", "--id", "2", "--name", "bob",
+                         "--server", server.address, env=env)
+        bob.wait_for("^connected to ")
+        alice.wait_for("^connected to ")
+        alice.type("with the password")
+        bob.wait_for("alice: with the password", stream="stdout")
+        server.popen.send_signal(signal.SIGTERM)
+        server.wait()
+        log = "\n".join(server.output("stderr"))
+        self.assertIn("UNAUTHENTICATED", log)
+        self.assertNotIn("correct horse", log)
+        self.assertNotIn("swordfish", log)
+
+
+class Named:
+    """Anything with an .address, for start_client (e.g. a Proxy's)."""
+
+    def __init__(self, address):
+        self.address = address
 
 
 class XvfbTestCase(ChatTestCase):
