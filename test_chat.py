@@ -886,6 +886,35 @@ class WindowTest(XvfbTestCase):
         self.assertLess(trace.index("tk: divider 2"),
                         trace.index("tk: message alice: new one new"))
 
+    def test_text_typed_while_the_server_is_down_is_sent_once_back(self):
+        server = self.start_server("--members", "1,2")
+        port = server.address.rsplit(":", 1)[1]
+        bob = self.start_client(server, "2", "bob")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        server.popen.send_signal(signal.SIGKILL)
+        server.wait()
+        alice.wait_for("^tk: status Connection lost: .*reconnecting in")
+        self.type_into("alice - chat", "typed while down", "Return")
+        alice.wait_for("^tk: message alice: typed while down sending$")
+        server = self.start_server("--members", "1,2", port=port)
+        alice.wait_for("^tk: sent 1$")
+        alice.wait_for("^tk: status Connected as alice", count=2)
+        bob.wait_for("alice: typed while down", stream="stdout")
+        bob.type("welcome back")
+        alice.wait_for("^tk: message bob: welcome back new$")
+        self.assertEqual(texts(bob), ["alice: typed while down"])
+
+    def test_password_dialog_when_the_room_has_one(self):
+        server = self.start("server", "--port", "0", "--db", self.db,
+                            env={"CHAT_PASSWORD": "open sesame"})
+        server.address = server.wait_for("^listening on ",
+                                         stream="stdout").split()[-1]
+        window = self.start_window(server, "1", "--name", "alice")
+        window.wait_for("^tk: password dialog$")
+        self.type_into("^chat.py$", "open sesame", "Return")
+        window.wait_for("^tk: status Connected as alice")
+
     def test_refused_join_shows_the_reason_and_exits_1(self):
         server = self.start_server("--members", "1,2")
         window = self.start_window(server, "9", "--name", "eve")
