@@ -49,6 +49,7 @@ import asyncio
 import dataclasses
 import datetime
 import hmac
+import json
 import logging
 import os
 import queue
@@ -57,6 +58,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -1747,7 +1749,335 @@ def run_window(args):
     return window.exit_status, None
 
 
-# 10. main(argv) --------------------------------------------------------------
+# 10. The benchmark -----------------------------------------------------------
+#
+# `python chat.py bench` measures the server the way redis-benchmark
+# measures Redis: it starts a server (or uses --server), brings --clients
+# members online, each on a TCP connection of its own, has --senders of
+# them send --messages messages at --rate a second (0: as fast as they can),
+# and times every delivery from the Send to its arrival at each member.
+# --baseline runs the same load against `python chat.py baseline`, a bare
+# grpc.aio fan-out server with no storage and no checks (below), so every
+# figure also shows as a ratio to what Python gRPC does with no work at all.
+#
+# The load generator is one grpc.aio process: N channels on one event loop.
+# It shares the machine with the server, so absolute figures mean little;
+# ratios to the baseline, measured in the same run, do.
+
+
+class BaselineServicer:
+    """The least a fan-out server can do: no storage, no checks, no limits.
+    Each Send builds one Event and puts it, as an object, in every other
+    member's queue; gRPC serializes it once per member as it writes it."""
+
+    def __init__(self):
+        self.queues = {}  # member id -> asyncio.Queue, unbounded
+        self.seq = 0
+
+    async def Join(self, request, context):
+        queue_ = self.queues[request.client_id] = asyncio.Queue()
+        yield pb.Event(welcome=pb.Welcome())
+        yield pb.Event(caught_up=pb.CaughtUp())
+        try:
+            while True:
+                yield await queue_.get()
+        finally:
+            if self.queues.get(request.client_id) is queue_:
+                del self.queues[request.client_id]
+
+    async def Send(self, request, context):
+        self.seq += 1
+        message = pb.ChatMessage(seq=self.seq, sender_id=request.client_id,
+                                 sender_name=request.client_id,
+                                 text=request.text)
+        event = pb.Event(message=message)
+        for member_id, queue_ in self.queues.items():
+            if member_id != request.client_id:
+                queue_.put_nowait(event)
+        return pb.SendReply(seq=self.seq)
+
+    async def MarkRead(self, request, context):
+        return pb.MarkReadReply(read_seq=request.up_to_seq)
+
+    async def ListMembers(self, request, context):
+        return pb.ListMembersReply()
+
+
+async def serve_baseline(args):
+    server = grpc.aio.server(options=server_options(30))
+    services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    print(f"listening on {args.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(None)
+    return 0
+
+
+def run_baseline(args):
+    return asyncio.run(serve_baseline(args))
+
+
+def percentile(sorted_values, fraction):
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1,
+                             int(fraction * len(sorted_values)))]
+
+
+class ServerProcess:
+    """A server started for the benchmark: its address, CPU and memory."""
+
+    def __init__(self, command):
+        started = time.perf_counter()
+        self.popen = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *command],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.popen.stdout.readline()
+        self.ready_s = time.perf_counter() - started
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"{command[0]} did not start")
+        self.address = line.split()[-1]
+
+    def cpu_s(self):
+        """User + system CPU seconds so far, from /proc."""
+        with open(f"/proc/{self.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self):
+        with open(f"/proc/{self.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self):
+        self.popen.terminate()
+        self.popen.wait()
+
+
+class Bench:
+    """One benchmark run against one server; see section 10's top."""
+
+    def __init__(self, target, clients, messages, rate, senders, progress):
+        self.target = target
+        self.clients, self.messages = clients, messages
+        self.rate, self.senders = rate, senders
+        self.progress = progress
+        self.ids = [f"b{n}" for n in range(clients)]
+        # received[member index] = list of message numbers, in arrival order
+        self.received = [[] for _ in range(clients)]
+        self.seqs = [[] for _ in range(clients)]
+        self.latencies_ms = []
+        self.joined = 0
+        self.last_arrival = 0.0
+        self.all_joined = asyncio.Event()
+        self.all_delivered = asyncio.Event()
+        self.expected = messages * (clients - 1)
+
+    async def run(self):
+        # One channel per member. grpcio shares one TCP connection among
+        # channels to the same target (its global subchannel pool); a local
+        # pool per channel gives each member a connection of its own.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(self.target, options)
+                         for _ in self.ids]
+        stubs = [services.ChatRoomStub(channel) for channel in self.channels]
+        readers = []
+        started = time.perf_counter()
+        # Join in steps of 50: a burst of thousands of calls at once makes
+        # core shed some of them (the server cannot accept them that fast).
+        for first in range(0, self.clients, 50):
+            for index in range(first, min(first + 50, self.clients)):
+                readers.append(asyncio.create_task(self._member(stubs, index)))
+            while self.joined < min(first + 50, self.clients):
+                await asyncio.sleep(0.01)
+            self._show(f"joined {self.joined}/{self.clients}")
+        join_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        if self.rate:
+            sends = []
+            for number in range(self.messages):
+                delay = started + number / self.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sends.append(asyncio.create_task(self._send(stubs, number)))
+            await asyncio.gather(*sends)
+        else:
+            await asyncio.gather(*[self._sender(stubs, k)
+                                   for k in range(self.senders)])
+        try:
+            await asyncio.wait_for(self.all_delivered.wait(), 60)
+        except asyncio.TimeoutError:
+            pass
+        deliver_s = self.last_arrival - started
+        for task in readers:
+            task.cancel()
+        for channel in self.channels:
+            await channel.close()
+        return join_s, deliver_s
+
+    async def _member(self, stubs, index):
+        call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
+                                                name=self.ids[index]))
+        try:
+            async for event in call:
+                kind = event.WhichOneof("kind")
+                if kind == "message":
+                    now = time.perf_counter()
+                    number, sent_at = event.message.text.split()[1:3]
+                    self.latencies_ms.append((now - float(sent_at)) * 1000)
+                    self.received[index].append(int(number))
+                    self.seqs[index].append(event.message.seq)
+                    self.last_arrival = now
+                    if len(self.latencies_ms) == self.expected:
+                        self.all_delivered.set()
+                elif kind == "caught_up":
+                    self.joined += 1
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                print(f"\nbench: {self.ids[index]}: {error.code().name} "
+                      f"{error.details()}", file=sys.stderr)
+
+    async def _send(self, stubs, number):
+        sender = number % self.senders
+        text = f"bench {number} {time.perf_counter():.6f}"
+        await stubs[sender].Send(pb.SendRequest(
+            client_id=self.ids[sender], text=text,
+            message_id=f"m{number}"), timeout=60)
+        if number % 10 == 0:
+            self._show(f"sent {number + 1}/{self.messages}, delivered "
+                       f"{len(self.latencies_ms):,}/{self.expected:,}")
+
+    async def _sender(self, stubs, sender):
+        for number in range(sender, self.messages, self.senders):
+            await self._send(stubs, number)
+
+    def _show(self, text):
+        if self.progress:
+            print(f"\r{self.target}: {text}   ", end="", file=sys.stderr,
+                  flush=True)
+
+    def check(self):
+        """How many deliveries were lost, duplicated or out of order."""
+        lost = duplicated = reordered = 0
+        for index, numbers in enumerate(self.received):
+            expected = {n for n in range(self.messages)
+                        if n % self.senders != index}
+            if index >= self.senders:
+                expected = set(range(self.messages))
+            lost += len(expected - set(numbers))
+            duplicated += len(numbers) - len(set(numbers))
+            seqs = self.seqs[index]
+            reordered += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
+        return lost, duplicated, reordered
+
+
+def bench_one(args, command, label):
+    """Run the load against one server; return a dict of figures."""
+    server = ServerProcess(command) if command else None
+    target = server.address if server else args.server
+    try:
+        cpu_before = server.cpu_s() if server else 0.0
+        bench = Bench(target, args.clients, args.messages, args.rate,
+                      args.senders, progress=not args.json)
+        join_s, deliver_s = asyncio.run(bench.run())
+        lost, duplicated, reordered = bench.check()
+        latencies = sorted(bench.latencies_ms)
+        result = {
+            "server": label, "clients": args.clients,
+            "messages": args.messages, "rate": args.rate,
+            "senders": args.senders, "join_s": round(join_s, 2),
+            "deliveries": len(latencies),
+            "deliveries_per_s": round(len(latencies) / deliver_s)
+            if deliver_s > 0 else 0,
+            "latency_ms": {name: round(percentile(latencies, q), 1)
+                           for name, q in (("p50", .5), ("p90", .9),
+                                           ("p99", .99), ("max", 1.0))},
+            "lost": lost, "duplicated": duplicated, "reordered": reordered,
+        }
+        if server:
+            result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
+            result["server_peak_rss_mb"] = round(server.peak_rss_mb(), 1)
+            result["server_ready_s"] = round(server.ready_s, 3)
+            idle_before = server.cpu_s()
+            time.sleep(2)  # nothing happens: the server should use no CPU
+            result["server_idle_cpu_percent"] = round(
+                (server.cpu_s() - idle_before) / 2 * 100, 1)
+        return result
+    finally:
+        if server:
+            server.stop()
+        if not args.json:
+            print(file=sys.stderr)
+
+
+def run_bench(args):
+    if args.clients < 2 or args.senders < 1 or args.senders > args.clients:
+        print("chat: bench needs --clients >= 2 and 1 <= --senders <= "
+              "--clients", file=sys.stderr)
+        return 2
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        command = None if args.server else [
+            "server", "--port", "0", "--rate", "0", "--log-level", "WARNING",
+            "--db", os.path.join(tmp, "bench.db")]
+        runs.append(bench_one(args, command, "chat.py"))
+        if args.baseline:
+            runs.append(bench_one(args, ["baseline", "--port", "0"],
+                                  "baseline"))
+    if args.baseline:
+        ours, bare = runs
+        runs.append({"server": "ratio chat.py/baseline", **{
+            "join_s": _ratio(ours["join_s"], bare["join_s"]),
+            "deliveries_per_s": _ratio(ours["deliveries_per_s"],
+                                       bare["deliveries_per_s"]),
+            "latency_ms": {name: _ratio(ours["latency_ms"][name],
+                                        bare["latency_ms"][name])
+                           for name in ours["latency_ms"]},
+            "server_cpu_s": _ratio(ours.get("server_cpu_s"),
+                                   bare.get("server_cpu_s"))}})
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    else:
+        for run in runs:
+            print_run(run)
+    broken = runs[0]["lost"] or runs[0]["duplicated"] or runs[0]["reordered"]
+    return 1 if broken else 0
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a and b else None
+
+
+def print_run(run):
+    latency = run["latency_ms"]
+    print(f"== {run['server']}")
+    if "clients" in run:
+        print(f"   {run['clients']} clients, {run['messages']} messages at "
+              f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
+    print(f"   join time          {run['join_s']} s")
+    print(f"   deliveries/s       {run['deliveries_per_s']}")
+    print(f"   latency ms         p50 {latency['p50']}  p90 {latency['p90']}  "
+          f"p99 {latency['p99']}  max {latency['max']}")
+    for key, label in (("server_cpu_s", "server CPU s"),
+                       ("server_peak_rss_mb", "server peak RSS MB"),
+                       ("server_idle_cpu_percent", "server idle CPU %"),
+                       ("server_ready_s", "server ready in s")):
+        if run.get(key) is not None:
+            print(f"   {label:<18} {run[key]}")
+    if "lost" in run:
+        print(f"   lost {run['lost']}, duplicated {run['duplicated']}, "
+              f"reordered {run['reordered']} (of {run['deliveries']:,} "
+              "deliveries)")
+
+
+# 11. main(argv) --------------------------------------------------------------
 
 
 def member_list(text):
@@ -1819,6 +2149,36 @@ def build_parser():
     demo = commands.add_parser(
         "demo", help="a throwaway server and windows for alice, bob, chad")
     demo.set_defaults(func=run_demo)
+
+    bench = commands.add_parser(
+        "bench", help="load generator: fan-out latency and throughput")
+    bench.add_argument("--server", metavar="HOST:PORT",
+                       help="measure this server (default: start one, with "
+                       "a temporary database and --rate 0)")
+    bench.add_argument("--clients", type=int, default=100,
+                       help="members online, each on its own connection "
+                       "(default: %(default)s)")
+    bench.add_argument("--messages", type=int, default=100,
+                       help="messages to send in all (default: %(default)s)")
+    bench.add_argument("--rate", type=float, default=0,
+                       help="messages a second; 0: as fast as possible "
+                       "(default: %(default)s)")
+    bench.add_argument("--senders", type=int, default=1,
+                       help="how many of the members send (default: "
+                       "%(default)s)")
+    bench.add_argument("--baseline", action="store_true",
+                       help="also run the load against the bare baseline "
+                       "server and show ratios")
+    bench.add_argument("--json", action="store_true",
+                       help="print the figures as JSON")
+    bench.set_defaults(func=run_bench)
+
+    baseline = commands.add_parser(
+        "baseline", help="the bare grpc.aio fan-out server bench compares "
+        "against (no storage, no checks)")
+    baseline.add_argument("--host", default="127.0.0.1")
+    baseline.add_argument("--port", type=int, default=50052)
+    baseline.set_defaults(func=run_baseline)
     return parser
 
 
