@@ -225,6 +225,10 @@ class Store:
                 raise StoreLocked(f"{path} is in use by another chat server")
             raise
         self.db.execute("PRAGMA synchronous = FULL")
+        # The highest seq stored so far (0 for an empty room), kept here
+        # because Join and MarkRead need it all the time.
+        self.last_seq = self.db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
 
     def close(self):
         self.db.close()
@@ -270,13 +274,10 @@ class Store:
             "INSERT INTO messages (sender_id, sender_name, text, sent_at_us, "
             "message_id) VALUES (?, ?, ?, ?, ?)",
             (sender_id, sender_name, text, sent_at_us, message_id or None))
+        self.last_seq = cursor.lastrowid
         return Stored(cursor.lastrowid, sender_id, sender_name, text,
                       sent_at_us), True
 
-    def head(self):
-        """The highest seq stored so far (0 for an empty room)."""
-        return self.db.execute(
-            "SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
 
     def read_seq(self, member_id):
         row = self.db.execute("SELECT read_seq FROM members WHERE id = ?",
@@ -296,7 +297,7 @@ class Store:
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute(
             "UPDATE members SET read_seq = MAX(read_seq, MIN(?, ?)) "
-            "WHERE id = ?", (up_to_seq, self.head(), member_id))
+            "WHERE id = ?", (up_to_seq, self.last_seq, member_id))
         self.db.execute("PRAGMA synchronous = FULL")
         return self.read_seq(member_id)
 
@@ -345,11 +346,12 @@ class Store:
 # Everything here runs on the event loop thread, so no locks are needed.
 
 
-# A serialized Event that carries chat messages starts with the key of
-# field 2, `messages` (field number 2, wire type 2 "length-delimited":
-# (2 << 3) | 2 = 0x12). Nothing else the hub queues does.
-MESSAGES_TAG = bytes([(2 << 3) | 2])
-MAX_BATCH = 100  # messages per write, at most (4,000 characters each)
+# A serialized field starts with its key: (field number << 3) | wire type,
+# and wire type 2 means "length-delimited" (strings, messages). So a
+# serialized Event with only `messages` (field 2) starts with byte 0x12, and
+# one with only `presence` (field 4) with byte 0x22.
+LIST_FIELD_KEYS = {bytes([(2 << 3) | 2]), bytes([(4 << 3) | 2])}
+MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
 
 
 class Session:
@@ -366,27 +368,29 @@ class Session:
         self.task = asyncio.current_task()
         self.closing = None  # (code, details) once the server ends the stream
 
-    async def next_write(self):
-        """The bytes of the next write: the next queued event, joined with
-        the chat messages queued right behind it.
+    def batch(self, first):
+        """The bytes of the next write: first, the event just taken from
+        the queue, joined with the events of the same kind queued right
+        behind it.
 
         Each chat message waits in the queue as a serialized Event with one
-        message in its `messages` list, and the bytes of such Events, joined,
-        are one Event with all their messages (chat.proto says why). So when
-        a member's client reads more slowly than messages come in, one write
-        carries all that waited, and the server does less work per message
-        the busier it gets. Other events (presence) are written alone, in
-        their place in the order.
+        element in its `messages` list (a presence change: in `presence`).
+        The bytes of such Events, joined, are one Event with all their
+        elements (chat.proto says why). So when a member's client reads
+        more slowly than events come in, one write carries all that waited,
+        and the server does less work per event the busier it gets.
+
+        The first byte of a serialized Event is the key of its only field,
+        so equal first bytes mean the same kind. Only runs of one kind are
+        joined, so that messages and presence changes keep their order.
         """
-        first = self.held or await self.queue.get()
-        self.held = None
-        if first[:1] != MESSAGES_TAG:
-            return first
+        if first[:1] not in LIST_FIELD_KEYS:
+            return first  # a Welcome or CaughtUp (never queued, in fact)
         parts = [first]
         while not self.queue.empty() and len(parts) < MAX_BATCH:
             event = self.queue.get_nowait()
-            if event[:1] != MESSAGES_TAG:
-                self.held = event  # goes out on its own, next time
+            if event[:1] != first[:1]:
+                self.held = event  # goes out next time
                 break
             parts.append(event)
         return b"".join(parts)
@@ -486,6 +490,7 @@ class ChatRoomServicer:
     """The chat room's RPCs. Runs on the event loop; owns the store and hub."""
 
     REPLAY_BATCH = 100  # messages per Event (and per read from SQLite)
+    PRESENCE_DELAY = 0.1  # seconds; see _announce
     MAX_HISTORY = 50    # most already-read messages a Welcome carries
 
     def __init__(self, store, members=None, max_clients=0, password=None,
@@ -497,6 +502,8 @@ class ChatRoomServicer:
         self.password = password          # None: no password
         self.rate = rate                  # messages a second; 0: no limit
         self.buckets = {}                 # member id -> TokenBucket
+        self.presence = []                # pb.Members not yet announced
+        self.presence_timer = None
         if members:
             store.add_members(members)
 
@@ -527,10 +534,10 @@ class ChatRoomServicer:
         self.store.remember(member_id, name)
         if request.after_seq:  # a client resuming after a reconnect
             self.store.mark_read(member_id, request.after_seq)
-            start = min(request.after_seq, self.store.head())
+            start = min(request.after_seq, self.store.last_seq)
         else:                  # a new client process: use the stored position
             start = self.store.read_seq(member_id)
-        head = self.store.head()
+        head = self.store.last_seq
         unread = self.store.count_unread(member_id, start, head)
         recent = self.store.recent(start, min(request.history,
                                               self.MAX_HISTORY))
@@ -567,7 +574,9 @@ class ChatRoomServicer:
             await context.write(
                 pb.Event(caught_up=pb.CaughtUp()).SerializeToString())
             while True:
-                await context.write(await session.next_write())
+                event = session.held or await session.queue.get()
+                session.held = None
+                await context.write(session.batch(event))
         except asyncio.CancelledError:
             # Either the client went away (gRPC cancelled us), or the server
             # closed this session (Session.close). In the second case the
@@ -607,6 +616,7 @@ class ChatRoomServicer:
                                            request.text, request.message_id)
         if is_new:
             # Same loop turn as the commit, so fan-out happens in seq order.
+            self._send_presence()
             self._broadcast(to_event(stored), skip=member_id)
         reply = pb.SendReply(seq=stored.seq)
         reply.sent_at.FromMicroseconds(stored.sent_at_us)
@@ -665,10 +675,30 @@ class ChatRoomServicer:
                 for member_id, name in self.store.members()]
 
     def _announce(self, session, online):
-        member = pb.Member(id=session.member_id, name=session.name,
-                           online=online)
-        self._broadcast(pb.Event(presence=pb.Presence(member=member))
-                        .SerializeToString(), skip=session.member_id)
+        """Tell everyone online that session's member came or went.
+
+        Not at once: changes wait up to PRESENCE_DELAY and go out together,
+        as one Event. When 1,000 members come back at the same moment (after
+        a restart of the server), each of them gets a few dozen writes
+        instead of 1,000. A chat message sends the waiting changes first, so
+        the order stays true.
+        """
+        self.presence.append(pb.Member(id=session.member_id,
+                                       name=session.name, online=online))
+        if self.presence_timer is None:
+            self.presence_timer = asyncio.get_running_loop().call_later(
+                self.PRESENCE_DELAY, self._send_presence)
+
+    def _send_presence(self):
+        if self.presence_timer is not None:
+            self.presence_timer.cancel()
+            self.presence_timer = None
+        if self.presence:
+            changes, self.presence = self.presence, []
+            # Everyone gets the list, the members it names too (clients
+            # skip their own entry).
+            self._broadcast(pb.Event(presence=changes).SerializeToString(),
+                            skip=None)
 
     def _broadcast(self, data, skip):
         for session in self.hub.publish(data, skip):
@@ -939,14 +969,16 @@ class ReadReceipts:
     """Confirms received messages to the server with MarkRead.
 
     Runs a thread of its own so that neither the receive thread nor the UI
-    waits for a round trip. It sends at most one MarkRead a second (more
-    often only when leaving), and each one names the highest seq received
-    so far, so it covers everything before it too. In a busy room of 1,000
-    members that is 1,000 small calls a second for the server, instead of
-    one per member per message.
+    waits for a round trip. It sends at most one MarkRead every 5 seconds
+    (and one more when leaving), and each one names the highest seq
+    received so far, so it covers everything before it too. In a busy room
+    of 1,000 members that is 200 small calls a second for the server,
+    instead of one per member per message. The price: if the client dies,
+    the messages of its last few seconds count as unread and are shown
+    again by its next run. None is lost.
     """
 
-    INTERVAL = 1.0  # seconds between MarkReads
+    INTERVAL = 5.0  # seconds between MarkReads
 
     def __init__(self, stub, member_id, metadata):
         self._stub = stub
@@ -1136,6 +1168,13 @@ class ChatClient:
                         self.last_seq = event.welcome.read_seq
                     elif event.HasField("caught_up"):
                         self._set_state("online")
+                    if event.presence:  # our own comings and goings: skip
+                        mine = [i for i, m in enumerate(event.presence)
+                                if m.id == self.member_id]
+                        for i in reversed(mine):
+                            del event.presence[i]
+                        if not event.presence:
+                            continue
                     if event.messages:
                         fresh = [m for m in event.messages
                                  if m.seq > self.last_seq]
@@ -1319,8 +1358,7 @@ class TerminalClient:
                      f"{', '.join(online) or 'nobody else'}")
         elif kind == "caught_up" and self.unread:
             self.say("-- end of unread messages --")
-        elif kind == "presence":
-            member = event.presence.member
+        for member in event.presence:
             self.say(f"* {member.name} "
                      f"{'joined' if member.online else 'left'}")
 
@@ -1627,8 +1665,7 @@ class ChatWindow:
             if self.view.mark_names().count("divider"):
                 self.view.yview("divider")  # the first unread at the top
                 trace("scrolled to divider")
-        elif kind == "presence":
-            member = event.presence.member
+        for member in event.presence:
             self._notice(f"{member.name} {'joined' if member.online else 'left'}")
             self._set_member(member)
 
