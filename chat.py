@@ -951,9 +951,11 @@ def open_channel(target, tls_ca=None):
 #     was stored; the retry carries the same message_id, so at most one copy.
 #   FAILED_PRECONDITION on a Send: "not online": the server restarted and our
 #     Join has not been redone yet.
+#   CANCELLED: not by us (we check for that first), so by the server side: a
+#     gRPC server that cannot accept calls as fast as they come sheds some.
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
-         grpc.StatusCode.FAILED_PRECONDITION}
+         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
 
 
 class Refused(Exception):
@@ -1966,6 +1968,8 @@ class Bench:
         self.received = [[] for _ in range(clients)]
         self.seqs = [[] for _ in range(clients)]
         self.confirming = [False] * clients  # a MarkRead is on its way
+        self.tasks = set()  # MarkRead tasks, kept from the garbage collector
+        self.retries = 0    # Sends tried again (shed by an overloaded server)
         self.latencies_ms = []
         self.joined = 0
         self.joined_changed = asyncio.Event()
@@ -2040,8 +2044,8 @@ class Bench:
                 if event.messages and not self.confirming[index]:
                     self.confirming[index] = True  # like ReadReceipts
                     asyncio.get_running_loop().call_later(
-                        ReadReceipts.INTERVAL, asyncio.create_task,
-                        self._confirm(stubs[index], index))
+                        ReadReceipts.INTERVAL, lambda i=index: self.tasks.add(
+                            asyncio.create_task(self._confirm(stubs[i], i))))
                 if event.HasField("caught_up"):
                     self.joined += 1
                     self.joined_changed.set()
@@ -2057,15 +2061,24 @@ class Bench:
                 client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
                 timeout=60)
         except grpc.aio.AioRpcError:
-            pass  # leaving
+            pass  # leaving, or shed under load: the next one covers it
         self.confirming[index] = False
+        self.tasks.discard(asyncio.current_task())
 
     async def _send(self, stubs, number):
         sender = number % self.senders
         text = f"bench {number} {time.perf_counter():.6f}"
-        await stubs[sender].Send(pb.SendRequest(
-            client_id=self.ids[sender], text=text,
-            message_id=f"m{number}"), timeout=60)
+        request = pb.SendRequest(client_id=self.ids[sender], text=text,
+                                 message_id=f"m{number}")
+        for attempt in range(10):  # as ChatClient.send retries
+            try:
+                await stubs[sender].Send(request, timeout=60)
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRY:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(0.1 * 2 ** attempt)
         if number % 10 == 0:
             self._show(f"sent {number + 1}/{self.messages}, delivered "
                        f"{len(self.latencies_ms):,}/{self.expected:,}")
@@ -2116,6 +2129,7 @@ def bench_one(args, command, label):
                            for name, q in (("p50", .5), ("p90", .9),
                                            ("p99", .99), ("max", 1.0))},
             "lost": lost, "duplicated": duplicated, "reordered": reordered,
+            "send_retries": bench.retries,
         }
         if server:
             result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
