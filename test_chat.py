@@ -14,6 +14,7 @@ surviving crashes, and bad input.
 Run: python -m unittest -v
 """
 
+import json
 import os
 import re
 import shutil
@@ -781,6 +782,18 @@ class Named:
     def __init__(self, address):
         self.address = address
 
+
+class BenchTest(ChatTestCase):
+    """`python chat.py bench` runs, and finds nothing lost (no timings)."""
+
+    def test_quick_bench_is_correct(self):
+        bench = self.start("bench", "--clients", "20", "--messages", "10",
+                           "--senders", "2", "--json")
+        self.assertEqual(bench.wait(), 0)
+        result = json.loads("\n".join(bench.output()))[0]
+        self.assertEqual(result["deliveries"], 10 * 19)
+        self.assertEqual((result["lost"], result["duplicated"],
+                          result["reordered"]), (0, 0, 0))
 
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
