@@ -2008,6 +2008,8 @@ class Bench:
         self.seqs = [[] for _ in range(clients)]
         self.confirming = [False] * clients  # a MarkRead is on its way
         self.tasks = set()  # MarkRead tasks, kept from the garbage collector
+        self.timers = []    # MarkReads scheduled for later
+        self.stop_confirming = False  # set for the idle measurement
         self.retries = 0    # Sends tried again (shed by an overloaded server)
         self.latencies_ms = []
         self.joined = 0
@@ -2056,7 +2058,11 @@ class Bench:
             pass
         deliver_s = self.last_arrival - started
         if self.server:  # everyone online, nothing to do: CPU should be 0
-            await asyncio.sleep(2)  # the last MarkReads
+            self.stop_confirming = True
+            for timer in self.timers:
+                timer.cancel()
+            await asyncio.gather(*self.tasks)  # the last MarkReads
+            await asyncio.sleep(1)
             before = self.server.cpu_s()
             await asyncio.sleep(5)
             self.idle_cpu_s = self.server.cpu_s() - before
@@ -2080,11 +2086,12 @@ class Bench:
                     self.last_arrival = now
                     if len(self.latencies_ms) == self.expected:
                         self.all_delivered.set()
-                if event.messages and not self.confirming[index]:
+                if (event.messages and not self.confirming[index]
+                        and not self.stop_confirming):
                     self.confirming[index] = True  # like ReadReceipts
-                    asyncio.get_running_loop().call_later(
+                    self.timers.append(asyncio.get_running_loop().call_later(
                         ReadReceipts.pause(), lambda i=index: self.tasks.add(
-                            asyncio.create_task(self._confirm(stubs[i], i))))
+                            asyncio.create_task(self._confirm(stubs[i], i)))))
                 if event.HasField("caught_up"):
                     self.joined += 1
                     self.joined_changed.set()
