@@ -556,6 +556,7 @@ class ChatRoomServicer:
         self.store.remember(member_id, name)
         if request.after_seq:  # a client resuming after a reconnect
             self.store.mark_read(member_id, request.after_seq)
+            self._save_reads_soon()
             start = min(request.after_seq, self.store.last_seq)
         else:                  # a new client process: use the stored position
             start = self.store.read_seq(member_id)
@@ -624,18 +625,18 @@ class ChatRoomServicer:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"message_id is longer than {MAX_MESSAGE_ID_CHARS} characters.")
-        bucket = self.buckets.setdefault(member_id,
-                                         TokenBucket(self.rate, 2 * self.rate))
-        if self.rate and not bucket.take():
-            await self._refuse(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"you are sending too fast: the limit is {self.rate} messages "
-                "a second. Wait a moment and send again.")
         session = self.hub.online.get(member_id)
         if session is None:
             await self._refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION,
                 f"id {member_id} is not online; Join the room before sending.")
+        if member_id not in self.buckets:
+            self.buckets[member_id] = TokenBucket(self.rate, 2 * self.rate)
+        if self.rate and not self.buckets[member_id].take():
+            await self._refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"you are sending too fast: the limit is {self.rate} messages "
+                "a second. Wait a moment and send again.")
         stored, is_new = self.store.append(member_id, session.name,
                                            request.text, request.message_id)
         if is_new:
@@ -651,14 +652,12 @@ class ChatRoomServicer:
         await self._check_member(context, request.client_id)
         await self._check_seq(context, request.up_to_seq)
         read_seq = self.store.mark_read(request.client_id, request.up_to_seq)
-        if self.reads_timer is None:  # save them all in a second
-            self.reads_timer = asyncio.get_running_loop().call_later(
-                self.SAVE_READS_DELAY, self._save_reads)
+        self._save_reads_soon()
         return pb.MarkReadReply(read_seq=read_seq)
 
     async def ListMembers(self, request, context):
-        """The group, and who is online."""
-        await self._check_password(context)
+        """The group, and who is online (for members only)."""
+        await self._check_member(context, request.client_id)
         return pb.ListMembersReply(members=self._members())
 
     # -- helpers --
@@ -715,6 +714,12 @@ class ChatRoomServicer:
         if self.presence_timer is None:
             self.presence_timer = asyncio.get_running_loop().call_later(
                 self.PRESENCE_DELAY, self._send_presence)
+
+    def _save_reads_soon(self):
+        """Have the store save read positions within SAVE_READS_DELAY."""
+        if self.reads_timer is None:
+            self.reads_timer = asyncio.get_running_loop().call_later(
+                self.SAVE_READS_DELAY, self._save_reads)
 
     def _save_reads(self):
         self.reads_timer = None
@@ -946,7 +951,7 @@ async def serve(args):
 
 # The client pings every 20 s, so a server that vanished is noticed within
 # about 30 s (20 s + the 10 s timeout), even while the chat is quiet. The
-# server allows pings this often (SERVER_OPTIONS).
+# server allows pings this often (server_options()).
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -1002,8 +1007,9 @@ class ReadReceipts:
     """Confirms received messages to the server with MarkRead.
 
     Runs a thread of its own so that neither the receive thread nor the UI
-    waits for a round trip. It sends at most one MarkRead every 5 seconds
-    (and one more when leaving), and each one names the highest seq
+    waits for a round trip. It sends about one MarkRead every 5 seconds
+    (2.5 to 7.5 s, at random; and one more when leaving), and each names
+    the highest seq
     received so far, so it covers everything before it too. In a busy room
     of 1,000 members that is 200 small calls a second for the server,
     instead of one per member per message. The price: if the client dies,
@@ -1030,6 +1036,7 @@ class ReadReceipts:
         self._confirmed = 0  # highest seq the server has stored as read
         self._flushing = False
         self._stopping = False
+        self._generation = 0  # counts restart_from() calls
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="read-receipts")
         self._thread.start()
@@ -1045,6 +1052,7 @@ class ReadReceipts:
         was replaced): count from seq again."""
         with self._changed:
             self._received = self._confirmed = seq
+            self._generation += 1  # a MarkRead on its way now is stale
 
     def flush_and_stop(self, timeout):
         """Wait until everything received is confirmed, then stop the
@@ -1066,7 +1074,7 @@ class ReadReceipts:
                     lambda: self._stopping or self._received > self._confirmed)
                 if self._stopping:
                     return
-                seq = self._received
+                seq, generation = self._received, self._generation
             try:
                 self._stub.MarkRead(pb.MarkReadRequest(
                     client_id=self._member_id, up_to_seq=seq),
@@ -1078,7 +1086,8 @@ class ReadReceipts:
                     self._changed.wait_for(lambda: self._stopping, 1.0)
                 continue
             with self._changed:
-                self._confirmed = max(self._confirmed, seq)
+                if generation == self._generation:
+                    self._confirmed = max(self._confirmed, seq)
                 self._changed.notify_all()
                 self._changed.wait_for(
                     lambda: self._flushing or self._stopping, self.pause())
@@ -1154,8 +1163,8 @@ class ChatClient:
     def list_members(self):
         """[pb.Member] for /who."""
         try:
-            return self.stub.ListMembers(pb.ListMembersRequest(),
-                                         timeout=SEND_TIMEOUT,
+            return self.stub.ListMembers(pb.ListMembersRequest(
+                client_id=self.member_id), timeout=SEND_TIMEOUT,
                                          metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
@@ -1290,7 +1299,7 @@ def _random_fraction():
 
 # 8. The terminal client --------------------------------------------------------
 #
-# The contract that scripts and the tests rely on (DESIGN.md):
+# The contract that scripts and the tests rely on:
 #   stdin   each line is one message; "/quit" or end of input leaves once
 #           every message typed so far is acknowledged; "/who" lists members.
 #   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
@@ -1524,9 +1533,10 @@ class ChatWindow:
         self.roster = {}           # member id -> pb.Member, for the list
         self.inbox = queue.Queue()
         self.outbox = queue.Queue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_write, False)
+        self._wake_write = None  # the pipe's write end, where there is one
         if hasattr(root.tk, "createfilehandler"):
+            self._wake_read, self._wake_write = os.pipe()
+            os.set_blocking(self._wake_write, False)
             root.tk.createfilehandler(self._wake_read, tk.READABLE,
                                       self._drain)
         else:  # Windows
@@ -1674,6 +1684,8 @@ class ChatWindow:
     def _post(self, *item):
         """Runs on a worker thread: queue item and wake the main thread."""
         self.inbox.put(item)
+        if self._wake_write is None:
+            return  # Windows: _drain_every() will find it
         try:
             os.write(self._wake_write, b"!")
         except BlockingIOError:
@@ -1685,7 +1697,8 @@ class ChatWindow:
 
     def _drain(self, _fd=None, _mask=None):
         """Runs on the main thread when the pipe is readable."""
-        os.read(self._wake_read, 4096)
+        if self._wake_write is not None:
+            os.read(self._wake_read, 4096)
         while True:
             try:
                 kind, *args = self.inbox.get_nowait()
@@ -1703,8 +1716,9 @@ class ChatWindow:
         if kind == "welcome":
             self._show_welcome(event.welcome)
         elif kind == "caught_up":
-            if self.view.mark_names().count("divider"):
+            if "divider" in self.view.mark_names():  # only after the Welcome
                 self.view.yview("divider")  # the first unread at the top
+                self.view.mark_unset("divider")
                 trace("scrolled to divider")
         for member in event.presence:
             self._notice(f"{member.name} {'joined' if member.online else 'left'}")
@@ -1855,13 +1869,14 @@ class ChatWindow:
                 "chat.py", f"{self.pending} message(s) not sent yet. "
                 "Close anyway and lose them?", parent=self.root):
             return
-        if hasattr(self.root.tk, "deletefilehandler"):
+        if self._wake_write is not None:
             self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest
 
 
 def run_window(args):
-    """Open the window; returns the exit status."""
+    """Open the window. Returns (exit status, None), or (None, why no
+    window can open here)."""
     try:
         root = tk.Tk(className="chat")
     except tk.TclError as error:
@@ -2232,15 +2247,14 @@ def _ratio(a, b):
 def print_run(run):
     latency = run["latency_ms"]
     print(f"== {run['server']}")
-    if "clients" not in run:  # the ratios
+    if "clients" not in run:  # the line of ratios
         print(f"   join time {run['join_s']}x, deliveries/s "
               f"{run['deliveries_per_s']}x, latency p50 {latency['p50']}x "
               f"p90 {latency['p90']}x p99 {latency['p99']}x, server CPU "
               f"{run['server_cpu_s']}x")
         return
-    if "clients" in run:
-        print(f"   {run['clients']} clients, {run['messages']} messages at "
-              f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
+    print(f"   {run['clients']} clients, {run['messages']} messages at "
+          f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
     print(f"   join time          {run['join_s']} s")
     print(f"   deliveries/s       {run['deliveries_per_s']}")
     print(f"   latency ms         p50 {latency['p50']}  p90 {latency['p90']}  "
@@ -2251,10 +2265,9 @@ def print_run(run):
                        ("server_ready_s", "server ready in s")):
         if run.get(key) is not None:
             print(f"   {label:<18} {run[key]}")
-    if "lost" in run:
-        print(f"   lost {run['lost']}, duplicated {run['duplicated']}, "
-              f"reordered {run['reordered']} (of {run['deliveries']:,} "
-              "deliveries)")
+    print(f"   lost {run['lost']}, duplicated {run['duplicated']}, "
+          f"reordered {run['reordered']} (of {run['deliveries']:,} "
+          "deliveries)")
 
 
 # 11. main(argv) --------------------------------------------------------------

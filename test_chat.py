@@ -284,6 +284,9 @@ class WhoMayJoinTest(ChatTestCase):
                            pb.SendRequest(client_id="9", text="let me in"))
         self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, stub.MarkRead,
                            pb.MarkReadRequest(client_id="9", up_to_seq=1))
+        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
+                           stub.ListMembers,
+                           pb.ListMembersRequest(client_id="9"))
 
     def test_full_room_refuses_until_someone_leaves(self):
         server = self.start_server("--max-clients", "2")
@@ -755,7 +758,7 @@ class FaultTest(ChatTestCase):
         for call, request in (
                 (stub.Send, pb.SendRequest(client_id="1", text="hi")),
                 (stub.MarkRead, pb.MarkReadRequest(client_id="1")),
-                (stub.ListMembers, pb.ListMembersRequest())):
+                (stub.ListMembers, pb.ListMembersRequest(client_id="1"))):
             self.assertRefused(grpc.StatusCode.UNAUTHENTICATED, call, request)
         join = stub.Join(pb.JoinRequest(client_id="1"))
         self.assertRefused(grpc.StatusCode.UNAUTHENTICATED,
