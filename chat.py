@@ -572,7 +572,7 @@ class ChatRoomServicer:
             replaced.close(grpc.StatusCode.ABORTED,
                            f"id {member_id} joined again from another client; "
                            "this session was closed.")
-        else:
+        if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
         log.info("%s (%s) joined from %s; %d unread", name, member_id,
                  context.peer(), unread)
