@@ -358,19 +358,14 @@ class Store:
 # put_nowait(): it never waits, and a full queue means that member is too
 # far behind.
 #
-# Events are serialized once, here, and every queue gets the same bytes:
-# with 1,000 members online that is one SerializeToString() per message
-# instead of 1,000. (Join is registered without a response serializer in
-# section 6, so gRPC sends these bytes as they are.)
+# Events reach the hub already serialized, once, and every queue gets the
+# same bytes: with 1,000 members online that is one SerializeToString() per
+# message instead of 1,000. (Join is registered without a response
+# serializer in section 6, so gRPC sends these bytes as they are.)
 #
 # Everything here runs on the event loop thread, so no locks are needed.
 
 
-# A serialized field starts with its key: (field number << 3) | wire type,
-# and wire type 2 means "length-delimited" (strings, messages). So a
-# serialized Event with only `messages` (field 2) starts with byte 0x12, and
-# one with only `presence` (field 4) with byte 0x22.
-LIST_FIELD_KEYS = {bytes([(2 << 3) | 2]), bytes([(4 << 3) | 2])}
 MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
 
 
@@ -400,12 +395,13 @@ class Session:
         more slowly than events come in, one write carries all that waited,
         and the server does less work per event the busier it gets.
 
-        The first byte of a serialized Event is the key of its only field,
-        so equal first bytes mean the same kind. Only runs of one kind are
-        joined, so that messages and presence changes keep their order.
+        Only runs of one kind are joined, so that messages and presence
+        changes keep their order. The kind shows in the first byte: a
+        serialized field starts with its key, (field number << 3) | wire
+        type, so an Event with only `messages` (field 2, wire type 2,
+        "length-delimited") starts with 0x12, one with only `presence`
+        (field 4) with 0x22.
         """
-        if first[:1] not in LIST_FIELD_KEYS:
-            return first  # a Welcome or CaughtUp (never queued, in fact)
         parts = [first]
         while not self.queue.empty() and len(parts) < MAX_BATCH:
             event = self.queue.get_nowait()
