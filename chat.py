@@ -2050,6 +2050,10 @@ class Bench:
                 self.joined_changed.clear()
             self._show(f"joined {self.joined}/{self.clients}")
         join_s = time.perf_counter() - started
+        # Let the joins' aftermath pass (presence lists to everyone, the
+        # last Welcomes): what we measure next is the steady state.
+        self._show("settling for 2 s")
+        await asyncio.sleep(2)
 
         started = time.perf_counter()
         if self.rate:
