@@ -1933,6 +1933,7 @@ class BaselineServicer:
         message = pb.ChatMessage(seq=self.seq, sender_id=request.client_id,
                                  sender_name=request.client_id,
                                  text=request.text)
+        message.sent_at.GetCurrentTime()  # the same bytes on the wire as ours
         event = pb.Event(messages=[message])
         for member_id, queue_ in self.queues.items():
             if member_id != request.client_id:
