@@ -1116,6 +1116,7 @@ class ChatClient:
         self.metadata = ((PASSWORD_KEY, password),) if password else ()
         self.receipts = ReadReceipts(self.stub, member_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
+        self.roster = {}        # member id -> (name, online), as we know it
         self._state = "connecting"
         self.refusal = None     # the Refused that closed us, if any
         self._changed = threading.Condition()
@@ -1204,6 +1205,8 @@ class ChatClient:
             try:
                 for event in self._call:
                     if event.HasField("welcome"):
+                        self.roster = {m.id: (m.name, m.online)
+                                       for m in event.welcome.members}
                         joined_before = True
                         delay.reset()
                         # Normally read_seq is our own after_seq. It is lower
@@ -1214,13 +1217,8 @@ class ChatClient:
                         self.last_seq = event.welcome.read_seq
                     elif event.HasField("caught_up"):
                         self._set_state("online")
-                    if event.presence:  # our own comings and goings: skip
-                        mine = [i for i, m in enumerate(event.presence)
-                                if m.id == self.member_id]
-                        for i in reversed(mine):
-                            del event.presence[i]
-                        if not event.presence:
-                            continue
+                    if event.presence and not self._news(event.presence):
+                        continue
                     if event.messages:
                         fresh = [m for m in event.messages
                                  if m.seq > self.last_seq]
@@ -1245,6 +1243,22 @@ class ChatClient:
                             f"{why}; reconnecting in {wait:.1f} s")
             with self._changed:
                 self._changed.wait_for(lambda: self._leaving, wait)
+
+    def _news(self, presence):
+        """Keep only the presence changes that change something for us: the
+        server sends its list to everyone, and a member that joined may
+        already have been in our Welcome. Our own entry never counts.
+        Returns what is left."""
+        stale = []
+        for index, member in enumerate(presence):
+            state = (member.name, member.online)
+            if (member.id == self.member_id
+                    or self.roster.get(member.id) == state):
+                stale.append(index)
+            self.roster[member.id] = state
+        for index in reversed(stale):
+            del presence[index]
+        return len(presence)
 
     def _set_state(self, state, text=""):
         with self._changed:
