@@ -238,12 +238,17 @@ class SendAndFanOutTest(ChatTestCase):
             self.assertEqual(client.finish(), 0)
 
     def test_joins_and_leaves_are_announced(self):
-        server = self.start_server("--members", "1,2")
+        server = self.start_server("--members", "1,2,3")
         alice = self.start_client(server, "1", "alice")
         bob = self.start_client(server, "2", "bob")
         alice.wait_for(r"^\* bob joined$")
         self.assertEqual(bob.finish(), 0)
         alice.wait_for(r"^\* bob left$")
+        # Told only what is news: chad's Welcome already lists alice.
+        chad = self.start_client(server, "3", "chad")
+        self.assertEqual(alice.finish(), 0)
+        chad.wait_for(r"^\* alice left$")
+        self.assertNotIn("* alice joined", chad.output("stderr"))
 
     def test_concurrent_senders_give_one_order_with_nothing_lost(self):
         server = self.start_server("--members", "1,2,3,4")
