@@ -1014,6 +1014,14 @@ class WindowViewTest(XvfbTestCase):
 class CommandLineTest(unittest.TestCase):
     """What README quotes must stay true of the code."""
 
+    def test_readme_names_only_tests_that_exist(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            quoted = set(re.findall(r"`(test_\w+|\w+Test)`", f.read()))
+        with open(os.path.join(HERE, "test_chat.py"), encoding="utf-8") as f:
+            defined = set(re.findall(r"(?:def|class) (\w+)", f.read()))
+        self.assertTrue(quoted)
+        self.assertEqual(quoted - defined, set())
+
     def test_readme_quotes_the_real_help(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
