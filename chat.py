@@ -1154,8 +1154,7 @@ class ChatClient:
             except grpc.RpcError as error:
                 if error.code() not in RETRY:
                     raise Refused(error.code(), error.details()) from None
-                with self._changed:
-                    self._changed.wait_for(lambda: self._leaving, delay.next())
+                self._pause(delay.next())
 
     def list_members(self):
         """[pb.Member] for /who."""
@@ -1241,8 +1240,12 @@ class ChatClient:
             why = error.details() if error is not None else "stream ended"
             self._set_state("reconnecting",
                             f"{why}; reconnecting in {wait:.1f} s")
-            with self._changed:
-                self._changed.wait_for(lambda: self._leaving, wait)
+            self._pause(wait)
+
+    def _pause(self, seconds):
+        """Wait before trying again; close() cuts the wait short."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._leaving, seconds)
 
     def _news(self, presence):
         """Keep only the presence changes that change something for us: the
@@ -1333,13 +1336,18 @@ def join_refusal(refused, target):
     return f"the server refused to let you join: {refused.details}"
 
 
+def local_time(message):
+    """When message was stored, as '14:02:07' on this computer's clock."""
+    sent_at = datetime.datetime.fromtimestamp(
+        message.sent_at.ToMicroseconds() / 1e6)
+    return f"{sent_at:%H:%M:%S}"
+
+
 def format_message(message):
     """'[14:02:07] alice: hi' in local time. A newline inside a message is
     shown as '\\n' so that each message stays on one line."""
-    sent_at = datetime.datetime.fromtimestamp(message.sent_at.ToMicroseconds()
-                                              / 1e6)
     text = message.text.replace("\n", "\\n")
-    return f"[{sent_at:%H:%M:%S}] {message.sender_name}: {text}"
+    return f"[{local_time(message)}] {message.sender_name}: {text}"
 
 
 class TerminalClient:
@@ -1754,10 +1762,8 @@ class ChatWindow:
 
     def _show_message(self, message, read=False):
         own = message.sender_id == self.chat.member_id
-        sent_at = datetime.datetime.fromtimestamp(
-            message.sent_at.ToMicroseconds() / 1e6)
         style = ("read",) if read else ()
-        self._append([(f"{sent_at:%H:%M:%S}  ", "time"),
+        self._append([(f"{local_time(message)}  ", "time"),
                       (f"{message.sender_name}: ",
                        style or ("own" if own else "other")),
                       (message.text, style)])
@@ -1987,16 +1993,18 @@ def percentile(sorted_values, fraction):
 
 
 class ServerProcess:
-    """A server started for the benchmark: its address, CPU and memory."""
+    """`python chat.py server ...` (or baseline) as a child process: its
+    address, CPU and memory. Used by the benchmark and the demo."""
 
-    def __init__(self, command):
+    def __init__(self, command, stderr=subprocess.DEVNULL):
         started = time.perf_counter()
         self.popen = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), *command],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.popen.stdout.readline()
+            stdout=subprocess.PIPE, stderr=stderr, text=True)
+        line = self.popen.stdout.readline()  # "listening on HOST:PORT"
         self.ready_s = time.perf_counter() - started
         if not line.startswith("listening on "):
+            self.stop()
             raise RuntimeError(f"{command[0]} did not start")
         self.address = line.split()[-1]
 
@@ -2172,10 +2180,8 @@ class Bench:
         """How many deliveries were lost, duplicated or out of order."""
         lost = duplicated = reordered = 0
         for index, numbers in enumerate(self.received):
-            expected = {n for n in range(self.messages)
+            expected = {n for n in range(self.messages)  # not its own
                         if n % self.senders != index}
-            if index >= self.senders:
-                expected = set(range(self.messages))
             lost += len(expected - set(numbers))
             duplicated += len(numbers) - len(set(numbers))
             seqs = self.seqs[index]
@@ -2432,26 +2438,25 @@ def run_demo(args):
     if reason:
         print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
         return 1
-    here = os.path.abspath(__file__)
     # `kill` (SIGTERM) should clean up like Ctrl-C does: raise SystemExit,
     # so that the `finally` below stops the windows and the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    server = subprocess.Popen(
-        [sys.executable, here, "server", "--port", "0", "--db", ":memory:",
-         "--members", "1,2,3", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True)
+    try:
+        server = ServerProcess(["server", "--port", "0", "--db", ":memory:",
+                                "--members", "1,2,3", "--log-level",
+                                "WARNING"], stderr=None)
+    except RuntimeError as error:
+        print(f"chat: the demo {error}", file=sys.stderr)
+        return 1
+    print(f"demo: server at {server.address}, pid {server.popen.pid}",
+          file=sys.stderr)
     windows = []
     try:
-        line = server.stdout.readline()  # "listening on HOST:PORT"
-        if not line.startswith("listening on "):
-            print("chat: the demo server did not start", file=sys.stderr)
-            return 1
-        address = line.split()[-1]
-        print(f"demo: server at {address}, pid {server.pid}", file=sys.stderr)
         for number, name in enumerate(["alice", "bob", "chad"]):
             windows.append(subprocess.Popen(
-                [sys.executable, here, "client", "--id", str(number + 1),
-                 "--name", name, "--server", address,
+                [sys.executable, os.path.abspath(__file__), "client",
+                 "--id", str(number + 1), "--name", name,
+                 "--server", server.address,
                  "--geometry", f"420x520+{10 + 430 * number}+10"]))
             print(f"demo: window for {name}, pid {windows[-1].pid}",
                   file=sys.stderr)
@@ -2461,10 +2466,11 @@ def run_demo(args):
     except KeyboardInterrupt:
         pass
     finally:
-        for process in [*windows, server]:
-            if process.poll() is None:
-                process.terminate()
-            process.wait()
+        for window in windows:
+            if window.poll() is None:
+                window.terminate()
+            window.wait()
+        server.stop()
     return 0
 
 
