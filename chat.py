@@ -867,6 +867,15 @@ def tls_credentials(args):
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
+async def until_stopped():
+    """Wait for Ctrl-C (SIGINT) or SIGTERM. The loop runs the handler, so
+    no KeyboardInterrupt lands in the middle of a gRPC callback."""
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
 async def serve(args):
     """Run the server until SIGINT or SIGTERM. Returns the exit status."""
     try:
@@ -897,12 +906,7 @@ async def serve(args):
              "TLS" if args.tls_cert else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-
+    await until_stopped()
     log.info("shutting down")
     # Tell every client why its stream ends (they reconnect when we are
     # back). Then let Sends already running finish: stop() refuses new calls
@@ -1973,10 +1977,7 @@ async def serve_baseline(args):
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await until_stopped()
     await server.stop(None)
     return 0
 
