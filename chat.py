@@ -543,6 +543,13 @@ class ChatRoomServicer:
                 f"{self.max_clients} members are online. Try again later.")
 
         await self._check_seq(context, request.after_seq)
+        # The response headers go now, before anyone else can end this
+        # stream (Session.close). Otherwise the first write would carry
+        # them, and if that write were cancelled halfway, grpc.aio would not
+        # know they had gone: it would send them again with the status, core
+        # would refuse that batch (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and
+        # the client would get no status at all.
+        await context.send_initial_metadata(())
 
         # From here to the first await, nothing else runs on the loop. So the
         # session goes online (it gets every message published from then on)
