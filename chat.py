@@ -535,13 +535,6 @@ class ChatRoomServicer:
         if problem := name_problem(name):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
-        if (self.max_clients and member_id not in self.hub.online
-                and len(self.hub.online) >= self.max_clients):
-            await self._refuse(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the room is full: {len(self.hub.online)} of "
-                f"{self.max_clients} members are online. Try again later.")
-
         await self._check_seq(context, request.after_seq)
         # The response headers go now, before anyone else can end this
         # stream (Session.close). Otherwise the first write would carry
@@ -550,6 +543,15 @@ class ChatRoomServicer:
         # would refuse that batch (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and
         # the client would get no status at all.
         await context.send_initial_metadata(())
+
+        # Checked after that await, in the same step as going online below,
+        # so two Joins cannot both take the last place.
+        if (self.max_clients and member_id not in self.hub.online
+                and len(self.hub.online) >= self.max_clients):
+            await self._refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the room is full: {len(self.hub.online)} of "
+                f"{self.max_clients} members are online. Try again later.")
 
         # From here to the first await, nothing else runs on the loop. So the
         # session goes online (it gets every message published from then on)
