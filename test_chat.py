@@ -270,6 +270,41 @@ class SendAndFanOutTest(ChatTestCase):
             self.assertEqual(client.finish(), 0)
 
 
+    def test_members_joining_mid_stream_get_each_message_once(self):
+        """Joins in the middle of a stream of messages, which the hub hands
+        out in rounds: each member gets each message once and in order,
+        from its replay or live, never both."""
+        server = self.start_server("--rate", "0")
+        stub = self.stub(server)
+        self.raw_join(stub, "alice")
+        total, joiners = 300, 20
+        sent_some = threading.Semaphore(0)
+
+        def send_all():
+            for n in range(total):
+                stub.Send(pb.SendRequest(client_id="alice", text=f"m{n}"),
+                          timeout=WAIT)
+                if n % (total // joiners) == 0:
+                    sent_some.release()
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        calls = []
+        for k in range(joiners):  # one more Join every 15 messages
+            sent_some.acquire()
+            calls.append(stub.Join(pb.JoinRequest(client_id=f"j{k}"),
+                                   timeout=WAIT))
+            self.addCleanup(calls[-1].cancel)
+        sender.join()
+        for call in calls:
+            got = []
+            for event in call:
+                got.extend(message.text for message in event.messages)
+                if len(got) >= total:
+                    break
+            self.assertEqual(got, [f"m{n}" for n in range(total)])
+
+
 class WhoMayJoinTest(ChatTestCase):
     """The group is fixed; the room has a size; an id is online once."""
 
