@@ -364,20 +364,23 @@ class Store:
 # message instead of 1,000. (Join is registered without a response
 # serializer in section 6, so gRPC sends these bytes as they are.)
 #
-# The hub hands events out in rounds. A write costs the server about the
-# same whether it carries one message or ten: a gRPC batch, its completion,
-# an HTTP/2 frame and a sendmsg() system call (profiled with py-spy at 1,000
-# members: sendmsg alone is a quarter of the server's time). So after each
-# round the hub rests for half as long as the round took, and whatever is
-# published meanwhile goes out together in the next round: one write per
-# member for all of it (Session.batch joins them). A quiet room never waits,
-# because a message published after the rest goes out at the next pass of
-# the loop. A busy room waits a little, and each write carries more, so the
-# loop does less per message the busier the room gets, instead of falling
-# further and further behind. The rest also frees the loop for the Sends
-# waiting in gRPC: grpc.aio takes new calls of a method one at a time, a few
-# passes of the loop each, and without a rest they would get in only one
-# per fan-out.
+# The hub hands events out in rounds: a round puts everything published
+# since the last one into the queues, which wakes the writers. A write costs
+# the server about the same whether it carries one message or ten: a gRPC
+# batch, its completion, an HTTP/2 frame and a sendmsg() system call
+# (profiled with py-spy at 1,000 members: sendmsg alone is a quarter of the
+# server's time). So while the room is busy, the hub rests after each round
+# for half as long as the round took, and whatever is published meanwhile
+# goes out in the next round: one write per member for all of it
+# (Session.batch joins them). The busier the room, the more each write
+# carries, so the loop does less per message instead of falling further and
+# further behind. The rest also frees the loop for the Sends waiting in
+# gRPC: grpc.aio takes new calls of a method one at a time, a few passes of
+# the loop each, and without rests we saw them get in one per round.
+#
+# Busy means that a round found more than one event waiting, or that an
+# event came in during a rest; either sign counts for a second. A quiet room
+# never rests: a message goes out at the next pass of the loop.
 #
 # Everything here runs on the event loop thread, so no locks are needed.
 
@@ -448,7 +451,8 @@ class Session:
 class Hub:
     """Who is online, and fan-out of serialized events to their queues."""
 
-    REST = 0.5  # after a round, no new round for REST times its duration
+    REST = 0.5      # while busy, rest this many times as long as the round
+    BUSY_FOR = 1.0  # seconds that a sign of a busy room counts
 
     def __init__(self, too_slow):
         self.online = {}      # member id -> Session
@@ -456,7 +460,9 @@ class Hub:
         self.published = 0    # events published so far; numbers them
         self.waiting = []     # (number, data, skip) for the next round
         self.next_round = None    # the timer that starts it
+        self.came_in_rest = False  # the first of them came during a rest
         self.rest_until = 0.0     # loop time before which no round starts
+        self.busy_until = 0.0     # loop time until which rounds rest
 
     def add(self, session):
         """Put session online; return the session it replaces, if any.
@@ -479,13 +485,16 @@ class Hub:
         self.published += 1
         self.waiting.append((self.published, data, skip))
         if self.next_round is None:  # a time in the past means the next pass
-            self.next_round = asyncio.get_running_loop().call_at(
-                self.rest_until, self._round)
+            loop = asyncio.get_running_loop()
+            self.came_in_rest = loop.time() < self.rest_until
+            self.next_round = loop.call_at(self.rest_until, self._round)
 
     def _round(self):
         loop = asyncio.get_running_loop()
         started = loop.time()
         waiting, self.waiting, self.next_round = self.waiting, [], None
+        if len(waiting) > 1 or self.came_in_rest:
+            self.busy_until = started + self.BUSY_FOR
         for number, data, skip in waiting:
             for member_id, session in list(self.online.items()):
                 # A member that came online after this event was published
@@ -502,7 +511,8 @@ class Hub:
 
     def _rest(self, started):
         now = asyncio.get_running_loop().time()
-        self.rest_until = now + (now - started) * self.REST
+        if now < self.busy_until:
+            self.rest_until = now + (now - started) * self.REST
 
 
 # 5. The servicer ---------------------------------------------------------------
