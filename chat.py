@@ -370,17 +370,20 @@ class Store:
 # batch, its completion, an HTTP/2 frame and a sendmsg() system call
 # (profiled with py-spy at 1,000 members: sendmsg alone is a quarter of the
 # server's time). So while the room is busy, the hub rests after each round
-# for half as long as the round took, and whatever is published meanwhile
-# goes out in the next round: one write per member for all of it
-# (Session.batch joins them). The busier the room, the more each write
-# carries, so the loop does less per message instead of falling further and
-# further behind. The rest also frees the loop for the Sends waiting in
-# gRPC: grpc.aio takes new calls of a method one at a time, a few passes of
-# the loop each, and without rests we saw them get in one per round.
+# for REST times (half) as long as the round took, and whatever is published
+# during the round and the rest goes out in the next round: one write per
+# member for all of it (Session.batch joins them). The busier the room, the
+# more each write carries, so the loop does less per message instead of
+# falling further and further behind. The rest also frees the loop for the
+# Sends waiting in gRPC: grpc.aio takes new calls of a method one at a time,
+# a few passes of the loop each (section 6), and with rounds back to back we
+# saw only about one new Send get in per round.
 #
 # Busy means that a round found more than one event waiting, or that an
-# event came in during a rest; either sign counts for a second. A quiet room
-# never rests: a message goes out at the next pass of the loop.
+# event came in during a rest; the room counts as busy for BUSY_FOR seconds
+# after the last such sign. (A presence change sent ahead of a message
+# counts too.) A quiet room never rests: a message's round runs at the next
+# pass of the loop.
 #
 # Everything here runs on the event loop thread, so no locks are needed.
 
@@ -459,7 +462,7 @@ class Hub:
         self.too_slow = too_slow  # called with a session whose queue is full
         self.published = 0    # events published so far; numbers them
         self.waiting = []     # (number, data, skip) for the next round
-        self.next_round = None    # the timer that starts it
+        self.next_round = None    # set from publish() to the round's end
         self.came_in_rest = False  # the first of them came during a rest
         self.rest_until = 0.0     # loop time before which no round starts
         self.busy_until = 0.0     # loop time until which rounds rest
@@ -480,39 +483,53 @@ class Hub:
         return True
 
     def publish(self, data, skip=None):
-        """Queue data for every online member except skip, in the next
-        round. Rounds keep the order of publish()."""
+        """Queue data, in the next round, for the members online both now
+        and then, except skip. Rounds keep the order of publish()."""
         self.published += 1
         self.waiting.append((self.published, data, skip))
-        if self.next_round is None:  # a time in the past means the next pass
-            loop = asyncio.get_running_loop()
-            self.came_in_rest = loop.time() < self.rest_until
-            self.next_round = loop.call_at(self.rest_until, self._round)
+        if self.next_round is None:
+            self._schedule_round(asyncio.get_running_loop())
+
+    def _schedule_round(self, loop):
+        self.came_in_rest = loop.time() < self.rest_until
+        # A time in the past means the next pass of the loop.
+        self.next_round = loop.call_at(self.rest_until, self._round)
 
     def _round(self):
         loop = asyncio.get_running_loop()
         started = loop.time()
-        waiting, self.waiting, self.next_round = self.waiting, [], None
+        waiting, self.waiting = self.waiting, []
         if len(waiting) > 1 or self.came_in_rest:
             self.busy_until = started + self.BUSY_FOR
-        for number, data, skip in waiting:
-            for member_id, session in list(self.online.items()):
-                # A member that came online after this event was published
-                # has it in its replay already (Join reads the store then).
-                if member_id == skip or number < session.first_event:
-                    continue
-                try:
-                    session.queue.put_nowait(data)
-                except asyncio.QueueFull:
-                    self.too_slow(session)  # takes it offline
-        # put_nowait() woke the writers; the loop runs their steps (each
-        # starts its write) before this callback, in the order scheduled.
-        loop.call_soon(self._rest, started)
+        try:
+            for number, data, skip in waiting:
+                for member_id, session in list(self.online.items()):
+                    # A member that came online after this was published
+                    # has it already: a message in its replay, a presence
+                    # change in its Welcome's member list.
+                    if member_id == skip or number < session.first_event:
+                        continue
+                    try:
+                        session.queue.put_nowait(data)
+                    except asyncio.QueueFull:
+                        self.too_slow(session)  # takes it offline
+        finally:
+            # put_nowait() woke the writers; the loop runs their steps (each
+            # starts its write) before this callback, in the order
+            # scheduled. Until then next_round stays set, so what is
+            # published meanwhile waits for the rest too.
+            loop.call_soon(self._rest, started)
 
     def _rest(self, started):
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now < self.busy_until:
+            # now - started: how long the loop was busy from the round's
+            # start until the writers it woke had all started their writes.
             self.rest_until = now + (now - started) * self.REST
+        self.next_round = None
+        if self.waiting:  # published during the round
+            self._schedule_round(loop)
 
 
 # 5. The servicer ---------------------------------------------------------------
@@ -576,6 +593,7 @@ class ChatRoomServicer:
         self.presence = []                # pb.Members not yet announced
         self.presence_timer = None
         self.reads_timer = None           # will call store.save_reads()
+        self.closed_with = None  # (code, details) once everyone was sent off
         if members:
             store.add_members(members)
 
@@ -599,7 +617,10 @@ class ChatRoomServicer:
         await context.send_initial_metadata(())
 
         # Checked after that await, in the same step as going online below,
-        # so two Joins cannot both take the last place.
+        # so that two Joins cannot both take the last place, and no Join goes
+        # online after disconnect_everyone() has run.
+        if self.closed_with:
+            await self._refuse(context, *self.closed_with)
         if (self.max_clients and member_id not in self.hub.online
                 and len(self.hub.online) >= self.max_clients):
             await self._refuse(
@@ -699,7 +720,8 @@ class ChatRoomServicer:
         stored, is_new = self.store.append(member_id, session.name,
                                            request.text, request.message_id)
         if is_new:
-            # Same loop turn as the commit, so fan-out happens in seq order.
+            # Same loop turn as the commit, so publish() order, and with it
+            # every member's order, is seq order.
             self._send_presence()
             self.hub.publish(to_event(stored), skip=member_id)
         reply = pb.SendReply(seq=stored.seq)
@@ -808,8 +830,10 @@ class ChatRoomServicer:
         session.close(code, details)
 
     async def disconnect_everyone(self, code, details, timeout):
-        """Close every stream with a status; wait (up to timeout seconds)
-        until the statuses are on their way."""
+        """Close every stream with a status, and refuse Joins from now on
+        with the same; wait (up to timeout seconds) until the statuses are
+        on their way."""
+        self.closed_with = (code, details)
         sessions = list(self.hub.online.values())
         for session in sessions:
             self._disconnect(session, code, details)
