@@ -208,7 +208,9 @@ class StoreLocked(Exception):
 
 
 class Store:
-    """History and read positions in SQLite. Every method commits at once."""
+    """History and read positions in SQLite. What changes history is
+    committed before the method returns; read positions are saved together,
+    within a second (see mark_read)."""
 
     def __init__(self, path):
         # isolation_level=None: no hidden BEGIN; each statement commits by
