@@ -373,16 +373,16 @@ class Store:
 # (profiled with py-spy at 1,000 members: sendmsg alone is a quarter of the
 # server's time). So while the room is busy, the hub rests after each round
 # for REST times (half) as long as the round took, and whatever is published
-# during the round and the rest goes out in the next round: one write per
-# member for all of it (Session.batch joins them). The busier the room, the
-# more each write carries, so the loop does less per message instead of
-# falling further and further behind. The rest also frees the loop for the
-# Sends waiting in gRPC: grpc.aio takes new calls of a method one at a time,
-# a few passes of the loop each (section 6), and with rounds back to back we
-# saw only about one new Send get in per round.
+# during the round and the rest goes out in the next round: usually one
+# write per member for all of it (Session.batch joins them). The busier the
+# room, the more each write carries, so the loop does less per message
+# instead of falling further and further behind. The rest also frees the
+# loop for the Sends waiting in gRPC: grpc.aio takes new calls of a method
+# one at a time, a few passes of the loop each (section 6), and with rounds
+# back to back we saw only about one new Send get in per round.
 #
 # Busy means that a round found more than one event waiting, or that an
-# event came in during a rest; the room counts as busy for BUSY_FOR seconds
+# event had to wait for a rest; the room counts as busy for BUSY_FOR seconds
 # after the last such sign. (A presence change sent ahead of a message
 # counts too.) A quiet room never rests: a message's round runs at the next
 # pass of the loop.
@@ -465,7 +465,7 @@ class Hub:
         self.published = 0    # events published so far; numbers them
         self.waiting = []     # (number, data, skip) for the next round
         self.next_round = None    # set from publish() to the round's end
-        self.came_in_rest = False  # the first of them came during a rest
+        self.came_in_rest = False  # the first of them waits for a rest
         self.rest_until = 0.0     # loop time before which no round starts
         self.busy_until = 0.0     # loop time until which rounds rest
 
