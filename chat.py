@@ -374,9 +374,9 @@ class Store:
 # server's time). So while the room is busy, the hub rests after each round
 # for REST times (half) as long as the round took, and whatever is published
 # during the round and the rest goes out in the next round: usually one
-# write per member for all of it (Session.batch joins them). The busier the
-# room, the more each write carries, so the loop does less per message
-# instead of falling further and further behind. The rest also frees the
+# write per member for all of it (Session.next_write joins them). The
+# busier the room, the more each write carries, so the loop does less per
+# message instead of falling further and further behind. The rest also frees the
 # loop for the Sends waiting in gRPC: grpc.aio takes new calls of a method
 # one at a time, a few passes of the loop each (section 6), and with rounds
 # back to back we saw only about one new Send get in per round.
@@ -408,9 +408,9 @@ class Session:
         self.closing = None  # (code, details) once the server ends the stream
         self.first_event = 0  # the hub's number of its first live event
 
-    def batch(self, first):
-        """The bytes of the next write: first, the event just taken from
-        the queue, joined with the events of the same kind queued right
+    async def next_write(self):
+        """The bytes of the next write: the next event in the queue (wait
+        for one), joined with the events of the same kind queued right
         behind it.
 
         Each chat message waits in the queue as a serialized Event with one
@@ -427,6 +427,8 @@ class Session:
         "length-delimited") starts with 0x12, one with only `presence`
         (field 4) with 0x22.
         """
+        first = self.held or await self.queue.get()
+        self.held = None
         parts = [first]
         while not self.queue.empty() and len(parts) < MAX_BATCH:
             event = self.queue.get_nowait()
@@ -679,11 +681,7 @@ class ChatRoomServicer:
             await context.write(
                 pb.Event(caught_up=pb.CaughtUp()).SerializeToString())
             while True:
-                event = session.held or await session.queue.get()
-                session.held = None
-                if not session.queue.empty():  # more waiting: join them
-                    event = session.batch(event)
-                await context.write(event)
+                await context.write(await session.next_write())
         except asyncio.CancelledError:
             # Either the client went away (gRPC cancelled us), or the server
             # closed this session (Session.close). In the second case the
