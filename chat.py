@@ -203,6 +203,10 @@ class Stored:
     sent_at_us: int
 
 
+# The columns to SELECT for a Stored, in the order Stored(*row) expects.
+STORED_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Stored))
+
+
 class StoreLocked(Exception):
     """Another server process is using the database file."""
 
@@ -270,7 +274,7 @@ class Store:
         """
         if message_id:
             row = self.db.execute(
-                "SELECT seq, sender_id, sender_name, text, sent_at_us "
+                f"SELECT {STORED_COLUMNS} "
                 "FROM messages WHERE sender_id = ? AND message_id = ?",
                 (sender_id, message_id)).fetchone()
             if row:
@@ -283,7 +287,6 @@ class Store:
         self.last_seq = cursor.lastrowid
         return Stored(cursor.lastrowid, sender_id, sender_name, text,
                       sent_at_us), True
-
 
     def read_seq(self, member_id):
         if member_id in self.unsaved_reads:
@@ -334,7 +337,7 @@ class Store:
     def recent(self, up_to_seq, limit):
         """The last limit messages up to up_to_seq, anyone's, oldest first."""
         rows = self.db.execute(
-            "SELECT seq, sender_id, sender_name, text, sent_at_us "
+            f"SELECT {STORED_COLUMNS} "
             "FROM messages WHERE seq <= ? ORDER BY seq DESC LIMIT ?",
             (up_to_seq, limit)).fetchall()
         return [Stored(*row) for row in reversed(rows)]
@@ -343,7 +346,7 @@ class Store:
         """Up to limit messages from others in (after_seq, up_to_seq], oldest
         first. The member's own messages are skipped: it already has them."""
         rows = self.db.execute(
-            "SELECT seq, sender_id, sender_name, text, sent_at_us "
+            f"SELECT {STORED_COLUMNS} "
             "FROM messages WHERE seq > ? AND seq <= ? AND sender_id != ? "
             "ORDER BY seq LIMIT ?",
             (after_seq, up_to_seq, member_id, limit)).fetchall()
