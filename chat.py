@@ -1103,12 +1103,11 @@ class ReadReceipts:
     Runs a thread of its own so that neither the receive thread nor the UI
     waits for a round trip. It sends about one MarkRead every 5 seconds
     (2.5 to 7.5 s, at random; and one more when leaving), and each names
-    the highest seq
-    received so far, so it covers everything before it too. In a busy room
-    of 1,000 members that is 200 small calls a second for the server,
-    instead of one per member per message. The price: if the client dies,
-    the messages of its last few seconds count as unread and are shown
-    again by its next run. None is lost.
+    the highest seq received so far, so it covers everything before it
+    too. In a busy room of 1,000 members that is 200 small calls a second
+    for the server, instead of one per member per message. The price: if
+    the client dies, the messages of its last few seconds count as unread
+    and are shown again by its next run. None is lost.
     """
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
