@@ -1193,9 +1193,15 @@ class ChatClient:
     when the stream breaks), sends messages and confirms what it received.
     The UI (terminal or Tk) gives it two callbacks, both called on the
     receive thread, never on the UI's own thread:
-        on_event(event)          every pb.Event, in order, without repeats
+        on_event(event, notices) every pb.Event, in order, without
+                                 repeats; notices are sentences for its
+                                 presence changes ("bob joined", "bob left",
+                                 "alice is now known as alice2")
         on_status(state, text)   state is "online", "reconnecting" or
-                                 "closed"; text says why, for a person
+                                 "closed"; text says why, for a person.
+                                 While reconnecting, away_since is the
+                                 time.monotonic() at which we lost the
+                                 server (None while online).
     """
 
     def __init__(self, target, member_id, name, on_event, on_status,
@@ -1214,6 +1220,7 @@ class ChatClient:
         self.receipts = ReadReceipts(self.stub, member_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
         self.roster = {}        # member id -> (name, online), as we know it
+        self.away_since = None  # time.monotonic() when the stream broke
         self._state = "connecting"
         self.refusal = None     # the Refused that closed us, if any
         self._changed = threading.Condition()
@@ -1312,8 +1319,10 @@ class ChatClient:
                             self.receipts.restart_from(event.welcome.read_seq)
                         self.last_seq = event.welcome.read_seq
                     elif event.HasField("caught_up"):
+                        self.away_since = None
                         self._set_state("online")
-                    if event.presence and not self._news(event.presence):
+                    notices = self._news(event.presence)
+                    if event.presence and not notices:
                         continue
                     if event.messages:
                         fresh = [m for m in event.messages
@@ -1323,7 +1332,7 @@ class ChatClient:
                         del event.messages[:len(event.messages) - len(fresh)]
                         self.last_seq = fresh[-1].seq
                         self.receipts.received(self.last_seq)
-                    self.on_event(event)
+                    self.on_event(event, notices)
                 error = None  # the server ended the stream with OK
             except grpc.RpcError as rpc_error:
                 error = rpc_error
@@ -1333,6 +1342,8 @@ class ChatClient:
                                       or error.code() not in RETRY):
                 self._close(Refused(error.code(), error.details()))
                 return
+            if self.away_since is None:
+                self.away_since = time.monotonic()
             wait = delay.next()
             why = error.details() if error is not None else "stream ended"
             self._set_state("reconnecting",
@@ -1348,17 +1359,22 @@ class ChatClient:
         """Keep only the presence changes that change something for us: the
         server sends its list to everyone, and a member that joined may
         already have been in our Welcome. Our own entry never counts.
-        Returns what is left."""
-        stale = []
+        Returns a sentence for each change that is left."""
+        stale, notices = [], []
         for index, member in enumerate(presence):
             state = (member.name, member.online)
-            if (member.id == self.member_id
-                    or self.roster.get(member.id) == state):
+            before = self.roster.get(member.id)
+            if member.id == self.member_id or before == state:
                 stale.append(index)
+            elif before and before[1] and member.online:
+                notices.append(f"{before[0]} is now known as {member.name}")
+            else:
+                notices.append(f"{member.name} "
+                               f"{'joined' if member.online else 'left'}")
             self.roster[member.id] = state
         for index in reversed(stale):
             del presence[index]
-        return len(presence)
+        return notices
 
     def _set_state(self, state, text=""):
         with self._changed:
@@ -1506,7 +1522,7 @@ class TerminalClient:
 
     # -- called on the receive thread --
 
-    def on_event(self, event):
+    def on_event(self, event, notices):
         for message in event.messages:
             print(format_message(message), flush=True)
         kind = event.WhichOneof("kind")
@@ -1523,9 +1539,8 @@ class TerminalClient:
                      f"{', '.join(online) or 'nobody else'}")
         elif kind == "caught_up" and self.unread:
             self.say("-- end of unread messages --")
-        for member in event.presence:
-            self.say(f"* {member.name} "
-                     f"{'joined' if member.online else 'left'}")
+        for notice in notices:
+            self.say(f"* {notice}")
 
     def on_status(self, state, text):
         if state == "reconnecting":
@@ -1788,9 +1803,9 @@ class ChatWindow:
 
     # -- from the receive thread to the main thread --
 
-    def _on_event(self, event):
+    def _on_event(self, event, notices):
         """Runs on the receive thread: hand the event to the main thread."""
-        self._post("event", event)
+        self._post("event", event, notices)
 
     def _on_status(self, state, text):
         """Runs on the receive thread: hand the state to the main thread."""
@@ -1824,7 +1839,7 @@ class ChatWindow:
 
     # -- showing what happens --
 
-    def _show_event(self, event):
+    def _show_event(self, event, notices):
         for message in event.messages:
             self._show_message(message)
         kind = event.WhichOneof("kind")
@@ -1835,8 +1850,9 @@ class ChatWindow:
                 self.view.yview("divider")  # the first unread at the top
                 self.view.mark_unset("divider")
                 trace("scrolled to divider")
+        for notice in notices:
+            self._notice(notice)
         for member in event.presence:
-            self._notice(f"{member.name} {'joined' if member.online else 'left'}")
             self._set_member(member)
 
     def _show_welcome(self, welcome):
