@@ -1062,6 +1062,7 @@ CLIENT_OPTIONS = [
 ]
 
 SEND_TIMEOUT = 10  # seconds per attempt; a Send never hangs without an answer
+CONNECT_TIMEOUT = 10  # seconds the first Join may wait for its Welcome
 
 
 def open_channel(target, tls_ca=None):
@@ -1198,10 +1199,14 @@ class ChatClient:
                                  presence changes ("bob joined", "bob left",
                                  "alice is now known as alice2")
         on_status(state, text)   state is "online", "reconnecting" or
-                                 "closed"; text says why, for a person.
-                                 While reconnecting, away_since is the
-                                 time.monotonic() at which we lost the
-                                 server (None while online).
+                                 "closed"; text is one sentence that says
+                                 why, for a person. Called again only when
+                                 state or text change. While reconnecting,
+                                 away_since is the time.monotonic() at
+                                 which we lost the server (None while
+                                 online).
+    An empty name asks the server for the name it remembers for our id;
+    either way, self.name is the one the server gave us, once we are in.
     """
 
     def __init__(self, target, member_id, name, on_event, on_status,
@@ -1222,6 +1227,8 @@ class ChatClient:
         self.roster = {}        # member id -> (name, online), as we know it
         self.away_since = None  # time.monotonic() when the stream broke
         self._state = "connecting"
+        self._status = None     # the last (state, text) told to on_status
+        self._gave_up = False   # the first Join had no answer in time
         self.refusal = None     # the Refused that closed us, if any
         self._changed = threading.Condition()
         self._call = None       # the current Join call, to cancel on close
@@ -1280,7 +1287,10 @@ class ChatClient:
             call.cancel()  # the receive thread wakes with CANCELLED
         if self._thread.is_alive():
             self._thread.join()
-        self.receipts.flush_and_stop(timeout=5)
+        # While the server is away, no confirmation can reach it: do not
+        # wait for one. (What it did not confirm is shown again next time.)
+        away = self.away_since is not None
+        self.receipts.flush_and_stop(timeout=0 if away else 5)
         self.channel.close()
 
     # -- the receive thread --
@@ -1298,26 +1308,30 @@ class ChatClient:
             with self._changed:
                 if self._leaving:
                     return
-                # The first Join fails fast if nothing listens, so that a
-                # user who typed the wrong address hears so at once. Later
-                # Joins use wait_for_ready: the call waits while the channel
+                # The first Join fails fast if the connection fails (nothing
+                # listens, TLS on one side only, ...), so that a user who
+                # typed the wrong address hears so at once. Later Joins use
+                # wait_for_ready: the call waits while the channel
                 # reconnects (with gRPC's own backoff) instead of failing.
-                self._call = self.stub.Join(request,
-                                            wait_for_ready=joined_before,
-                                            metadata=self.metadata)
+                self._call = call = self.stub.Join(
+                    request, wait_for_ready=joined_before,
+                    metadata=self.metadata)
+            # A stream lives for hours, so it has no deadline (timeout=),
+            # which would end it. But the first Join must not wait long for
+            # a server that never answers: gRPC gives up on a connection
+            # after 20 s, and on a call to a server that is connected but
+            # hung, never. So a timer cancels the first Join if no Welcome
+            # came within CONNECT_TIMEOUT. (cancel() works from any thread.)
+            no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
+            if not joined_before:
+                no_answer.start()
             try:
-                for event in self._call:
+                for event in call:
                     if event.HasField("welcome"):
-                        self.roster = {m.id: (m.name, m.online)
-                                       for m in event.welcome.members}
+                        no_answer.cancel()
+                        self._welcome(event.welcome)
                         joined_before = True
                         delay.reset()
-                        # Normally read_seq is our own after_seq. It is lower
-                        # only if the server lost its history (a :memory:
-                        # server restarted); then its seqs start over.
-                        if event.welcome.read_seq < self.last_seq:
-                            self.receipts.restart_from(event.welcome.read_seq)
-                        self.last_seq = event.welcome.read_seq
                     elif event.HasField("caught_up"):
                         self.away_since = None
                         self._set_state("online")
@@ -1336,7 +1350,12 @@ class ChatClient:
                 error = None  # the server ended the stream with OK
             except grpc.RpcError as rpc_error:
                 error = rpc_error
+            no_answer.cancel()
             if self._leaving:
+                return
+            if self._gave_up and not joined_before:
+                self._close(Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no answer within {CONNECT_TIMEOUT} s."))
                 return
             if error is not None and (not joined_before
                                       or error.code() not in RETRY):
@@ -1344,11 +1363,26 @@ class ChatClient:
                 return
             if self.away_since is None:
                 self.away_since = time.monotonic()
-            wait = delay.next()
-            why = error.details() if error is not None else "stream ended"
-            self._set_state("reconnecting",
-                            f"{why}; reconnecting in {wait:.1f} s")
-            self._pause(wait)
+            self._set_state("reconnecting", why_lost(error))
+            self._pause(delay.next())
+
+    def _give_up(self, call):
+        """Runs on the timer thread: the first Join had no answer in time."""
+        self._gave_up = True
+        call.cancel()  # the receive thread wakes with CANCELLED
+
+    def _welcome(self, welcome):
+        self.roster = {m.id: (m.name, m.online) for m in welcome.members}
+        # Our own entry has the name the server gave us: the one we asked
+        # for, or, if we sent none, the one it remembers for our id.
+        if self.member_id in self.roster:
+            self.name = self.roster[self.member_id][0]
+        # Normally read_seq is our own after_seq. It is lower only if the
+        # server lost its history (a :memory: server restarted); then its
+        # seqs start over.
+        if welcome.read_seq < self.last_seq:
+            self.receipts.restart_from(welcome.read_seq)
+        self.last_seq = welcome.read_seq
 
     def _pause(self, seconds):
         """Wait before trying again; close() cuts the wait short."""
@@ -1380,6 +1414,9 @@ class ChatClient:
         with self._changed:
             self._state = state
             self._changed.notify_all()
+            if self._status == (state, text):
+                return  # e.g. the same refusal of each rejoin
+            self._status = (state, text)
         self.on_status(state, text)
 
     def _close(self, refused):
@@ -1400,6 +1437,18 @@ class ChatClient:
                 raise self.refusal
             if self._leaving:
                 raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+
+
+def why_lost(error):
+    """One sentence for a Join stream that broke (error None: it ended with
+    OK). Our server's own details are sentences, ending with a period
+    ("the server is shutting down; your client will reconnect."); gRPC's
+    ("Socket closed", ...) are not, and mean the connection itself broke."""
+    if error is None:
+        return "the server ended the stream."
+    if error.details().endswith("."):
+        return error.details()
+    return "the server or the network went away."
 
 
 class Backoff:
