@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import getpass
 import hmac
 import json
 import logging
@@ -57,7 +58,9 @@ import os
 import queue
 import re
 import signal
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1476,26 +1479,93 @@ def _random_fraction():
 #
 # The contract that scripts and the tests rely on:
 #   stdin   each line is one message; "/quit" or end of input leaves once
-#           every message typed so far is acknowledged; "/who" lists members.
+#           every message typed so far is stored. A line that starts with /
+#           is a command (/help lists them); "//" sends the rest of the
+#           line with one / removed.
 #   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
-#           refuses the join or cannot be reached.
-# The main thread reads stdin and sends; ChatClient's receive thread prints.
+#           refuses the join or cannot be reached, or when Ctrl-C leaves
+#           messages unsent.
+# Three threads: the stdin thread reads lines, runs commands at once and
+# queues messages; the main thread sends the messages, in order, each one
+# once the last is stored; ChatClient's receive thread prints what arrives.
 
 
-def join_refusal(refused, target):
-    """A sentence for a Join that failed before it ever succeeded."""
-    if refused.code == grpc.StatusCode.UNAVAILABLE:
-        # gRPC's details end with the OS's reason: "... Connection refused"
-        reason = refused.details.rsplit(": ", 1)[-1]
-        if "refused" in reason or "resolve" in reason.lower():
-            hint = "Is `python chat.py server` running there?"
-        else:  # e.g. "Socket closed": TLS on one side only
-            hint = ("If the server uses TLS, give its certificate with "
-                    "--tls-ca; if it does not, leave --tls-ca out.")
-        return f"cannot reach the server at {target} ({reason}). {hint}"
-    return f"the server refused to let you join: {refused.details}"
+# How a first Join fails when the connection does, as grpcio 1.85 tells it,
+# and what we tell the user. gRPC's details then end with the reason of its
+# last connection attempt: "failed to connect to all addresses; last error:
+# UNKNOWN: ipv4:127.0.0.1:50051: Failed to connect to remote host:
+# Connection refused". The first clue found in them wins.
+CONNECT_FAILURES = [
+    ("Connection refused",
+     "cannot reach the server at {target}: nothing listens on that port. "
+     "Is `python chat.py server` running there?"),
+    ("errors resolving",  # "... Domain name not found"
+     "cannot reach the server at {target}: the name {host} does not "
+     "resolve to an address; check its spelling."),
+    ("WRONG_VERSION_NUMBER",  # our TLS hello got a plaintext answer
+     "the server at {target} does not use TLS: leave out --tls-ca (or start "
+     "the server with --tls-cert and --tls-key)."),
+    ("Handshake read failed",  # hung up on our TLS hello
+     "{target} hung up during the TLS handshake: is it the chat server, "
+     "started with --tls-cert?"),
+    ("Socket closed",  # hung up on our plaintext hello
+     "the server at {target} hung up at once: if it uses TLS, give its "
+     "certificate with --tls-ca."),
+    ("Hostname Verification",
+     "the server's certificate does not name {host}{names}: connect to a "
+     "name it has, or make a certificate that names {host}."),
+    ("CERTIFICATE_VERIFY_FAILED",
+     "the server's certificate does not check out against {tls_ca}: it is "
+     "neither that certificate nor signed by it, or it has expired."),
+    ("Failed parsing HTTP/2",  # e.g. a web server answered
+     "{target} is not a gRPC server: check the port."),
+]
+
+
+def join_refusal(refused, target, tls_ca=None):
+    """A sentence for a first Join that failed: what happened, and what to
+    do. tls_ca is the client's --tls-ca, if it gave one."""
+    if refused.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ChatClient's
+        return (f"cannot reach the server at {target}: no answer within "
+                f"{CONNECT_TIMEOUT} s. Is the server stopped or busy, or a "
+                "firewall in the way?")
+    if refused.code == grpc.StatusCode.UNIMPLEMENTED:  # no ChatRoom.Join
+        return f"{target} is a gRPC server, but not a chat server."
+    if refused.code != grpc.StatusCode.UNAVAILABLE:
+        return f"the server refused to let you join: {refused.details}"
+    host = target.rsplit(":", 1)[0]
+    for clue, sentence in CONNECT_FAILURES:
+        if clue in refused.details:
+            names = ""
+            if "{names}" in sentence:
+                names = ", ".join(certificate_names(target, tls_ca))
+                names = names and f" (it names {names})"
+            return sentence.format(target=target, host=host, tls_ca=tls_ca,
+                                   names=names)
+    reason = re.sub(r".*last error: \w+: \S+: ", "", refused.details)
+    return f"cannot reach the server at {target} ({reason})."
+
+
+def certificate_names(target, tls_ca):
+    """The names in the certificate that the server at target presents,
+    or [] if it cannot be read. The ssl module checks it against tls_ca,
+    but not against the name, which is what we want to see."""
+    host, port = target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=tls_ca)
+    context.check_hostname = False
+    try:
+        with (socket.create_connection((host.strip("[]"), int(port)),
+                                       timeout=3) as connection,
+              context.wrap_socket(connection) as tls):
+            certificate = tls.getpeercert()
+    except (OSError, ValueError):
+        return []
+    names = [value for _kind, value in certificate.get("subjectAltName", ())]
+    # Without subjectAltName, gRPC checks the subject's commonName.
+    return names or [value for part in certificate.get("subject", ())
+                     for key, value in part if key == "commonName"]
 
 
 def local_time(message):
@@ -1512,54 +1582,124 @@ def format_message(message):
     return f"[{local_time(message)}] {message.sender_name}: {text}"
 
 
+def plural(count, noun):
+    """'1 message', '2 messages'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def quoted(line):
+    """How a refusal names the line it refers to: 'hi', shortened."""
+    return repr(line if len(line) <= 20 else line[:20] + "...")
+
+
 class TerminalClient:
     """stdin/stdout/stderr front end for ChatClient."""
 
-    CLOSED = object()  # put in `lines` when the server ends the session
+    CLOSED = object()  # put in `outbox` when the server ends the session
+    AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
 
     def __init__(self, target, member_id, name, password=None, tls_ca=None):
-        self.chat = ChatClient(target, member_id, name, self.on_event,
-                               self.on_status, password=password,
-                               tls_ca=tls_ca)
+        """name "" asks the server for the name it remembers for us."""
+        self.target, self.member_id, self.tls_ca = target, member_id, tls_ca
+        self.chat = self._client(name, password)
+        self.may_ask_password = password is None
         self.joined_before = False  # set by the first Welcome
         self.unread = 0      # from the last Welcome
-        # Lines typed, read from stdin by a thread of their own, so that the
-        # main thread can wait for "a line, or the session is over" at once.
-        self.lines = queue.Queue()
+        # Messages typed, in order, for the main thread to send; None when
+        # it is time to leave. Commands do not go here: they run at once.
+        self.outbox = queue.Queue()
+        self.lock = threading.Lock()  # for the next three
+        self.unsent = 0      # messages typed and not yet stored or refused
+        self.leaving = False  # /quit or end of input was read
+        self.away_timer = None  # says "still reconnecting" now and then
+
+    def _client(self, name, password):
+        return ChatClient(self.target, self.member_id, name, self.on_event,
+                          self.on_status, password=password,
+                          tls_ca=self.tls_ca)
 
     def run(self, stdin):
-        """Join, send each line, leave. Returns the exit status."""
-        threading.Thread(target=self._read, args=(stdin,), daemon=True,
-                         name="stdin").start()
+        """Join, send each message, leave. Returns the exit status."""
         try:
-            self.chat.connect()
-            self._send_lines()
+            self._join(stdin)
+            threading.Thread(target=self._read, args=(stdin,), daemon=True,
+                             name="stdin").start()
+            self._send_messages()
         except Refused as refused:  # from connect(): never got in
-            self.say("chat: " + join_refusal(refused, self.chat.target))
-        except KeyboardInterrupt:   # Ctrl-C leaves, like /quit
+            self.say("chat: " + join_refusal(refused, self.target,
+                                             self.tls_ca))
+        except KeyboardInterrupt:   # Ctrl-C: leave now, all sent or not
             pass
+        with self.lock:
+            self._stop_away_notes()
+            unsent = self.unsent
+        if unsent:
+            self.say(f"chat: {plural(unsent, 'message')} not sent")
         self.chat.close()
-        return 1 if self.chat.closed else 0
+        return 1 if self.chat.closed or unsent else 0
+
+    def _join(self, stdin):
+        """Join the room. On a terminal, ask for the room password when
+        the server wants one and CHAT_PASSWORD did not give it (as the
+        window does); a script on a pipe gets the refusal instead."""
+        while True:
+            try:
+                return self.chat.connect()
+            except Refused as refused:
+                if not (refused.code == grpc.StatusCode.UNAUTHENTICATED
+                        and self.may_ask_password and stdin.isatty()):
+                    raise
+                wrong = "wrong password; " if self.chat.metadata else ""
+                try:
+                    password = getpass.getpass(
+                        f"{wrong}this room needs a password: ")
+                except EOFError:
+                    password = ""
+                if not password:
+                    raise refused from None
+            self.chat.close()
+            self.chat = self._client(self.chat.name, password)
+
+    # -- the stdin thread --
 
     def _read(self, stdin):
-        """Runs on the stdin thread."""
+        """Runs on the stdin thread: run each command at once, and queue
+        each message for the main thread."""
         for line in stdin:
-            self.lines.put(line.rstrip("\r\n"))
-        self.lines.put(None)  # end of input
+            line = line.rstrip("\r\n")
+            if line.startswith("/") and not line.startswith("//"):
+                self.command(line)
+            else:
+                self.queue_message(line.removeprefix("/"))  # "//x" sends "/x"
+            if self.leaving:
+                return
+        self.quit("")  # end of input
 
-    def _send_lines(self):
-        while (line := self.lines.get()) not in (None, "/quit", self.CLOSED):
-            if line == "/who":
-                self.who()
-                continue
-            try:
-                self.chat.send(line)  # blocks until stored
-            except Refused as refused:
-                if self.chat.closed:
-                    return
-                self.say(f"not sent: {refused.details}")
+    def command(self, line):
+        name, _, rest = line.partition(" ")
+        if name not in self.COMMANDS:
+            self.say(f"not sent: {quoted(line)}: {name} is not a command; "
+                     "/help lists them; start a line with // to send it as "
+                     "text.")
+            return
+        function, _what = self.COMMANDS[name]
+        function(self, rest)
 
-    def who(self):
+    def queue_message(self, text):
+        with self.lock:
+            self.unsent += 1
+        self.outbox.put(text)
+
+    # The commands. Each gets the rest of its line.
+
+    def help(self, _rest):
+        self.say("\n".join(
+            ["commands:"]
+            + [f"  {name:<7}{what}" for name, (_f, what) in
+               self.COMMANDS.items()]
+            + ["  //...  sends a line that starts with / (one / removed)"]))
+
+    def who(self, _rest):
         try:
             members = self.chat.list_members()
         except Refused as refused:
@@ -1569,6 +1709,44 @@ class TerminalClient:
             f"{m.name} ({m.id}{', online' if m.online else ''})"
             for m in members))
 
+    def quit(self, _rest):
+        with self.lock:
+            self.leaving = True
+            self.outbox.put(None)
+            self._tell_waiting()
+
+    # One line for each, listed by /help in this order. To add a command
+    # (README's exercise: "/me waves"), write its method and add it here.
+    COMMANDS = {
+        "/help": (help, "lists the commands"),
+        "/who": (who, "lists the members and who is online"),
+        "/quit": (quit, "leaves once every message typed so far is stored "
+                        "(so does end of input)"),
+    }
+
+    # -- the main thread --
+
+    def _send_messages(self):
+        """Send each queued message, in order, until it is time to leave."""
+        while (text := self.outbox.get()) not in (None, self.CLOSED):
+            try:
+                self.chat.send(text)  # blocks until stored
+            except Refused as refused:
+                if self.chat.closed:
+                    return
+                name = f"{quoted(text)}: " if text.strip() else ""
+                self.say(f"not sent: {name}{refused.details}")
+            with self.lock:
+                self.unsent -= 1
+
+    def _tell_waiting(self):
+        """Leaving with messages the server has not stored, while it is
+        away, takes a while: say why, and the way out. Hold self.lock."""
+        if self.leaving and self.unsent and self.chat.away_since is not None:
+            self.say(f"waiting for the server to store "
+                     f"{plural(self.unsent, 'message')} (Ctrl-C to quit "
+                     f"without {'it' if self.unsent == 1 else 'them'})")
+
     # -- called on the receive thread --
 
     def on_event(self, event, notices):
@@ -1576,29 +1754,67 @@ class TerminalClient:
             print(format_message(message), flush=True)
         kind = event.WhichOneof("kind")
         if kind == "welcome":
-            welcome = event.welcome
-            self.unread = welcome.unread
-            online = [m.name for m in welcome.members if m.online
-                      and m.id != self.chat.member_id]
-            again = "re" if self.joined_before else ""
-            self.joined_before = True
-            self.say(f"{again}connected to {self.chat.target} as {self.chat.name} "
-                     f"({self.chat.member_id}); {welcome.unread} unread "
-                     f"message{'' if welcome.unread == 1 else 's'}; online: "
-                     f"{', '.join(online) or 'nobody else'}")
+            self._welcome(event.welcome)
         elif kind == "caught_up" and self.unread:
             self.say("-- end of unread messages --")
         for notice in notices:
             self.say(f"* {notice}")
 
+    def _welcome(self, welcome):
+        self.unread = welcome.unread
+        others = [m.name for m in welcome.members
+                  if m.online and m.id != self.member_id]
+        news = (f"{plural(welcome.unread, 'unread message')}; "
+                + (f"online: {', '.join(others)}" if others
+                   else "nobody else online"))
+        if self.joined_before:
+            away = time.monotonic() - self.chat.away_since
+            self.say(f"reconnected to {self.target} after {away:.0f} s; "
+                     f"{news}")
+        else:
+            self.say(f"connected to {self.target} as {self.chat.name} "
+                     f"(id {self.member_id}); {news}")
+        self.joined_before = True
+
     def on_status(self, state, text):
-        if state == "reconnecting":
-            self.say(f"connection lost: {text}")
-        elif state == "closed" and self.joined_before:
+        with self.lock:
+            if state == "reconnecting":
+                self.say(f"connection lost: {text}")
+                if self.away_timer is None:
+                    self._plan_away_note(self.AWAY_NOTE)
+                self._tell_waiting()
+            else:
+                self._stop_away_notes()
+        if state == "closed" and self.joined_before:
             # The server ended our session for good (e.g. the same id joined
             # from elsewhere). Wake the main thread, which waits for a line.
             self.say(f"chat: the server closed the session: {text}")
-            self.lines.put(self.CLOSED)
+            self.outbox.put(self.CLOSED)
+
+    # -- "still reconnecting", at growing intervals: 15 s, 30 s, 1 min... --
+
+    def _plan_away_note(self, seconds):
+        """Hold self.lock."""
+        self.away_timer = threading.Timer(seconds, self._away_note)
+        self.away_timer.daemon = True
+        self.away_timer.start()
+
+    def _away_note(self):
+        """Runs on the timer's own thread while the server is away."""
+        with self.lock:
+            since = self.chat.away_since
+            if (since is None
+                    or self.away_timer is not threading.current_thread()):
+                return  # fired just too late: back online, or a newer timer
+            away = time.monotonic() - since
+            self.say(f"server away for {away:.0f} s; still reconnecting")
+            self._plan_away_note(away)
+
+    def _stop_away_notes(self):
+        """Hold self.lock."""
+        if self.away_timer is not None:
+            self.away_timer.cancel()
+            self.away_timer = None
 
     @staticmethod
     def say(text):
@@ -2583,8 +2799,7 @@ def run_client(args):
         print(f"chat: {fallback}; using the terminal client", file=sys.stderr)
     # A message with characters the terminal cannot show must not crash us.
     sys.stdout.reconfigure(errors="replace")
-    client = TerminalClient(args.server, args.client_id,
-                            args.name or args.client_id,
+    client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
                             args.tls_ca)
     return client.run(sys.stdin)

@@ -14,17 +14,22 @@ surviving crashes, and bad input.
 Run: python -m unittest -v
 """
 
+import fcntl
 import json
 import os
+import pty
 import re
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import unittest
+from concurrent import futures
 
 sys.dont_write_bytecode = True  # tests write only to temporary directories
 
@@ -762,17 +767,22 @@ class FaultTest(ChatTestCase):
                          [f"alice: line {n}" for n in range(100)])
         self.assertEqual(alice.finish(), 0)
 
-    def test_tls_and_a_plaintext_client_is_told(self):
+    def certificate(self, name, subject_alt_name):
+        """A self-signed certificate and its key; returns their paths."""
         if not shutil.which("openssl"):
             self.skipTest("openssl not found")
-        key = os.path.join(self.tmp.name, "server.key")
-        cert = os.path.join(self.tmp.name, "server.crt")
+        cert = os.path.join(self.tmp.name, f"{name}.crt")
+        key = os.path.join(self.tmp.name, f"{name}.key")
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
              "-keyout", key, "-out", cert, "-days", "1", "-subj",
-             "/CN=localhost", "-addext",
-             "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+             f"/CN={name}", "-addext", f"subjectAltName={subject_alt_name}"],
             check=True, capture_output=True, timeout=WAIT)
+        return cert, key
+
+    def test_tls_and_a_plaintext_client_is_told(self):
+        cert, key = self.certificate("localhost",
+                                     "DNS:localhost,IP:127.0.0.1")
         server = self.start_server("--members", "1,2", "--tls-cert", cert,
                                    "--tls-key", key)
         alice = self.start("client", "--no-gui", "--id", "1", "--server",
@@ -783,10 +793,31 @@ class FaultTest(ChatTestCase):
         alice.wait_for("^connected to ")
         alice.type("over TLS")
         bob.wait_for("1: over TLS", stream="stdout")
-        plain = self.start_client(server, "2", "bob", expect_join=False)
-        self.assertEqual(plain.finish(), 1)
-        self.assertRegex(plain.output("stderr")[-1],
-                         "cannot reach the server.*--tls-ca")
+        # Each mistake gets its own sentence, and only these the TLS hint:
+        # TLS on one side only, either way round; a certificate that does
+        # not name the address used; a --tls-ca that does not vouch for it.
+        plain_server = self.start_server(db=":memory:")
+        other_cert, other_key = self.certificate("chat.example",
+                                                 "DNS:chat.example")
+        other = self.start_server("--tls-cert", other_cert, "--tls-key",
+                                  other_key, db=":memory:")
+        told = {
+            (server.address,): r"at 127\.0\.0\.1:\d+ hung up at once: if it "
+            "uses TLS, give its certificate with --tls-ca",
+            (plain_server.address, "--tls-ca", cert): "does not use TLS: "
+            "leave out --tls-ca",
+            (other.address, "--tls-ca", other_cert): "certificate does not "
+            r"name 127\.0\.0\.1 \(it names chat\.example\)",
+            (server.address, "--tls-ca", other_cert): "certificate does not "
+            "check out against .*chat.example.crt",
+        }
+        clients = {self.start("client", "--no-gui", "--id", "2", "--server",
+                              *args): sentence
+                   for args, sentence in told.items()}
+        for client, sentence in clients.items():
+            self.assertEqual(client.finish(), 1)
+            self.assertRegex(client.output("stderr")[-1],
+                             "^chat: .*" + sentence)
 
     def test_room_password(self):
         env = {"CHAT_PASSWORD": "correct horse"}
@@ -823,6 +854,189 @@ class FaultTest(ChatTestCase):
         self.assertIn("UNAUTHENTICATED", log)
         self.assertNotIn("correct horse", log)
         self.assertNotIn("swordfish", log)
+
+
+class TerminalClientTest(ChatTestCase):
+    """The terminal client as a command line: commands, names, what it
+    says while the server is away, and nothing unsent lost quietly."""
+
+    def test_commands_run_here_and_are_never_sent(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob")
+        alice.type("/help")
+        alice.wait_for(r"^  /who ")
+        alice.type("/nick bob")
+        alice.wait_for(r"^not sent: '/nick bob': /nick is not a command; "
+                       r"/help lists them; start a line with // to send it "
+                       r"as text\.$")
+        alice.type("//nick is how IRC renames you", "x" * 4001)
+        alice.wait_for(r"^not sent: 'x{20}\.\.\.': the message is 4,001 "
+                       "characters long")
+        alice.type("done")
+        bob.wait_for("alice: done", stream="stdout")
+        self.assertEqual(texts(bob), ["alice: /nick is how IRC renames you",
+                                      "alice: done"])
+        self.assertEqual(alice.finish(), 0)
+
+    def test_status_while_the_server_is_away_and_back(self):
+        server = self.start_server("--members", "1,2")
+        port = server.address.rsplit(":", 1)[1]
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for(r"^connected to 127\.0\.0\.1:\d+ as alice \(id 1\); "
+                       r"0 unread messages; nobody else online$")
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for(r"^connected to \S+ as bob \(id 2\); 0 unread "
+                     r"messages; online: alice$")
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        alice.wait_for(r"^connection lost: the server is shutting down; "
+                       r"your client will reconnect\.$")
+        alice.type("typed while away", "/quit")
+        alice.wait_for(r"^waiting for the server to store 1 message "
+                       r"\(Ctrl-C to quit without it\)$")
+        self.start_server("--members", "1,2", port=port)
+        alice.wait_for(r"^reconnected to 127\.0\.0\.1:\d+ after \d+ s; 0 "
+                       "unread messages; ")
+        bob.wait_for("alice: typed while away", stream="stdout")
+        self.assertEqual(alice.wait(), 0)
+
+    def test_ctrl_c_with_messages_unsent_says_so_and_exits_1(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        server.popen.send_signal(signal.SIGKILL)
+        server.wait()
+        alice.wait_for("^connection lost: the server or the network went "
+                       "away")
+        alice.type("one", "two", "/quit")
+        alice.wait_for(r"^waiting for the server to store 2 messages "
+                       r"\(Ctrl-C to quit without them\)$")
+        alice.popen.send_signal(signal.SIGINT)
+        self.assertEqual(alice.wait(), 1)
+        self.assertEqual(alice.output("stderr")[-1],
+                         "chat: 2 messages not sent")
+
+    def test_without_a_name_the_server_names_us(self):
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        nameless = self.start("client", "--no-gui", "--id", "1", "--server",
+                              server.address)
+        # New to the server, so it names us by our id.
+        nameless.wait_for(r"^connected to \S+ as 1 \(id 1\); ")
+        bob.wait_for(r"^\* 1 joined$")
+        self.start_client(server, "1", "alice")  # takes over the session
+        bob.wait_for(r"^\* 1 is now known as alice$")
+        self.assertEqual(nameless.wait(), 1)
+
+    def test_each_connection_failure_gets_its_own_sentence(self):
+        # A port that takes connections and never answers: the listener's
+        # backlog accepts them, and nothing ever reads.
+        silent = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        told = {
+            "127.0.0.1:%d" % silent.getsockname()[1]: r"no answer within 10 "
+            r"s\. Is the server stopped or busy, or a firewall in the way\?",
+            "nosuch.invalid:50051": "the name nosuch.invalid does not "
+            "resolve to an address",
+            web_server(self): r"is not a gRPC server: check the port\.",
+            grpc_server(self): r"is a gRPC server, but not a chat server\.",
+        }
+        # All at once: the silent one takes 10 s.
+        clients = {self.start("client", "--no-gui", "--id", "1", "--server",
+                              address): sentence
+                   for address, sentence in told.items()}
+        for client, sentence in clients.items():
+            self.assertEqual(client.finish(), 1)
+            last = client.output("stderr")[-1]
+            self.assertRegex(last, "^chat: .*" + sentence)
+            self.assertNotIn("TLS", last)
+
+    def test_room_password_is_asked_for_on_a_terminal(self):
+        server = self.start("server", "--port", "0", "--db", self.db,
+                            env={"CHAT_PASSWORD": "open sesame"})
+        address = server.wait_for("^listening on ",
+                                  stream="stdout").split()[-1]
+        terminal = Terminal(self, "client", "--no-gui", "--id", "1",
+                            "--name", "alice", "--server", address)
+        terminal.wait_for("this room needs a password: ")
+        terminal.type("open sesame")
+        terminal.wait_for(r"connected to \S+ as alice \(id 1\)")
+        terminal.type("/quit")
+        self.assertEqual(terminal.wait(), 0)
+        self.assertNotIn("open sesame", terminal.output)  # getpass: no echo
+
+
+def web_server(test):
+    """A socket that answers every connection like an HTTP/1 web server;
+    returns its address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    test.addCleanup(listener.close)
+
+    def answer():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    threading.Thread(target=answer, daemon=True).start()
+    return "127.0.0.1:%d" % listener.getsockname()[1]
+
+
+def grpc_server(test):
+    """A gRPC server with no services at all; returns its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    test.addCleanup(server.stop, None)
+    return f"127.0.0.1:{port}"
+
+
+class Terminal:
+    """A `python chat.py ...` child on a pseudo-terminal of its own, as if a
+    person ran it: stdin is a tty, and getpass() can open /dev/tty."""
+
+    def __init__(self, test, *args):
+        self.test = test
+        self.pty, tty = pty.openpty()
+        test.addCleanup(os.close, self.pty)
+        self.popen = subprocess.Popen(
+            [sys.executable, CHAT, *args], cwd=test.tmp.name, stdin=tty,
+            stdout=tty, stderr=tty, start_new_session=True,
+            env={key: value for key, value in os.environ.items()
+                 if key != "CHAT_PASSWORD"},
+            # The new session's controlling terminal: the one on stdin.
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(tty)
+        test.addCleanup(self.stop)
+        self.readable = selectors.DefaultSelector()
+        test.addCleanup(self.readable.close)
+        self.readable.register(self.pty, selectors.EVENT_READ)
+        self.output = ""
+
+    def wait_for(self, pattern):
+        """Read the terminal until pattern shows; fail after WAIT s."""
+        while not re.search(pattern, self.output):
+            if not self.readable.select(WAIT):
+                self.test.fail(f"no {pattern!r} within {WAIT} s; the "
+                               f"terminal showed:\n{self.output}")
+            try:
+                self.output += os.read(self.pty, 4096).decode()
+            except OSError:  # the child has ended and closed the terminal
+                self.test.fail(f"no {pattern!r}; the terminal showed:\n"
+                               f"{self.output}")
+
+    def type(self, line):
+        os.write(self.pty, line.encode() + b"\n")
+
+    def wait(self):
+        return self.popen.wait(WAIT)
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(WAIT)
 
 
 class Named:
