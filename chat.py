@@ -1539,7 +1539,7 @@ def join_refusal(refused, target, tls_ca=None):
     for clue, sentence in CONNECT_FAILURES:
         if clue in refused.details:
             names = ""
-            if "{names}" in sentence:
+            if "{names}" in sentence and tls_ca:
                 names = ", ".join(certificate_names(target, tls_ca))
                 names = names and f" (it names {names})"
             return sentence.format(target=target, host=host, tls_ca=tls_ca,
