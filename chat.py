@@ -234,6 +234,11 @@ class Store:
             raise
         self.db.execute("PRAGMA synchronous = FULL")
         self.unsaved_reads = {}  # member id -> read_seq; see mark_read()
+        # Everyone who has ever joined: id -> the name it used last, in the
+        # order they first joined. Kept in memory too, because every Join
+        # lists the room's members with their names.
+        self.names = dict(self.db.execute(
+            "SELECT id, name FROM members ORDER BY rowid"))
         # The highest seq stored so far (0 for an empty room), kept here
         # because Join and MarkRead need it all the time.
         self.last_seq = self.db.execute(
@@ -243,27 +248,15 @@ class Store:
         self.save_reads()
         self.db.close()
 
-    def add_members(self, ids):
-        """Make sure each id has a row (used for the fixed --members group)."""
-        self.db.executemany(
-            "INSERT OR IGNORE INTO members (id, name) VALUES (?, ?)",
-            [(member_id, member_id) for member_id in ids])
-
     def remember(self, member_id, name):
-        """Record that member_id is in the room and now calls itself name."""
+        """Record that member_id has joined and now calls itself name."""
+        if self.names.get(member_id) == name:
+            return  # nothing new: no commit
         self.db.execute(
             "INSERT INTO members (id, name) VALUES (?, ?) "
             "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
             (member_id, name))
-
-    def members(self):
-        """[(id, name)] of everyone who belongs to the room, by id."""
-        return self.db.execute(
-            "SELECT id, name FROM members ORDER BY id").fetchall()
-
-    def is_member(self, member_id):
-        return self.db.execute("SELECT 1 FROM members WHERE id = ?",
-                               (member_id,)).fetchone() is not None
+        self.names[member_id] = name
 
     def append(self, sender_id, sender_name, text, message_id):
         """Store a message; return (Stored, is_new).
@@ -592,7 +585,9 @@ class ChatRoomServicer:
                  rate=RATE):
         self.store = store
         self.hub = Hub(too_slow=self._too_slow)
-        self.fixed_group = bool(members)  # False: any valid id may join
+        # The group (--members): the only ids that may call us, in the order
+        # given (a dict, as an ordered set). None: any valid id may.
+        self.group = dict.fromkeys(members) if members else None
         self.max_clients = max_clients    # 0: no limit
         self.password = password          # None: no password
         self.rate = rate                  # messages a second; 0: no limit
@@ -601,8 +596,6 @@ class ChatRoomServicer:
         self.presence_timer = None
         self.reads_timer = None           # will call store.save_reads()
         self.closed_with = None  # (code, details) once everyone was sent off
-        if members:
-            store.add_members(members)
 
     # -- the RPCs, in the order a member uses them --
 
@@ -761,12 +754,13 @@ class ChatRoomServicer:
 
     async def _check_member(self, context, member_id):
         """Refuse calls without the password (UNAUTHENTICATED), bad ids
-        (INVALID_ARGUMENT) and strangers (PERMISSION_DENIED)."""
+        (INVALID_ARGUMENT) and, with --members, every id not in it
+        (PERMISSION_DENIED), even one that joined this room before."""
         await self._check_password(context)
         if problem := id_problem(member_id):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
-        if self.fixed_group and not self.store.is_member(member_id):
+        if self.group is not None and member_id not in self.group:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                                f"id {member_id} is not a member of this group.")
 
@@ -780,9 +774,12 @@ class ChatRoomServicer:
         await context.abort(code, sentence)  # raises: the handler ends here
 
     def _members(self):
-        return [pb.Member(id=member_id, name=name,
+        """The group (--members), or in an open room everyone who has ever
+        joined it, each with its last name and whether it is online."""
+        names = self.store.names
+        return [pb.Member(id=member_id, name=names.get(member_id, member_id),
                           online=member_id in self.hub.online)
-                for member_id, name in self.store.members()]
+                for member_id in self.group or names]
 
     def _announce(self, session, online):
         """Tell everyone online that session's member came or went.
@@ -995,8 +992,9 @@ async def serve(args):
         return 1
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
-    log.info("room open to %s; history in %s; %s; %s",
-             ", ".join(args.members) if args.members else "any id", args.db,
+    log.info("%s; history in %s; %s; %s",
+             f"only ids {', '.join(servicer.group)} may join"
+             if servicer.group else "open room: any id may join", args.db,
              "TLS" if args.tls_cert else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
 

@@ -382,6 +382,47 @@ class WhoMayJoinTest(ChatTestCase):
         alice.type("/who")
         alice.wait_for(r"^members: alice \(1, online\), 2 \(2\), 3 \(3\)$")
 
+    def test_members_is_the_only_gate(self):
+        """With --members, exactly those ids get in, whoever used the same
+        database before; the messages of the others stay in the history."""
+        def restart(*args):
+            server.popen.send_signal(signal.SIGTERM)
+            self.assertEqual(server.wait(), 0)
+            return self.start_server(*args)
+
+        def assertShutOut(client_id):
+            stub = self.stub(server)
+            join = stub.Join(pb.JoinRequest(client_id=client_id))
+            self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
+                               lambda timeout: list(join))
+            for call, request in (
+                    (stub.Send, pb.SendRequest(client_id=client_id,
+                                               text="let me in")),
+                    (stub.MarkRead, pb.MarkReadRequest(client_id=client_id,
+                                                       up_to_seq=1)),
+                    (stub.ListMembers, pb.ListMembersRequest(
+                        client_id=client_id))):
+                self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, call,
+                                   request)
+
+        server = self.start_server()  # open room
+        server.wait_for("open room: any id may join")
+        stub = self.stub(server)
+        self.raw_join(stub, "9", "eve")
+        stub.Send(pb.SendRequest(client_id="9", text="hi"), timeout=WAIT)
+        server = restart("--members", "1,2,3")
+        server.wait_for("only ids 1, 2, 3 may join")
+        assertShutOut("9")
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for("eve: hi", stream="stdout")
+        listed = self.stub(server).ListMembers(
+            pb.ListMembersRequest(client_id="1"), timeout=WAIT).members
+        self.assertEqual([(m.id, m.name) for m in listed],
+                         [("1", "alice"), ("2", "2"), ("3", "3")])
+        self.assertEqual(alice.finish(), 0)
+        server = restart("--members", "1,2")
+        assertShutOut("3")
+
 
 class CrashAndRestartTest(ChatTestCase):
     """An acknowledged message is never lost; clients ride out a restart."""
