@@ -603,7 +603,8 @@ class ChatRoomServicer:
         """Replay what the member has not read, then stream live events."""
         member_id = request.client_id
         await self._check_member(context, member_id)
-        name = request.name or member_id
+        # No name given: the one the member used last time, else its id.
+        name = request.name or self.store.names.get(member_id, member_id)
         if problem := name_problem(name):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)

@@ -219,6 +219,19 @@ class JoinAndUnreadTest(ChatTestCase):
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice|1: hi", stream="stdout")
 
+    def test_member_without_a_name_keeps_the_one_it_used(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice").cancel()
+        self.raw_join(stub, "1")  # no name this time
+        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        bob = stub.Join(pb.JoinRequest(client_id="2"), timeout=WAIT)
+        self.addCleanup(bob.cancel)
+        welcome = next(bob).welcome
+        self.assertEqual([(m.id, m.name, m.online) for m in welcome.members],
+                         [("1", "alice", True), ("2", "2", True)])
+        self.assertEqual(next(bob).messages[0].sender_name, "alice")
+
 
 class SendAndFanOutTest(ChatTestCase):
     """One message, stored once, delivered to everyone else in one order."""
