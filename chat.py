@@ -335,14 +335,14 @@ class Store:
             (up_to_seq, limit)).fetchall()
         return [Stored(*row) for row in reversed(rows)]
 
-    def messages_for(self, member_id, after_seq, up_to_seq, limit):
-        """Up to limit messages from others in (after_seq, up_to_seq], oldest
-        first. The member's own messages are skipped: it already has them."""
+    def messages_for(self, after_seq, up_to_seq, limit, skip_sender=None):
+        """Up to limit messages in (after_seq, up_to_seq], oldest first,
+        leaving out those of skip_sender (None: anyone's)."""
         rows = self.db.execute(
             f"SELECT {STORED_COLUMNS} "
-            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id != ? "
+            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id IS NOT ? "
             "ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq, member_id, limit)).fetchall()
+            (after_seq, up_to_seq, skip_sender, limit)).fetchall()
         return [Stored(*row) for row in rows]
 
 
@@ -639,8 +639,14 @@ class ChatRoomServicer:
             self.store.mark_read(member_id, request.after_seq)
             self._save_reads_soon()
             start = min(request.after_seq, self.store.last_seq)
-        else:                  # a new client process: use the stored position
+        else:                  # "I have no message": use the stored position
             start = self.store.read_seq(member_id)
+        # A client that resumes already has the messages it sent itself, so
+        # its replay leaves them out. A new client process has not: its
+        # replay includes them (not counted as unread), or it would see
+        # replies to things it never said.
+        resuming = request.resuming or request.after_seq > 0
+        skip_sender = member_id if resuming else None
         head = self.store.last_seq
         unread = self.store.count_unread(member_id, start, head)
         recent = self.store.recent(start, min(request.history,
@@ -669,8 +675,8 @@ class ChatRoomServicer:
                 unread=unread, read_seq=start, members=self._members(),
                 recent=[to_message(stored) for stored in recent]
             )).SerializeToString())
-            while batch := self.store.messages_for(member_id, start, head,
-                                                   self.REPLAY_BATCH):
+            while batch := self.store.messages_for(
+                    start, head, self.REPLAY_BATCH, skip_sender):
                 await context.write(pb.Event(messages=[
                     to_message(stored) for stored in batch
                 ]).SerializeToString())

@@ -219,6 +219,60 @@ class JoinAndUnreadTest(ChatTestCase):
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice|1: hi", stream="stdout")
 
+    def test_own_messages_after_the_read_position_come_back(self):
+        """A new client process sees what it said since it last read, as
+        its own, in order with the replies, and not counted as unread."""
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        bob.type("hi")
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for("bob: hi", stream="stdout")
+        alice.type("one", "two")
+        self.assertEqual(alice.finish(), 0)  # has read "hi", not past it
+        bob.wait_for("alice: two", stream="stdout")
+        bob.type("three")
+        self.assertEqual(bob.finish(), 0)
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for(r"1 unread message;")
+        alice.wait_for("^-- end of unread messages --$")
+        self.assertEqual(texts(alice), ["alice: one", "alice: two",
+                                        "bob: three"])
+        bob = self.start_client(server, "2", "bob")
+        alice.type("four")  # seqs still line up: nothing twice, no gap
+        bob.wait_for("alice: four", stream="stdout")
+        bob.type("five")
+        alice.wait_for("bob: five", stream="stdout")
+        self.assertEqual(texts(alice), ["alice: one", "alice: two",
+                                        "bob: three", "bob: five"])
+
+    def test_own_messages_are_replayed_only_to_a_new_client(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+
+        def replay(**request):
+            call = stub.Join(pb.JoinRequest(client_id="1", **request),
+                             timeout=WAIT)
+            self.addCleanup(call.cancel)
+            welcome = next(call).welcome
+            messages = []
+            for event in call:
+                if event.HasField("caught_up"):
+                    return welcome, messages
+                messages.extend(event.messages)
+        welcome, messages = replay()  # a new client process
+        self.assertEqual(welcome.unread, 0)
+        self.assertEqual([(m.sender_id, m.sender_name, m.text)
+                          for m in messages], [("1", "alice", "hi")])
+        self.assertEqual(replay(resuming=True)[1], [])
+        stub.Send(pb.SendRequest(client_id="1", text="again"), timeout=WAIT)
+        self.assertEqual(replay(after_seq=1)[1], [])  # resuming, too
+        welcome, messages = replay(history=5)  # "hi" now read: in recent
+        self.assertEqual([(m.sender_id, m.text) for m in welcome.recent],
+                         [("1", "hi")])
+        self.assertEqual([m.text for m in messages], ["again"])
+
     def test_member_without_a_name_keeps_the_one_it_used(self):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
