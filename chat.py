@@ -1298,7 +1298,7 @@ class ChatClient:
         while True:
             request = pb.JoinRequest(
                 client_id=self.member_id, name=self.name,
-                after_seq=self.last_seq,
+                after_seq=self.last_seq, resuming=joined_before,
                 history=0 if joined_before else self.history)
             with self._changed:
                 if self._leaving:

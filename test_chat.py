@@ -273,6 +273,24 @@ class JoinAndUnreadTest(ChatTestCase):
                          [("1", "hi")])
         self.assertEqual([m.text for m in messages], ["again"])
 
+    def test_running_client_is_not_sent_its_own_messages_again(self):
+        # alice has read nothing (after_seq 0) when the server restarts.
+        server = self.start_server("--members", "1,2")
+        port = server.address.rsplit(":", 1)[1]
+        bob = self.raw_join(self.stub(server), "2", "bob")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("first")
+        next(event for event in bob if event.messages)  # "first" is stored
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        server = self.start_server("--members", "1,2", port=port)
+        alice.wait_for("^reconnected to ")
+        stub = self.stub(server)
+        self.raw_join(stub, "2", "bob")
+        stub.Send(pb.SendRequest(client_id="2", text="back"), timeout=WAIT)
+        alice.wait_for("bob: back", stream="stdout")
+        self.assertEqual(texts(alice), ["bob: back"])
+
     def test_member_without_a_name_keeps_the_one_it_used(self):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
