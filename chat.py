@@ -360,7 +360,9 @@ class Store:
 # Events reach the hub already serialized, once, and every queue gets the
 # same bytes: with 1,000 members online that is one SerializeToString() per
 # message instead of 1,000. (Join is registered without a response
-# serializer in section 6, so gRPC sends these bytes as they are.)
+# serializer in section 6, so gRPC sends these bytes as they are.) The one
+# exception: a member that has just come online may get a shorter copy of
+# a presence event, made of the same bytes (ChatRoomServicer._send_presence).
 #
 # The hub hands events out in rounds: a round puts everything published
 # since the last one into the queues, which wakes the writers. A write costs
@@ -461,7 +463,7 @@ class Hub:
         self.online = {}      # member id -> Session
         self.too_slow = too_slow  # called with a session whose queue is full
         self.published = 0    # events published so far; numbers them
-        self.waiting = []     # (number, data, skip) for the next round
+        self.waiting = []     # (number, data, skip, only) for the next round
         self.next_round = None    # set from publish() to the round's end
         self.came_in_rest = False  # the first of them waits for a rest
         self.rest_until = 0.0     # loop time before which no round starts
@@ -482,11 +484,13 @@ class Hub:
         del self.online[session.member_id]
         return True
 
-    def publish(self, data, skip=None):
+    def publish(self, data, skip=(), only=None):
         """Queue data, in the next round, for the members online both now
-        and then, except skip. Rounds keep the order of publish()."""
+        and then, except the ids in skip; or, given only, for that one
+        session, if it is still online then. Rounds keep the order of
+        publish()."""
         self.published += 1
-        self.waiting.append((self.published, data, skip))
+        self.waiting.append((self.published, data, skip, only))
         if self.next_round is None:
             self._schedule_round(asyncio.get_running_loop())
 
@@ -502,12 +506,18 @@ class Hub:
         if len(waiting) > 1 or self.came_in_rest:
             self.busy_until = started + self.BUSY_FOR
         try:
-            for number, data, skip in waiting:
-                for member_id, session in list(self.online.items()):
+            for number, data, skip, only in waiting:
+                if only is None:
+                    sessions = list(self.online.items())
+                elif self.online.get(only.member_id) is only:
+                    sessions = [(only.member_id, only)]
+                else:
+                    continue  # gone offline meanwhile
+                for member_id, session in sessions:
                     # A member that came online after this was published
                     # has it already: a message in its replay, a presence
                     # change in its Welcome's member list.
-                    if member_id == skip or number < session.first_event:
+                    if member_id in skip or number < session.first_event:
                         continue
                     try:
                         session.queue.put_nowait(data)
@@ -593,6 +603,9 @@ class ChatRoomServicer:
         self.rate = rate                  # messages a second; 0: no limit
         self.buckets = {}                 # member id -> TokenBucket
         self.presence = []                # pb.Members not yet announced
+        # Sessions that came online while those waited: (session, n), n the
+        # number of them that its Welcome already shows.
+        self.presence_joiners = []
         self.presence_timer = None
         self.reads_timer = None           # will call store.save_reads()
         self.closed_with = None  # (code, details) once everyone was sent off
@@ -661,6 +674,8 @@ class ChatRoomServicer:
                            "this session was closed.")
         if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
+        if self.presence:
+            self.presence_joiners.append((session, len(self.presence)))
         log.info("%s (%s) joined from %s; %d unread", name, member_id,
                  context.peer(), unread)
 
@@ -726,7 +741,7 @@ class ChatRoomServicer:
             # Same loop turn as the commit, so publish() order, and with it
             # every member's order, is seq order.
             self._send_presence()
-            self.hub.publish(to_event(stored), skip=member_id)
+            self.hub.publish(to_event(stored), skip={member_id})
         reply = pb.SendReply(seq=stored.seq)
         reply.sent_at.FromMicroseconds(stored.sent_at_us)
         return reply
@@ -814,14 +829,27 @@ class ChatRoomServicer:
         self.store.save_reads()
 
     def _send_presence(self):
+        """Publish the presence changes that wait: one Event, its bytes
+        made once for everyone who was online before they began; a member
+        that came online meanwhile gets only what its Welcome did not show
+        (not its own arrival, nor what came before it), or nothing."""
         if self.presence_timer is not None:
             self.presence_timer.cancel()
             self.presence_timer = None
-        if self.presence:
-            changes, self.presence = self.presence, []
-            # Everyone gets the list, the members it names too (clients
-            # skip their own entry).
-            self.hub.publish(pb.Event(presence=changes).SerializeToString())
+        if not self.presence:
+            return
+        changes, self.presence = self.presence, []
+        joiners, self.presence_joiners = self.presence_joiners, []
+        # One Event per change, joined: their bytes are one Event with all
+        # the changes (chat.proto says why), and any tail of them is one
+        # too. So a trimmed copy costs a join of bytes, not a serialization.
+        parts = [pb.Event(presence=[member]).SerializeToString()
+                 for member in changes]
+        self.hub.publish(b"".join(parts),
+                         skip={session.member_id for session, _ in joiners})
+        for session, seen in joiners:
+            if seen < len(parts):
+                self.hub.publish(b"".join(parts[seen:]), only=session)
 
     def _too_slow(self, session):
         log.warning("%s (%s) fell %d events behind; disconnecting it",

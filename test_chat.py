@@ -335,6 +335,32 @@ class SendAndFanOutTest(ChatTestCase):
         chad.wait_for(r"^\* alice left$")
         self.assertNotIn("* alice joined", chad.output("stderr"))
 
+    def test_presence_tells_each_member_only_news(self):
+        """Presence changes go out in batches; a member that joins while
+        one is collecting hears neither of its own arrival nor of what its
+        Welcome already showed."""
+        server = self.start_server()
+        stub = self.stub(server)
+        calls = {name: self.raw_join(stub, name, name)
+                 for name in ("zed", "alice", "bob", "x")}
+        calls.pop("x").cancel()
+        server.wait_for(r"x \(x\) left")
+        calls["chad"] = self.raw_join(stub, "chad", "chad")
+        stub.Send(pb.SendRequest(client_id="zed", text="end"), timeout=WAIT)
+
+        def presence_until_the_message(call):
+            changes = []
+            for event in call:
+                changes += [(m.id, m.online) for m in event.presence]
+                if event.messages:  # sent after every change above
+                    return changes
+        self.assertEqual(presence_until_the_message(calls["alice"]),
+                         [("bob", True), ("x", True), ("x", False),
+                          ("chad", True)])
+        self.assertEqual(presence_until_the_message(calls["bob"]),
+                         [("x", True), ("x", False), ("chad", True)])
+        self.assertEqual(presence_until_the_message(calls["chad"]), [])
+
     def test_concurrent_senders_give_one_order_with_nothing_lost(self):
         server = self.start_server("--members", "1,2,3,4")
         senders = {name: self.start_client(server, str(i), name)
