@@ -910,16 +910,20 @@ def server_options(keepalive):
 
     Keepalive: HTTP/2 PING frames on an otherwise quiet connection. A member
     whose network vanished (no FIN, no RST: a laptop lid closed, a cable
-    pulled) is otherwise noticed only when the server next writes to it, and
-    a write can sit in a buffer for a long time. With these, the server
-    pings every `keepalive` seconds (--keepalive, default 30) and drops a
-    connection that does not answer within min(keepalive, 10) seconds. That
-    ends the member's Join stream and frees its place in the room.
+    pulled) is otherwise never noticed while the room is quiet: with nothing
+    to send, nothing can fail. With these, the server pings a client after
+    `keepalive` seconds (--keepalive, default 30) in which it received
+    nothing from it, and drops a connection that does not answer within
+    min(keepalive, 10) seconds. That ends the member's Join stream and frees
+    its place in the room. (A client that pings more often than that, as
+    ours does, is never pinged: its pings are bytes received.)
 
     The answer's deadline is grpc.http2.ping_timeout_ms (default: 1 minute).
     In grpcio 1.85, grpc.keepalive_timeout_ms alone did not drop a silent
     peer: its timer is armed only in a case that does not arise here
-    (chttp2 transport, writing.cc). We set both, to the same value.
+    (chttp2 transport, writing.cc); it does become the socket's
+    TCP_USER_TIMEOUT, which closes a connection whose sent bytes go
+    unacknowledged. We set both, to the same value.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -927,11 +931,16 @@ def server_options(keepalive):
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        # Our clients ping every 20 s too (section 7). By default a server
-        # takes a client's pings more often than every 5 minutes as abuse:
-        # after two "strikes", the next early ping gets the connection
-        # closed with GOAWAY "too_many_pings". Allow one every 10 s, with or
-        # without calls open.
+        # Pings from clients. By default a server takes pings more often
+        # than every 5 minutes as abuse. Each early one is a "strike";
+        # strikes are forgotten only when the server sends data, which a
+        # quiet room does not do for hours; after two, the next early ping
+        # gets the connection closed with GOAWAY "too_many_pings". chat.proto
+        # tells clients to ping at most every 20 s, and ours does (section
+        # 7). We allow half that, with or without calls open: a ping even
+        # 1 ms early is a strike, and timers do fire early. (The client has
+        # a counter of its own, grpc.http2.max_pings_without_data; section
+        # 7 sets it to 0, so that our client keeps pinging.)
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
