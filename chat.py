@@ -237,6 +237,11 @@ class Store:
             raise
         self.db.execute("PRAGMA synchronous = FULL")
         self.unsaved_reads = {}  # member id -> read_seq; see mark_read()
+        # Everyone who has ever joined: id -> the name it used last, in the
+        # order they first joined. Kept in memory too, because every Join
+        # lists the room's members with their names.
+        self.names = dict(self.db.execute(
+            "SELECT id, name FROM members ORDER BY rowid"))
         # The highest seq stored so far (0 for an empty room), kept here
         # because Join and MarkRead need it all the time.
         self.last_seq = self.db.execute(
@@ -246,27 +251,15 @@ class Store:
         self.save_reads()
         self.db.close()
 
-    def add_members(self, ids):
-        """Make sure each id has a row (used for the fixed --members group)."""
-        self.db.executemany(
-            "INSERT OR IGNORE INTO members (id, name) VALUES (?, ?)",
-            [(member_id, member_id) for member_id in ids])
-
     def remember(self, member_id, name):
-        """Record that member_id is in the room and now calls itself name."""
+        """Record that member_id has joined and now calls itself name."""
+        if self.names.get(member_id) == name:
+            return  # nothing new: no commit
         self.db.execute(
             "INSERT INTO members (id, name) VALUES (?, ?) "
             "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
             (member_id, name))
-
-    def members(self):
-        """[(id, name)] of everyone who belongs to the room, by id."""
-        return self.db.execute(
-            "SELECT id, name FROM members ORDER BY id").fetchall()
-
-    def is_member(self, member_id):
-        return self.db.execute("SELECT 1 FROM members WHERE id = ?",
-                               (member_id,)).fetchone() is not None
+        self.names[member_id] = name
 
     def append(self, sender_id, sender_name, text, message_id):
         """Store a message; return (Stored, is_new).
@@ -345,14 +338,14 @@ class Store:
             (up_to_seq, limit)).fetchall()
         return [Stored(*row) for row in reversed(rows)]
 
-    def messages_for(self, member_id, after_seq, up_to_seq, limit):
-        """Up to limit messages from others in (after_seq, up_to_seq], oldest
-        first. The member's own messages are skipped: it already has them."""
+    def messages_for(self, after_seq, up_to_seq, limit, skip_sender=None):
+        """Up to limit messages in (after_seq, up_to_seq], oldest first,
+        leaving out those of skip_sender (None: anyone's)."""
         rows = self.db.execute(
             f"SELECT {STORED_COLUMNS} "
-            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id != ? "
+            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id IS NOT ? "
             "ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq, member_id, limit)).fetchall()
+            (after_seq, up_to_seq, skip_sender, limit)).fetchall()
         return [Stored(*row) for row in rows]
 
 
@@ -370,7 +363,9 @@ class Store:
 # Events reach the hub already serialized, once, and every queue gets the
 # same bytes: with 1,000 members online that is one SerializeToString() per
 # message instead of 1,000. (Join is registered without a response
-# serializer in section 6, so gRPC sends these bytes as they are.)
+# serializer in section 6, so gRPC sends these bytes as they are.) The one
+# exception: a member that has just come online may get a shorter copy of
+# a presence event, made of the same bytes (ChatRoomServicer._send_presence).
 #
 # The hub hands events out in rounds: a round puts everything published
 # since the last one into the queues, which wakes the writers. A write costs
@@ -471,7 +466,7 @@ class Hub:
         self.online = {}      # member id -> Session
         self.too_slow = too_slow  # called with a session whose queue is full
         self.published = 0    # events published so far; numbers them
-        self.waiting = []     # (number, data, skip) for the next round
+        self.waiting = []     # (number, data, skip, only) for the next round
         self.next_round = None    # set from publish() to the round's end
         self.came_in_rest = False  # the first of them waits for a rest
         self.rest_until = 0.0     # loop time before which no round starts
@@ -492,11 +487,13 @@ class Hub:
         del self.online[session.member_id]
         return True
 
-    def publish(self, data, skip=None):
+    def publish(self, data, skip=(), only=None):
         """Queue data, in the next round, for the members online both now
-        and then, except skip. Rounds keep the order of publish()."""
+        and then, except the ids in skip; or, given only, for that one
+        session, if it is still online then. Rounds keep the order of
+        publish()."""
         self.published += 1
-        self.waiting.append((self.published, data, skip))
+        self.waiting.append((self.published, data, skip, only))
         if self.next_round is None:
             self._schedule_round(asyncio.get_running_loop())
 
@@ -512,12 +509,18 @@ class Hub:
         if len(waiting) > 1 or self.came_in_rest:
             self.busy_until = started + self.BUSY_FOR
         try:
-            for number, data, skip in waiting:
-                for member_id, session in list(self.online.items()):
+            for number, data, skip, only in waiting:
+                if only is None:
+                    sessions = list(self.online.items())
+                elif self.online.get(only.member_id) is only:
+                    sessions = [(only.member_id, only)]
+                else:
+                    continue  # gone offline meanwhile
+                for member_id, session in sessions:
                     # A member that came online after this was published
                     # has it already: a message in its replay, a presence
                     # change in its Welcome's member list.
-                    if member_id == skip or number < session.first_event:
+                    if member_id in skip or number < session.first_event:
                         continue
                     try:
                         session.queue.put_nowait(data)
@@ -595,17 +598,20 @@ class ChatRoomServicer:
                  rate=RATE):
         self.store = store
         self.hub = Hub(too_slow=self._too_slow)
-        self.fixed_group = bool(members)  # False: any valid id may join
+        # The group (--members): the only ids that may call us, in the order
+        # given (a dict, as an ordered set). None: any valid id may.
+        self.group = dict.fromkeys(members) if members else None
         self.max_clients = max_clients    # 0: no limit
         self.password = password          # None: no password
         self.rate = rate                  # messages a second; 0: no limit
         self.buckets = {}                 # member id -> TokenBucket
         self.presence = []                # pb.Members not yet announced
+        # Sessions that came online while those waited: (session, n), n the
+        # number of them that its Welcome already shows.
+        self.presence_joiners = []
         self.presence_timer = None
         self.reads_timer = None           # will call store.save_reads()
         self.closed_with = None  # (code, details) once everyone was sent off
-        if members:
-            store.add_members(members)
 
     # -- the RPCs, in the order a member uses them --
 
@@ -613,7 +619,8 @@ class ChatRoomServicer:
         """Replay what the member has not read, then stream live events."""
         member_id = request.client_id
         await self._check_member(context, member_id)
-        name = request.name or member_id
+        # No name given: the one the member used last time, else its id.
+        name = request.name or self.store.names.get(member_id, member_id)
         if problem := name_problem(name):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
@@ -648,8 +655,14 @@ class ChatRoomServicer:
             self.store.mark_read(member_id, request.after_seq)
             self._save_reads_soon()
             start = min(request.after_seq, self.store.last_seq)
-        else:                  # a new client process: use the stored position
+        else:                  # "I have no message": use the stored position
             start = self.store.read_seq(member_id)
+        # A client that resumes already has the messages it sent itself, so
+        # its replay leaves them out. A new client process has not: its
+        # replay includes them (not counted as unread), or it would see
+        # replies to things it never said.
+        resuming = request.resuming or request.after_seq > 0
+        skip_sender = member_id if resuming else None
         head = self.store.last_seq
         unread = self.store.count_unread(member_id, start, head)
         recent = self.store.recent(start, min(request.history,
@@ -664,6 +677,8 @@ class ChatRoomServicer:
                            "this session was closed.")
         if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
+        if self.presence:
+            self.presence_joiners.append((session, len(self.presence)))
         log.info("%s (%s) joined from %s; %d unread", name, member_id,
                  context.peer(), unread)
 
@@ -678,8 +693,8 @@ class ChatRoomServicer:
                 unread=unread, read_seq=start, members=self._members(),
                 recent=[to_message(stored) for stored in recent]
             )).SerializeToString())
-            while batch := self.store.messages_for(member_id, start, head,
-                                                   self.REPLAY_BATCH):
+            while batch := self.store.messages_for(
+                    start, head, self.REPLAY_BATCH, skip_sender):
                 await context.write(pb.Event(messages=[
                     to_message(stored) for stored in batch
                 ]).SerializeToString())
@@ -729,7 +744,7 @@ class ChatRoomServicer:
             # Same loop turn as the commit, so publish() order, and with it
             # every member's order, is seq order.
             self._send_presence()
-            self.hub.publish(to_event(stored), skip=member_id)
+            self.hub.publish(to_event(stored), skip={member_id})
         reply = pb.SendReply(seq=stored.seq)
         reply.sent_at.FromMicroseconds(stored.sent_at_us)
         return reply
@@ -764,12 +779,13 @@ class ChatRoomServicer:
 
     async def _check_member(self, context, member_id):
         """Refuse calls without the password (UNAUTHENTICATED), bad ids
-        (INVALID_ARGUMENT) and strangers (PERMISSION_DENIED)."""
+        (INVALID_ARGUMENT) and, with --members, every id not in it
+        (PERMISSION_DENIED), even one that joined this room before."""
         await self._check_password(context)
         if problem := id_problem(member_id):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
-        if self.fixed_group and not self.store.is_member(member_id):
+        if self.group is not None and member_id not in self.group:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                                f"id {member_id} is not a member of this group.")
 
@@ -783,9 +799,12 @@ class ChatRoomServicer:
         await context.abort(code, sentence)  # raises: the handler ends here
 
     def _members(self):
-        return [pb.Member(id=member_id, name=name,
+        """The group (--members), or in an open room everyone who has ever
+        joined it, each with its last name and whether it is online."""
+        names = self.store.names
+        return [pb.Member(id=member_id, name=names.get(member_id, member_id),
                           online=member_id in self.hub.online)
-                for member_id, name in self.store.members()]
+                for member_id in self.group or names]
 
     def _announce(self, session, online):
         """Tell everyone online that session's member came or went.
@@ -813,14 +832,27 @@ class ChatRoomServicer:
         self.store.save_reads()
 
     def _send_presence(self):
+        """Publish the presence changes that wait: one Event, its bytes
+        made once for everyone who was online before they began; a member
+        that came online meanwhile gets only what its Welcome did not show
+        (not its own arrival, nor what came before it), or nothing."""
         if self.presence_timer is not None:
             self.presence_timer.cancel()
             self.presence_timer = None
-        if self.presence:
-            changes, self.presence = self.presence, []
-            # Everyone gets the list, the members it names too (clients
-            # skip their own entry).
-            self.hub.publish(pb.Event(presence=changes).SerializeToString())
+        if not self.presence:
+            return
+        changes, self.presence = self.presence, []
+        joiners, self.presence_joiners = self.presence_joiners, []
+        # One Event per change, joined: their bytes are one Event with all
+        # the changes (chat.proto says why), and any tail of them is one
+        # too. So a trimmed copy costs a join of bytes, not a serialization.
+        parts = [pb.Event(presence=[member]).SerializeToString()
+                 for member in changes]
+        self.hub.publish(b"".join(parts),
+                         skip={session.member_id for session, _ in joiners})
+        for session, seen in joiners:
+            if seen < len(parts):
+                self.hub.publish(b"".join(parts[seen:]), only=session)
 
     def _too_slow(self, session):
         log.warning("%s (%s) fell %d events behind; disconnecting it",
@@ -881,16 +913,20 @@ def server_options(keepalive):
 
     Keepalive: HTTP/2 PING frames on an otherwise quiet connection. A member
     whose network vanished (no FIN, no RST: a laptop lid closed, a cable
-    pulled) is otherwise noticed only when the server next writes to it, and
-    a write can sit in a buffer for a long time. With these, the server
-    pings every `keepalive` seconds (--keepalive, default 30) and drops a
-    connection that does not answer within min(keepalive, 10) seconds. That
-    ends the member's Join stream and frees its place in the room.
+    pulled) is otherwise never noticed while the room is quiet: with nothing
+    to send, nothing can fail. With these, the server pings a client after
+    `keepalive` seconds (--keepalive, default 30) in which it received
+    nothing from it, and drops a connection that does not answer within
+    min(keepalive, 10) seconds. That ends the member's Join stream and frees
+    its place in the room. (A client that pings more often than that, as
+    ours does, is never pinged: its pings are bytes received.)
 
     The answer's deadline is grpc.http2.ping_timeout_ms (default: 1 minute).
     In grpcio 1.85, grpc.keepalive_timeout_ms alone did not drop a silent
     peer: its timer is armed only in a case that does not arise here
-    (chttp2 transport, writing.cc). We set both, to the same value.
+    (chttp2 transport, writing.cc); it does become the socket's
+    TCP_USER_TIMEOUT, which closes a connection whose sent bytes go
+    unacknowledged. We set both, to the same value.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -898,11 +934,16 @@ def server_options(keepalive):
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        # Our clients ping every 20 s too (section 7). By default a server
-        # takes a client's pings more often than every 5 minutes as abuse:
-        # after two "strikes", the next early ping gets the connection
-        # closed with GOAWAY "too_many_pings". Allow one every 10 s, with or
-        # without calls open.
+        # Pings from clients. By default a server takes pings more often
+        # than every 5 minutes as abuse. Each early one is a "strike";
+        # strikes are forgotten only when the server sends data, which a
+        # quiet room does not do for hours; after two, the next early ping
+        # gets the connection closed with GOAWAY "too_many_pings". chat.proto
+        # tells clients to ping at most every 20 s, and ours does (section
+        # 7). We allow half that, with or without calls open: a ping even
+        # 1 ms early is a strike, and timers do fire early. (The client has
+        # a counter of its own, grpc.http2.max_pings_without_data; section
+        # 7 sets it to 0, so that our client keeps pinging.)
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
@@ -998,8 +1039,9 @@ async def serve(args):
         return 1
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
-    log.info("room open to %s; history in %s; %s; %s",
-             ", ".join(args.members) if args.members else "any id", args.db,
+    log.info("%s; history in %s; %s; %s",
+             f"only ids {', '.join(servicer.group)} may join"
+             if servicer.group else "open room: any id may join", args.db,
              "TLS" if args.tls_cert else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
 
@@ -1306,7 +1348,7 @@ class ChatClient:
         while True:
             request = pb.JoinRequest(
                 client_id=self.member_id, name=self.name,
-                after_seq=self.last_seq,
+                after_seq=self.last_seq, resuming=joined_before,
                 history=0 if joined_before else self.history)
             with self._changed:
                 if self._leaving:

@@ -224,6 +224,91 @@ class JoinAndUnreadTest(ChatTestCase):
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice|1: hi", stream="stdout")
 
+    def test_own_messages_after_the_read_position_come_back(self):
+        """A new client process sees what it said since it last read, as
+        its own, in order with the replies, and not counted as unread."""
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        bob.type("hi")
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for("bob: hi", stream="stdout")
+        alice.type("one", "two")
+        self.assertEqual(alice.finish(), 0)  # has read "hi", not past it
+        bob.wait_for("alice: two", stream="stdout")
+        bob.type("three")
+        self.assertEqual(bob.finish(), 0)
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for(r"1 unread message;")
+        alice.wait_for("^-- end of unread messages --$")
+        self.assertEqual(texts(alice), ["alice: one", "alice: two",
+                                        "bob: three"])
+        bob = self.start_client(server, "2", "bob")
+        alice.type("four")  # seqs still line up: nothing twice, no gap
+        bob.wait_for("alice: four", stream="stdout")
+        bob.type("five")
+        alice.wait_for("bob: five", stream="stdout")
+        self.assertEqual(texts(alice), ["alice: one", "alice: two",
+                                        "bob: three", "bob: five"])
+
+    def test_own_messages_are_replayed_only_to_a_new_client(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+
+        def replay(**request):
+            call = stub.Join(pb.JoinRequest(client_id="1", **request),
+                             timeout=WAIT)
+            self.addCleanup(call.cancel)
+            welcome = next(call).welcome
+            messages = []
+            for event in call:
+                if event.HasField("caught_up"):
+                    return welcome, messages
+                messages.extend(event.messages)
+        welcome, messages = replay()  # a new client process
+        self.assertEqual(welcome.unread, 0)
+        self.assertEqual([(m.sender_id, m.sender_name, m.text)
+                          for m in messages], [("1", "alice", "hi")])
+        self.assertEqual(replay(resuming=True)[1], [])
+        stub.Send(pb.SendRequest(client_id="1", text="again"), timeout=WAIT)
+        self.assertEqual(replay(after_seq=1)[1], [])  # resuming, too
+        welcome, messages = replay(history=5)  # "hi" now read: in recent
+        self.assertEqual([(m.sender_id, m.text) for m in welcome.recent],
+                         [("1", "hi")])
+        self.assertEqual([m.text for m in messages], ["again"])
+
+    def test_running_client_is_not_sent_its_own_messages_again(self):
+        # alice has read nothing (after_seq 0) when the server restarts.
+        server = self.start_server("--members", "1,2")
+        port = server.address.rsplit(":", 1)[1]
+        bob = self.raw_join(self.stub(server), "2", "bob")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("first")
+        next(event for event in bob if event.messages)  # "first" is stored
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        server = self.start_server("--members", "1,2", port=port)
+        alice.wait_for("^reconnected to ")
+        stub = self.stub(server)
+        self.raw_join(stub, "2", "bob")
+        stub.Send(pb.SendRequest(client_id="2", text="back"), timeout=WAIT)
+        alice.wait_for("bob: back", stream="stdout")
+        self.assertEqual(texts(alice), ["bob: back"])
+
+    def test_member_without_a_name_keeps_the_one_it_used(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice").cancel()
+        self.raw_join(stub, "1")  # no name this time
+        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        bob = stub.Join(pb.JoinRequest(client_id="2"), timeout=WAIT)
+        self.addCleanup(bob.cancel)
+        welcome = next(bob).welcome
+        self.assertEqual([(m.id, m.name, m.online) for m in welcome.members],
+                         [("1", "alice", True), ("2", "2", True)])
+        self.assertEqual(next(bob).messages[0].sender_name, "alice")
+
 
 class SendAndFanOutTest(ChatTestCase):
     """One message, stored once, delivered to everyone else in one order."""
@@ -254,6 +339,32 @@ class SendAndFanOutTest(ChatTestCase):
         self.assertEqual(alice.finish(), 0)
         chad.wait_for(r"^\* alice left$")
         self.assertNotIn("* alice joined", chad.output("stderr"))
+
+    def test_presence_tells_each_member_only_news(self):
+        """Presence changes go out in batches; a member that joins while
+        one is collecting hears neither of its own arrival nor of what its
+        Welcome already showed."""
+        server = self.start_server()
+        stub = self.stub(server)
+        calls = {name: self.raw_join(stub, name, name)
+                 for name in ("zed", "alice", "bob", "x")}
+        calls.pop("x").cancel()
+        server.wait_for(r"x \(x\) left")
+        calls["chad"] = self.raw_join(stub, "chad", "chad")
+        stub.Send(pb.SendRequest(client_id="zed", text="end"), timeout=WAIT)
+
+        def presence_until_the_message(call):
+            changes = []
+            for event in call:
+                changes += [(m.id, m.online) for m in event.presence]
+                if event.messages:  # sent after every change above
+                    return changes
+        self.assertEqual(presence_until_the_message(calls["alice"]),
+                         [("bob", True), ("x", True), ("x", False),
+                          ("chad", True)])
+        self.assertEqual(presence_until_the_message(calls["bob"]),
+                         [("x", True), ("x", False), ("chad", True)])
+        self.assertEqual(presence_until_the_message(calls["chad"]), [])
 
     def test_concurrent_senders_give_one_order_with_nothing_lost(self):
         server = self.start_server("--members", "1,2,3,4")
@@ -386,6 +497,47 @@ class WhoMayJoinTest(ChatTestCase):
         alice = self.start_client(server, "1", "alice")
         alice.type("/who")
         alice.wait_for(r"^members: alice \(1, online\), 2 \(2\), 3 \(3\)$")
+
+    def test_members_is_the_only_gate(self):
+        """With --members, exactly those ids get in, whoever used the same
+        database before; the messages of the others stay in the history."""
+        def restart(*args):
+            server.popen.send_signal(signal.SIGTERM)
+            self.assertEqual(server.wait(), 0)
+            return self.start_server(*args)
+
+        def assertShutOut(client_id):
+            stub = self.stub(server)
+            join = stub.Join(pb.JoinRequest(client_id=client_id))
+            self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
+                               lambda timeout: list(join))
+            for call, request in (
+                    (stub.Send, pb.SendRequest(client_id=client_id,
+                                               text="let me in")),
+                    (stub.MarkRead, pb.MarkReadRequest(client_id=client_id,
+                                                       up_to_seq=1)),
+                    (stub.ListMembers, pb.ListMembersRequest(
+                        client_id=client_id))):
+                self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, call,
+                                   request)
+
+        server = self.start_server()  # open room
+        server.wait_for("open room: any id may join")
+        stub = self.stub(server)
+        self.raw_join(stub, "9", "eve")
+        stub.Send(pb.SendRequest(client_id="9", text="hi"), timeout=WAIT)
+        server = restart("--members", "1,2,3")
+        server.wait_for("only ids 1, 2, 3 may join")
+        assertShutOut("9")
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for("eve: hi", stream="stdout")
+        listed = self.stub(server).ListMembers(
+            pb.ListMembersRequest(client_id="1"), timeout=WAIT).members
+        self.assertEqual([(m.id, m.name) for m in listed],
+                         [("1", "alice"), ("2", "2"), ("3", "3")])
+        self.assertEqual(alice.finish(), 0)
+        server = restart("--members", "1,2")
+        assertShutOut("3")
 
 
 class CrashAndRestartTest(ChatTestCase):
