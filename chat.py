@@ -1287,10 +1287,15 @@ class ChatClient:
 
     def connect(self):
         """Join the room. Blocks until the replay of unread messages is over
-        (CaughtUp); raises Refused if the server refuses or cannot be
-        reached."""
+        (CaughtUp), or until we were in and lost the server again (then we
+        are reconnecting); raises Refused if the server refuses or cannot
+        be reached."""
         self.start()
-        self._wait_online()
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._state != "connecting" or self._leaving)
+            if self._state == "closed":
+                raise self.refusal
 
     def send(self, text):
         """Send one message; block until the server has stored it and
