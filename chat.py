@@ -65,8 +65,16 @@ import threading
 import time
 import uuid
 
-import grpc
-from google.protobuf.message import DecodeError
+# gRPC's core (C++) writes its own log lines to stderr, e.g. "E1127
+# 12:00:00.000 ... ssl_transport_security.cc:1569] Invalid private key."
+# What matters to a user reaches us as an exception or a status code, which
+# we turn into a sentence, so core stays quiet unless you set GRPC_VERBOSITY
+# yourself (GRPC_VERBOSITY=error shows its errors again). Core reads the
+# variable once, when grpc is imported: hence this line before the import.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
 
 log = logging.getLogger("chat")
 
