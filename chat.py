@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import errno
 import hmac
 import json
 import logging
@@ -57,7 +58,9 @@ import os
 import queue
 import re
 import signal
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -910,6 +913,10 @@ def server_options(keepalive):
         # without calls open.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # grpcio sets SO_REUSEPORT by default, so a second server on our
+        # port would start without an error, and the kernel would split new
+        # clients between the two rooms. Off, the second one's bind fails.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -957,10 +964,104 @@ def parsed_as(request_class, method):
     return handler
 
 
+class StartUpError(Exception):
+    """A file, port or address named on the command line will not do; the
+    message is one sentence. main() prints it and exits with status 1."""
+
+
+def check_tls_files(cert_flag, cert, key=None):
+    """Raise StartUpError, naming the flag, unless cert is a PEM certificate
+    and key, if given, its PEM private key. Given a bad file, gRPC says only
+    "Failed to bind to address" on the server, and fails every connection
+    attempt on the client; Python's ssl module reads the same files and
+    says what is wrong."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cert)
+    except ssl.SSLError:
+        raise StartUpError(f"{cert_flag} {cert} is not a PEM certificate.")
+    except OSError as error:
+        raise StartUpError(f"cannot read {cert_flag} {cert} "
+                           f"({error.strerror}).")
+    if key is None:
+        return
+    try:
+        context.load_cert_chain(cert, key, password=b"")  # never prompts
+    except ssl.SSLError as error:
+        if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            raise StartUpError(f"--tls-key {key} is not the private key of "
+                               f"--tls-cert {cert}.")
+        raise StartUpError(f"--tls-key {key} is not a PEM private key "
+                           "without a passphrase.")
+    except OSError as error:
+        raise StartUpError(f"cannot read --tls-key {key} ({error.strerror}).")
+
+
 def tls_credentials(args):
     """The server's certificate and private key, for TLS."""
+    check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
     with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+def listen(server, host, port, credentials=None):
+    """Make server listen on host:port, with TLS if credentials are given.
+    Returns the port: the one the OS picked, for port 0."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:  # "Failed to bind to address", and no reason
+        raise StartUpError(bind_problem(host, port))
+
+
+def bind_problem(host, port):
+    """Why host:port cannot be listened on, in a sentence: found by trying
+    the same bind with a plain socket, which reports the OS's errno."""
+    if ":" in host and not host.startswith("["):
+        return f"--host {host}: put an IPv6 address in brackets, [{host}]."
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port,
+                                       type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"--host {host}: no such name or address."
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            # Like gRPC's: a connection of the last server on this port
+            # that is still closing (TIME_WAIT) does not count as in use.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return (f"port {port} is already in use; stop what "
+                            "listens there, or choose another --port.")
+                if error.errno == errno.EADDRNOTAVAIL:
+                    return (f"--host {host} is not an address of this "
+                            "machine; 0.0.0.0 means all of them.")
+                return f"cannot listen on {host}:{port} ({error.strerror})."
+    return (f"cannot listen on {host}:{port}; GRPC_VERBOSITY=error shows "
+            "gRPC's reason.")
+
+
+def db_problem(path, error):
+    """Why SQLite could not open --db path (it raised error), in a sentence."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return (f"--db {path} is a folder; name a file in it, e.g. "
+                f"{os.path.join(path, 'chat.db')}.")
+    if not os.path.isdir(folder):
+        return f"--db {path}: there is no folder {folder}."
+    if "not a database" in str(error):
+        return (f"--db {path} is not an SQLite database; name a new file or "
+                "one a chat server made.")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"--db {path} is read-only; the server must write to it."
+    if not os.access(folder, os.W_OK):
+        return (f"--db {path}: the folder {folder} is not writable (SQLite "
+                "keeps a journal file next to the database).")
+    return f"cannot open --db {path} ({error})."
 
 
 async def until_stopped():
@@ -973,12 +1074,15 @@ async def until_stopped():
 
 
 async def serve(args):
-    """Run the server until SIGINT or SIGTERM. Returns the exit status."""
+    """Run the server until SIGINT or SIGTERM. Returns the exit status;
+    raises StartUpError if it cannot start."""
+    credentials = tls_credentials(args) if args.tls_cert else None
     try:
         store = Store(args.db)
     except StoreLocked as error:
-        log.error("%s; stop it first, or use another --db.", error)
-        return 1
+        raise StartUpError(f"{error}; stop it first, or use another --db.")
+    except sqlite3.Error as error:
+        raise StartUpError(db_problem(args.db, error))
     servicer = ChatRoomServicer(store, args.members, args.max_clients,
                                 os.environ.get("CHAT_PASSWORD") or None,
                                 args.rate)
@@ -990,17 +1094,11 @@ async def serve(args):
     # in (aio/server.pyx.pxi, _server_main_loop).
     server.add_registered_method_handlers("chat.ChatRoom",
                                           chat_room_handlers(servicer))
-    address = f"{args.host}:{args.port}"
-    try:  # port 0: the OS picks a free port, and we get its number back
-        if args.tls_cert:
-            port = server.add_secure_port(address, tls_credentials(args))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as error:
-        log.error("cannot listen on %s (%s); is the port in use?",
-                  address, error)
+    try:
+        port = listen(server, args.host, args.port, credentials)
+    except StartUpError:
         store.close()
-        return 1
+        raise
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
     log.info("room open to %s; history in %s; %s; %s",
@@ -2091,7 +2189,7 @@ class BaselineServicer:
 async def serve_baseline(args):
     server = grpc.aio.server(options=server_options(30))
     services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = listen(server, args.host, args.port)
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)
     await until_stopped()
@@ -2533,6 +2631,8 @@ def run_client(args):
         if problem:
             print(f"chat: {problem}", file=sys.stderr)
             return 2
+    if args.tls_ca:
+        check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
         fallback = gui_unavailable()
         if fallback is None:
@@ -2594,7 +2694,11 @@ def run_demo(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StartUpError as error:
+        print(f"chat: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
