@@ -54,6 +54,7 @@ import errno
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -2510,15 +2511,75 @@ def print_run(run):
 # 11. main(argv) --------------------------------------------------------------
 
 
+# argparse types: each turns a flag's text into a value or refuses it with a
+# sentence. argparse then prints "argument --rate: must be 0 or more, not
+# '-5'" under the command's usage and exits with status 2, its sign of a
+# mistake on the command line.
+
+def number(kind, rule, ok):
+    """An argparse type: an int or a float (kind) for which ok(value) holds;
+    rule says in words which values those are."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
+        return value
+    return parse
+
+
+PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
+COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
+
+
+def member_id(text):
+    """--id: the same rule the server checks."""
+    if problem := id_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def display_name(text):
+    """--name: the same rule the server checks."""
+    if problem := name_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def member_list(text):
-    """argparse type for --members: '1,2,3' -> ['1', '2', '3']."""
-    ids = [part.strip() for part in text.split(",") if part.strip()]
-    for member_id in ids:
-        if problem := id_problem(member_id):
-            raise argparse.ArgumentTypeError(problem)
+    """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
+    ids = [member_id(part.strip()) for part in text.split(",")
+           if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
-    return ids
+    return list(dict.fromkeys(ids))  # without repeats, in the order given
+
+
+def server_address(text):
+    """client --server: HOST:PORT. gRPC would take a mistake here for a
+    server that cannot be reached, and keep trying."""
+    host, _, port = text.rpartition(":")
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{port!r} in {text!r} is not a port number (1 to 65535)")
+    return text
+
+
+def geometry(text):
+    """client --geometry: Tk's WxH+X+Y (or WxH, or +X+Y), in pixels."""
+    if not re.fullmatch(r"\d+x\d+([+-]-?\d+[+-]-?\d+)?|[+-]-?\d+[+-]-?\d+",
+                        text):
+        raise argparse.ArgumentTypeError(
+            f"give WxH+X+Y in pixels, e.g. 420x520+0+0, not {text!r}")
+    return text
 
 
 def build_parser():
@@ -2526,27 +2587,34 @@ def build_parser():
                                      description="A group chat over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    server = commands.add_parser("server", help="run the chat server")
+    server = commands.add_parser(
+        "server", help="run the chat server",
+        description="Run the chat server: one room, until Ctrl-C.",
+        epilog="A room password, if you want one, comes from the environment "
+        "variable CHAT_PASSWORD, here and on every client (a flag would show "
+        "in `ps`).")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; "
                         "0.0.0.0 serves your LAN)")
-    server.add_argument("--port", type=int, default=50051,
+    server.add_argument("--port", type=PORT, default=50051,
                         help="port to listen on (default: %(default)s; "
                         "0 picks a free one)")
     server.add_argument("--members", type=member_list,
                         help="comma-separated ids allowed to join, e.g. "
                         "1,2,3 (default: any id)")
-    server.add_argument("--max-clients", type=int, default=0,
+    server.add_argument("--max-clients", type=COUNT, default=0,
                         help="most members online at once (default: 0, "
                         "no limit)")
     server.add_argument("--db", default="chat.db",
                         help="SQLite file for history and read positions "
                         "(default: %(default)s; :memory: keeps nothing)")
-    server.add_argument("--rate", type=float, default=RATE,
+    server.add_argument("--rate", default=RATE,
+                        type=number(float, "0 or more", lambda n: n >= 0),
                         help="messages a second each member may send, with "
                         "bursts of twice that (default: %(default)s; "
                         "0: no limit)")
-    server.add_argument("--keepalive", type=float, default=30,
+    server.add_argument("--keepalive", default=30,
+                        type=number(float, "more than 0", lambda n: n > 0),
                         help="seconds between pings to each client; one "
                         "that does not answer is dropped (default: "
                         "%(default)s)")
@@ -2555,16 +2623,23 @@ def build_parser():
                         "plaintext (needs --tls-key)")
     server.add_argument("--tls-key", metavar="FILE",
                         help="PEM private key for --tls-cert")
-    server.add_argument("--log-level", default="INFO",
+    server.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     server.set_defaults(func=run_server)
 
-    client = commands.add_parser("client", help="join the chat")
+    client = commands.add_parser(
+        "client", help="join the chat",
+        description="Join the chat: a window, or the terminal client.",
+        epilog="If the room has a password, give it in the environment "
+        "variable CHAT_PASSWORD.")
     client.add_argument("--id", required=True, dest="client_id", metavar="ID",
-                        help="your member id, e.g. 1")
-    client.add_argument("--name", help="display name (default: your id)")
+                        type=member_id, help="your member id: 1 to 32 "
+                        "letters, digits, _ . or -, e.g. 1")
+    client.add_argument("--name", type=display_name,
+                        help="display name (default: your id)")
     client.add_argument("--server", default="127.0.0.1:50051",
+                        metavar="HOST:PORT", type=server_address,
                         help="HOST:PORT of the chat server "
                         "(default: %(default)s)")
     client.add_argument("--tls-ca", metavar="FILE",
@@ -2572,12 +2647,15 @@ def build_parser():
                         "own, if self-signed, or its CA's): use TLS")
     client.add_argument("--no-gui", action="store_true",
                         help="use the terminal client instead of the window")
-    client.add_argument("--geometry", metavar="WxH+X+Y",
+    client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
                         help="size and place of the window, e.g. 420x520+0+0")
     client.set_defaults(func=run_client)
 
     demo = commands.add_parser(
-        "demo", help="a throwaway server and windows for alice, bob, chad")
+        "demo", help="a throwaway server and windows for alice, bob, chad",
+        description="Start a server that keeps nothing (--db :memory:, "
+        "members 1, 2 and 3) and a window for each of alice, bob and chad. "
+        "It stops when the last window closes.")
     demo.set_defaults(func=run_demo)
 
     bench = commands.add_parser(
@@ -2605,32 +2683,33 @@ def build_parser():
 
     baseline = commands.add_parser(
         "baseline", help="the bare grpc.aio fan-out server bench compares "
-        "against (no storage, no checks)")
-    baseline.add_argument("--host", default="127.0.0.1")
-    baseline.add_argument("--port", type=int, default=50052)
+        "against (no storage, no checks)",
+        description="Run the bare grpc.aio fan-out server that `bench "
+        "--baseline` compares the chat server with: it stores nothing, "
+        "checks nothing and limits nothing. Not a chat room for people.")
+    baseline.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on (default: %(default)s)")
+    baseline.add_argument("--port", type=PORT, default=50052,
+                          help="port to listen on (default: %(default)s; "
+                          "0 picks a free one)")
     baseline.set_defaults(func=run_baseline)
+
+    # argparse reports a flag it does not know with the top-level usage;
+    # main() uses the command's own parser instead, which shows its flags.
+    for command in commands.choices.values():
+        command.set_defaults(parser=command)
     return parser
 
 
 def run_server(args):
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    if args.max_clients < 0 or args.rate < 0 or args.keepalive <= 0:
-        log.error("--max-clients and --rate must be 0 or more, "
-                  "--keepalive more than 0")
-        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
-        log.error("--tls-cert and --tls-key go together")
-        return 2
+        args.parser.error("--tls-cert and --tls-key go together")
     return asyncio.run(serve(args))
 
 
 def run_client(args):
-    for problem in (id_problem(args.client_id),
-                    name_problem(args.name or "")):
-        if problem:
-            print(f"chat: {problem}", file=sys.stderr)
-            return 2
     if args.tls_ca:
         check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
@@ -2693,7 +2772,9 @@ def run_demo(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except StartUpError as error:
