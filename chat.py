@@ -50,10 +50,12 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import errno
 import getpass
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -68,8 +70,16 @@ import threading
 import time
 import uuid
 
-import grpc
-from google.protobuf.message import DecodeError
+# gRPC's core (C++) writes its own log lines to stderr, e.g. "E1127
+# 12:00:00.000 ... ssl_transport_security.cc:1569] Invalid private key."
+# What matters to a user reaches us as an exception or a status code, which
+# we turn into a sentence, so core stays quiet unless you set GRPC_VERBOSITY
+# yourself (GRPC_VERBOSITY=error shows its errors again). Core reads the
+# variable once, when grpc is imported: hence this line before the import.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
 
 log = logging.getLogger("chat")
 
@@ -946,6 +956,10 @@ def server_options(keepalive):
         # 7 sets it to 0, so that our client keeps pinging.)
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # grpcio sets SO_REUSEPORT by default, so a second server on our
+        # port would start without an error, and the kernel would split new
+        # clients between the two rooms. Off, the second one's bind fails.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -993,10 +1007,104 @@ def parsed_as(request_class, method):
     return handler
 
 
+class StartUpError(Exception):
+    """A file, port or address named on the command line will not do; the
+    message is one sentence. main() prints it and exits with status 1."""
+
+
+def check_tls_files(cert_flag, cert, key=None):
+    """Raise StartUpError, naming the flag, unless cert is a PEM certificate
+    and key, if given, its PEM private key. Given a bad file, gRPC says only
+    "Failed to bind to address" on the server, and fails every connection
+    attempt on the client; Python's ssl module reads the same files and
+    says what is wrong."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cert)
+    except ssl.SSLError:
+        raise StartUpError(f"{cert_flag} {cert} is not a PEM certificate.")
+    except OSError as error:
+        raise StartUpError(f"cannot read {cert_flag} {cert} "
+                           f"({error.strerror}).")
+    if key is None:
+        return
+    try:
+        context.load_cert_chain(cert, key, password=b"")  # never prompts
+    except ssl.SSLError as error:
+        if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            raise StartUpError(f"--tls-key {key} is not the private key of "
+                               f"--tls-cert {cert}.")
+        raise StartUpError(f"--tls-key {key} is not a PEM private key "
+                           "without a passphrase.")
+    except OSError as error:
+        raise StartUpError(f"cannot read --tls-key {key} ({error.strerror}).")
+
+
 def tls_credentials(args):
     """The server's certificate and private key, for TLS."""
+    check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
     with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+def listen(server, host, port, credentials=None):
+    """Make server listen on host:port, with TLS if credentials are given.
+    Returns the port: the one the OS picked, for port 0."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:  # "Failed to bind to address", and no reason
+        raise StartUpError(bind_problem(host, port))
+
+
+def bind_problem(host, port):
+    """Why host:port cannot be listened on, in a sentence: found by trying
+    the same bind with a plain socket, which reports the OS's errno."""
+    if ":" in host and not host.startswith("["):
+        return f"--host {host}: put an IPv6 address in brackets, [{host}]."
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port,
+                                       type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"--host {host}: no such name or address."
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            # Like gRPC's: a connection of the last server on this port
+            # that is still closing (TIME_WAIT) does not count as in use.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return (f"port {port} is already in use; stop what "
+                            "listens there, or choose another --port.")
+                if error.errno == errno.EADDRNOTAVAIL:
+                    return (f"--host {host} is not an address of this "
+                            "machine; 0.0.0.0 means all of them.")
+                return f"cannot listen on {host}:{port} ({error.strerror})."
+    return (f"cannot listen on {host}:{port}; GRPC_VERBOSITY=error shows "
+            "gRPC's reason.")
+
+
+def db_problem(path, error):
+    """Why SQLite could not open --db path (it raised error), in a sentence."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return (f"--db {path} is a folder; name a file in it, e.g. "
+                f"{os.path.join(path, 'chat.db')}.")
+    if not os.path.isdir(folder):
+        return f"--db {path}: there is no folder {folder}."
+    if "not a database" in str(error):
+        return (f"--db {path} is not an SQLite database; name a new file or "
+                "one a chat server made.")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"--db {path} is read-only; the server must write to it."
+    if not os.access(folder, os.W_OK):
+        return (f"--db {path}: the folder {folder} is not writable (SQLite "
+                "keeps a journal file next to the database).")
+    return f"cannot open --db {path} ({error})."
 
 
 async def until_stopped():
@@ -1009,12 +1117,15 @@ async def until_stopped():
 
 
 async def serve(args):
-    """Run the server until SIGINT or SIGTERM. Returns the exit status."""
+    """Run the server until SIGINT or SIGTERM. Returns the exit status;
+    raises StartUpError if it cannot start."""
+    credentials = tls_credentials(args) if args.tls_cert else None
     try:
         store = Store(args.db)
     except StoreLocked as error:
-        log.error("%s; stop it first, or use another --db.", error)
-        return 1
+        raise StartUpError(f"{error}; stop it first, or use another --db.")
+    except sqlite3.Error as error:
+        raise StartUpError(db_problem(args.db, error))
     servicer = ChatRoomServicer(store, args.members, args.max_clients,
                                 os.environ.get("CHAT_PASSWORD") or None,
                                 args.rate)
@@ -1026,17 +1137,11 @@ async def serve(args):
     # in (aio/server.pyx.pxi, _server_main_loop).
     server.add_registered_method_handlers("chat.ChatRoom",
                                           chat_room_handlers(servicer))
-    address = f"{args.host}:{args.port}"
-    try:  # port 0: the OS picks a free port, and we get its number back
-        if args.tls_cert:
-            port = server.add_secure_port(address, tls_credentials(args))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as error:
-        log.error("cannot listen on %s (%s); is the port in use?",
-                  address, error)
+    try:
+        port = listen(server, args.host, args.port, credentials)
+    except StartUpError:
         store.close()
-        return 1
+        raise
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
     log.info("%s; history in %s; %s; %s",
@@ -2395,7 +2500,7 @@ class BaselineServicer:
 async def serve_baseline(args):
     server = grpc.aio.server(options=server_options(30))
     services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = listen(server, args.host, args.port)
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)
     await until_stopped()
@@ -2716,15 +2821,75 @@ def print_run(run):
 # 11. main(argv) --------------------------------------------------------------
 
 
+# argparse types: each turns a flag's text into a value or refuses it with a
+# sentence. argparse then prints "argument --rate: must be 0 or more, not
+# '-5'" under the command's usage and exits with status 2, its sign of a
+# mistake on the command line.
+
+def number(kind, rule, ok):
+    """An argparse type: an int or a float (kind) for which ok(value) holds;
+    rule says in words which values those are."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
+        return value
+    return parse
+
+
+PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
+COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
+
+
+def member_id(text):
+    """--id: the same rule the server checks."""
+    if problem := id_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def display_name(text):
+    """--name: the same rule the server checks."""
+    if problem := name_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def member_list(text):
-    """argparse type for --members: '1,2,3' -> ['1', '2', '3']."""
-    ids = [part.strip() for part in text.split(",") if part.strip()]
-    for member_id in ids:
-        if problem := id_problem(member_id):
-            raise argparse.ArgumentTypeError(problem)
+    """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
+    ids = [member_id(part.strip()) for part in text.split(",")
+           if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
-    return ids
+    return list(dict.fromkeys(ids))  # without repeats, in the order given
+
+
+def server_address(text):
+    """client --server: HOST:PORT. gRPC would take a mistake here for a
+    server that cannot be reached, and keep trying."""
+    host, _, port = text.rpartition(":")
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{port!r} in {text!r} is not a port number (1 to 65535)")
+    return text
+
+
+def geometry(text):
+    """client --geometry: Tk's WxH+X+Y (or WxH, or +X+Y), in pixels."""
+    if not re.fullmatch(r"\d+x\d+([+-]-?\d+[+-]-?\d+)?|[+-]-?\d+[+-]-?\d+",
+                        text):
+        raise argparse.ArgumentTypeError(
+            f"give WxH+X+Y in pixels, e.g. 420x520+0+0, not {text!r}")
+    return text
 
 
 def build_parser():
@@ -2732,27 +2897,34 @@ def build_parser():
                                      description="A group chat over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    server = commands.add_parser("server", help="run the chat server")
+    server = commands.add_parser(
+        "server", help="run the chat server",
+        description="Run the chat server: one room, until Ctrl-C.",
+        epilog="A room password, if you want one, comes from the environment "
+        "variable CHAT_PASSWORD, here and on every client (a flag would show "
+        "in `ps`).")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; "
                         "0.0.0.0 serves your LAN)")
-    server.add_argument("--port", type=int, default=50051,
+    server.add_argument("--port", type=PORT, default=50051,
                         help="port to listen on (default: %(default)s; "
                         "0 picks a free one)")
     server.add_argument("--members", type=member_list,
                         help="comma-separated ids allowed to join, e.g. "
                         "1,2,3 (default: any id)")
-    server.add_argument("--max-clients", type=int, default=0,
+    server.add_argument("--max-clients", type=COUNT, default=0,
                         help="most members online at once (default: 0, "
                         "no limit)")
     server.add_argument("--db", default="chat.db",
                         help="SQLite file for history and read positions "
                         "(default: %(default)s; :memory: keeps nothing)")
-    server.add_argument("--rate", type=float, default=RATE,
+    server.add_argument("--rate", default=RATE,
+                        type=number(float, "0 or more", lambda n: n >= 0),
                         help="messages a second each member may send, with "
                         "bursts of twice that (default: %(default)s; "
                         "0: no limit)")
-    server.add_argument("--keepalive", type=float, default=30,
+    server.add_argument("--keepalive", default=30,
+                        type=number(float, "more than 0", lambda n: n > 0),
                         help="seconds between pings to each client; one "
                         "that does not answer is dropped (default: "
                         "%(default)s)")
@@ -2761,16 +2933,23 @@ def build_parser():
                         "plaintext (needs --tls-key)")
     server.add_argument("--tls-key", metavar="FILE",
                         help="PEM private key for --tls-cert")
-    server.add_argument("--log-level", default="INFO",
+    server.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     server.set_defaults(func=run_server)
 
-    client = commands.add_parser("client", help="join the chat")
+    client = commands.add_parser(
+        "client", help="join the chat",
+        description="Join the chat: a window, or the terminal client.",
+        epilog="If the room has a password, give it in the environment "
+        "variable CHAT_PASSWORD.")
     client.add_argument("--id", required=True, dest="client_id", metavar="ID",
-                        help="your member id, e.g. 1")
-    client.add_argument("--name", help="display name (default: your id)")
+                        type=member_id, help="your member id: 1 to 32 "
+                        "letters, digits, _ . or -, e.g. 1")
+    client.add_argument("--name", type=display_name,
+                        help="display name (default: your id)")
     client.add_argument("--server", default="127.0.0.1:50051",
+                        metavar="HOST:PORT", type=server_address,
                         help="HOST:PORT of the chat server "
                         "(default: %(default)s)")
     client.add_argument("--tls-ca", metavar="FILE",
@@ -2778,12 +2957,15 @@ def build_parser():
                         "own, if self-signed, or its CA's): use TLS")
     client.add_argument("--no-gui", action="store_true",
                         help="use the terminal client instead of the window")
-    client.add_argument("--geometry", metavar="WxH+X+Y",
+    client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
                         help="size and place of the window, e.g. 420x520+0+0")
     client.set_defaults(func=run_client)
 
     demo = commands.add_parser(
-        "demo", help="a throwaway server and windows for alice, bob, chad")
+        "demo", help="a throwaway server and windows for alice, bob, chad",
+        description="Start a server that keeps nothing (--db :memory:, "
+        "members 1, 2 and 3) and a window for each of alice, bob and chad. "
+        "It stops when the last window closes.")
     demo.set_defaults(func=run_demo)
 
     bench = commands.add_parser(
@@ -2811,32 +2993,35 @@ def build_parser():
 
     baseline = commands.add_parser(
         "baseline", help="the bare grpc.aio fan-out server bench compares "
-        "against (no storage, no checks)")
-    baseline.add_argument("--host", default="127.0.0.1")
-    baseline.add_argument("--port", type=int, default=50052)
+        "against (no storage, no checks)",
+        description="Run the bare grpc.aio fan-out server that `bench "
+        "--baseline` compares the chat server with: it stores nothing, "
+        "checks nothing and limits nothing. Not a chat room for people.")
+    baseline.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on (default: %(default)s)")
+    baseline.add_argument("--port", type=PORT, default=50052,
+                          help="port to listen on (default: %(default)s; "
+                          "0 picks a free one)")
     baseline.set_defaults(func=run_baseline)
+
+    # argparse reports a flag it does not know with the top-level usage;
+    # main() uses the command's own parser instead, which shows its flags.
+    for command in commands.choices.values():
+        command.set_defaults(parser=command)
     return parser
 
 
 def run_server(args):
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    if args.max_clients < 0 or args.rate < 0 or args.keepalive <= 0:
-        log.error("--max-clients and --rate must be 0 or more, "
-                  "--keepalive more than 0")
-        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
-        log.error("--tls-cert and --tls-key go together")
-        return 2
+        args.parser.error("--tls-cert and --tls-key go together")
     return asyncio.run(serve(args))
 
 
 def run_client(args):
-    for problem in (id_problem(args.client_id),
-                    name_problem(args.name or "")):
-        if problem:
-            print(f"chat: {problem}", file=sys.stderr)
-            return 2
+    if args.tls_ca:
+        check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
         fallback = gui_unavailable()
         if fallback is None:
@@ -2896,8 +3081,14 @@ def run_demo(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except StartUpError as error:
+        print(f"chat: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1418,6 +1418,165 @@ class WindowViewTest(XvfbTestCase):
         self.assertTrue(self.view_text().endswith("bob: message 60"))
 
 
+class StartUpMistakesTest(ChatTestCase):
+    """Every ordinary mistake on the command line gets a sentence naming
+    the flag and a non-zero exit status, never a traceback: status 2 with
+    the command's usage for a wrong flag value (argparse's convention), 1
+    for a file, port or address that will not do."""
+
+    CORE_LOG_LINE = r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ "  # gRPC's own
+
+    def assertAllRefused(self, status, cases):
+        """Run `chat.py *args` for each (args, pattern), all at once. Each
+        must exit with status, and its stderr end in a line matching pattern:
+        for status 1, its only line."""
+        started = [(self.start(*args), pattern) for args, pattern in cases]
+        for process, pattern in started:
+            with self.subTest(args=process.args):
+                self.assertEqual(process.finish(), status)
+                errors = process.output("stderr")
+                self.assertNotIn("Traceback", "\n".join(errors))
+                self.assertRegex(errors[-1], pattern)
+                if status == 1:
+                    self.assertEqual(len(errors), 1, errors)
+
+    def make_certificates(self):
+        """A self-signed certificate with its key, and a key of another."""
+        if not shutil.which("openssl"):
+            self.skipTest("openssl not found")
+        names = [os.path.join(self.tmp.name, name)
+                 for name in ("server.crt", "server.key", "other.key")]
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        for command in (
+                ["req", "-x509", *ec, "-nodes", "-out", names[0], "-keyout",
+                 names[1], "-days", "1", "-subj", "/CN=localhost", "-addext",
+                 "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                ["genpkey", "-algorithm", "EC", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-out", names[2]]):
+            subprocess.run(["openssl", *command], check=True,
+                           capture_output=True, timeout=WAIT)
+        return names
+
+    def test_wrong_flag_values_name_the_flag(self):
+        url = "http://127.0.0.1:1"
+        self.assertAllRefused(2, [
+            (("server", "--port", "99999"), "argument --port: must be"),
+            (("server", "--port", "-1"), "argument --port: must be"),
+            (("baseline", "--port", "70000"), "argument --port: must be"),
+            (("server", "--rate", "-5"), "argument --rate: must be 0 or"),
+            (("server", "--max-clients", "-1"), "argument --max-clients"),
+            (("server", "--keepalive", "0"),
+             "argument --keepalive: must be more than 0"),
+            (("server", "--tls-cert", "server.crt"),
+             "--tls-cert and --tls-key go together"),
+            (("client", "--id", "a b"), "argument --id: .* not valid"),
+            (("client", "--id", "1", "--server", url),
+             "argument --server: .*not a URL"),
+            (("client", "--id", "1", "--server", "127.0.0.1"),
+             "argument --server: give HOST:PORT"),
+            (("client", "--id", "1", "--server", ""),
+             "argument --server: give HOST:PORT"),
+            (("client", "--id", "1", "--server", "127.0.0.1:99999"),
+             "argument --server: .* is not a port number"),
+            (("client", "--id", "1", "--geometry", "banana"),
+             "argument --geometry: give WxH"),
+            (("client", "--id", "2", "--bogus"),
+             "^chat.py client: error: unrecognized arguments: --bogus"),
+        ])
+
+    def test_lower_case_log_level_and_an_id_given_twice(self):
+        server = self.start_server("--log-level", "debug",
+                                   "--members", "1,1,2")
+        server.wait_for(r"^\S+ \S+ DEBUG ")
+        args = chat.build_parser().parse_args(
+            ["server", "--members", "1,1,2", "--log-level", "debug"])
+        self.assertEqual((args.members, args.log_level),
+                         (["1", "2"], "DEBUG"))
+
+    def test_help_says_what_a_new_user_needs(self):
+        def help_of(command):
+            return subprocess.run(
+                [sys.executable, CHAT, command, "--help"], capture_output=True,
+                text=True, check=True).stdout
+        for command in ("server", "client"):
+            self.assertIn("CHAT_PASSWORD", help_of(command))
+        self.assertRegex(help_of("client"), r"--id ID +your member id: 1 to 32")
+        self.assertIn("It stops when the last window closes", help_of("demo"))
+        self.assertIn("bench", help_of("baseline").split("options:")[0])
+
+    def test_database_mistakes(self):
+        not_a_db = os.path.join(self.tmp.name, "notes.txt")
+        with open(not_a_db, "w") as notes:
+            notes.write("not a database\n")
+        cases = [
+            (os.path.join(self.tmp.name, "missing", "chat.db"),
+             "^chat: --db .*: there is no folder"),
+            (self.tmp.name, "^chat: --db .* is a folder"),
+            (not_a_db, "^chat: --db .* is not an SQLite database"),
+        ]
+        if os.geteuid() != 0:  # root may write anywhere
+            read_only = os.path.join(self.tmp.name, "read-only.db")
+            open(read_only, "w").close()
+            os.chmod(read_only, 0o444)
+            locked = os.path.join(self.tmp.name, "locked")
+            os.mkdir(locked, 0o555)
+            self.addCleanup(os.chmod, locked, 0o755)
+            cases += [(read_only, "^chat: --db .* is read-only"),
+                      (os.path.join(locked, "chat.db"),
+                       "^chat: --db .* is not writable")]
+        self.assertAllRefused(1, [(("server", "--port", "0", "--db", path),
+                                   pattern) for path, pattern in cases])
+
+    def test_tls_file_mistakes(self):
+        cert, key, other_key = self.make_certificates()
+        missing = os.path.join(self.tmp.name, "missing.pem")
+        self.assertAllRefused(1, [
+            (("server", "--port", "0", "--db", ":memory:", "--tls-cert",
+              cert_, "--tls-key", key_), pattern)
+            for cert_, key_, pattern in (
+                (missing, key, "^chat: cannot read --tls-cert .*missing"),
+                (key, key, "^chat: --tls-cert .* is not a PEM certificate"),
+                (cert, cert, "^chat: --tls-key .* is not a PEM private key"),
+                (cert, other_key, "^chat: --tls-key .* is not the private "
+                 "key of --tls-cert"))
+        ] + [
+            (("client", "--no-gui", "--id", "1", "--tls-ca", ca), pattern)
+            for ca, pattern in (
+                (missing, "^chat: cannot read --tls-ca .*missing"),
+                (key, "^chat: --tls-ca .* is not a PEM certificate"))
+        ])
+
+    def test_grpc_core_log_lines_stay_out_of_the_terminal(self):
+        cert, key, _ = self.make_certificates()
+        server = self.start_server("--tls-cert", cert, "--tls-key", key)
+        plaintext = self.start("client", "--no-gui", "--id", "1",
+                               "--server", server.address)
+        self.assertEqual(plaintext.finish(), 1)
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        for process in (plaintext, server):
+            for line in process.output("stderr"):
+                self.assertNotRegex(line, self.CORE_LOG_LINE)
+
+    def test_second_server_on_the_same_port_is_refused(self):
+        first = self.start_server("--members", "1,2")
+        port = first.address.rsplit(":", 1)[1]
+        other_db = os.path.join(self.tmp.name, "other.db")
+        self.assertAllRefused(1, [
+            (("server", "--port", port, "--db", other_db),
+             f"^chat: port {port} is already in use"),
+            (("baseline", "--port", port),
+             f"^chat: port {port} is already in use"),
+            (("server", "--port", "0", "--db", ":memory:",
+              "--host", "192.0.2.1"),  # a documentation address
+             "^chat: --host 192.0.2.1 is not an address of this machine"),
+        ])
+        alice = self.start_client(first, "1", "alice")  # first still serves
+        bob = self.start_client(first, "2", "bob")
+        alice.type("still here")
+        bob.wait_for("alice: still here", stream="stdout")
+
+
 class CommandLineTest(unittest.TestCase):
     """What README quotes must stay true of the code."""
 
