@@ -1573,9 +1573,11 @@ class TerminalClient:
 # It is the trick grpc.aio uses to wake its event loop (section 6), where
 # the byte goes over a socketpair. Nothing runs while nothing happens; no
 # timer polls the queue. (Windows has no Tk file handlers; there, and only
-# there, the window checks the queue every 100 ms instead.) Sends go the other way, to a sender thread through `outbox`,
-# because ChatClient.send() blocks for a round trip, or for as long as the
-# server is away, and the window must never freeze.
+# there, the window checks the queue every 100 ms instead.) Ctrl-C in the
+# terminal comes in through a pipe of the same kind (quit_on_signals).
+# Sends go the other way, to a sender thread through `outbox`, because
+# ChatClient.send() blocks for a round trip, or for as long as the server
+# is away, and the window must never freeze.
 #
 # Test hook: with CHAT_TRACE=1 in the environment, the window also prints
 # what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
@@ -1601,9 +1603,43 @@ def gui_unavailable():
     return None
 
 
+def plural(count, noun):
+    """'1 message', '2 messages'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def trace(*parts):
     if os.environ.get("CHAT_TRACE"):
         print("tk:", *parts, file=sys.stderr, flush=True)
+
+
+def quit_on_signals(root):
+    """Make Ctrl-C (SIGINT) and `kill` (SIGTERM) send root the virtual
+    event <<Quit>>, at once; the name dialog and the window bind it.
+
+    Python runs a signal handler only when the main thread runs Python
+    code, and while Tk's mainloop waits for events the main thread sits in
+    C: the handler would wait for the next mouse move. set_wakeup_fd makes
+    Python's own C-level handler write a byte to a pipe as well. Tk watches
+    that pipe like any other (createfilehandler), and reading it runs
+    Python code on the main thread, so the handler runs at once. The
+    handler only queues an event: it may run in the middle of any other
+    callback, which must not find the window gone under its feet."""
+    def handler(_signum, _frame):
+        try:
+            root.event_generate("<<Quit>>", when="tail")
+        except tk.TclError:
+            pass  # the window is gone already, and we are on our way out
+    # (Windows has no file handlers: there the handler waits for the
+    # window's next 100 ms check of its queue.)
+    if hasattr(root.tk, "createfilehandler"):
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end)
+        root.tk.createfilehandler(read_end, tk.READABLE,
+                                  lambda *_: os.read(read_end, 512))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
 
 
 def ask_name(root, default):
@@ -1630,15 +1666,16 @@ def ask_name(root, default):
 
     ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
     root.bind("<Return>", accept)
-    root.bind("<Escape>", lambda _event: answer.set("\0"))
+    for event in ("<Escape>", "<<Quit>>"):
+        root.bind(event, lambda _event: answer.set("\0"))
     root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
     entry.select_range(0, "end")
     entry.focus_set()
     trace("name dialog")
     root.wait_variable(answer)  # runs the event loop until answer is set
     frame.destroy()
-    root.unbind("<Return>")
-    root.unbind("<Escape>")
+    for event in ("<Return>", "<Escape>", "<<Quit>>"):
+        root.unbind(event)
     return None if answer.get() == "\0" else answer.get()
 
 
@@ -1659,6 +1696,8 @@ class ChatWindow:
         self.joined = False
         self.unseen = 0            # messages that arrived while unfocused
         self.pending = 0           # own messages not yet acknowledged
+        self.asking = False        # the close dialog is open
+        self.closed = False
         self.next_own = 0          # numbers own messages, to find them again
         self.roster = {}           # member id -> pb.Member, for the list
         self.inbox = queue.Queue()
@@ -1749,6 +1788,7 @@ class ChatWindow:
         root.bind("<FocusOut>", self._on_focus)
         root.protocol("WM_DELETE_WINDOW", self.close)
         root.bind("<Control-q>", lambda _event: self.close())
+        root.bind("<<Quit>>", lambda _event: self.close(ask=False))
         self._set_title()
         self.entry.focus_set()
 
@@ -1904,12 +1944,12 @@ class ChatWindow:
         """The server said no for good: explain, then close the window."""
         reason = self.chat.refusal
         if (not self.joined and reason.code == grpc.StatusCode.UNAUTHENTICATED
-                and self._ask_password()):
+                and self._ask_password()) or self.closed:
             return
         sentence = text if self.joined else join_refusal(reason, self.target)
         self._show_status(f"Refused: {sentence}", problem=True)
-        messagebox.showerror("chat.py", sentence, parent=self.root)
         self.exit_status = 1
+        self._dialog(messagebox.showerror, "chat.py", sentence)
         self.close(ask=False)
 
     def _ask_password(self):
@@ -1918,10 +1958,10 @@ class ChatWindow:
         wrong = "Wrong password. " if self.chat.metadata else ""
         self.chat.close()
         trace("password dialog")
-        password = simpledialog.askstring(
-            "chat.py", f"{wrong}This room needs a password:", show="*",
-            parent=self.root)
-        if not password:
+        password = self._dialog(simpledialog.askstring, "chat.py",
+                                f"{wrong}This room needs a password:",
+                                show="*")
+        if not password or self.closed:
             return False
         self._join(password)
         return True
@@ -1976,7 +2016,9 @@ class ChatWindow:
     # -- the title: name, room, and unread count while unfocused --
 
     def focused(self):
-        return self.root.focus_displayof() is not None
+        # Tk's own name for the focus widget: it may be one that Python did
+        # not create (a dialog's button), which focus_get() cannot look up.
+        return bool(self.root.tk.call("focus"))
 
     def _on_focus(self, _event):
         if self.focused():
@@ -1993,14 +2035,44 @@ class ChatWindow:
     # -- leaving --
 
     def close(self, ask=True):
-        """Close the window (its close button, or Ctrl+Q)."""
-        if ask and self.pending and not messagebox.askyesno(
-                "chat.py", f"{self.pending} message(s) not sent yet. "
-                "Close anyway and lose them?", parent=self.root):
+        """Close the window: its close button or Ctrl+Q (which ask first if
+        messages are unsent), or Ctrl-C in the terminal (which does not)."""
+        if ask and self.pending and (self.asking or not self._lose_unsent()):
             return
+        if self.closed:  # e.g. Ctrl-C while the dialog was open
+            return
+        self.closed = True
         if self._wake_write is not None:
             self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest
+
+    def _lose_unsent(self):
+        """Ask whether to close and lose the unsent messages. No, the safe
+        answer, is the default: Enter keeps the window open."""
+        count = plural(self.pending, "message")
+        question = (f"{count} not sent yet. Close anyway and lose "
+                    f"{'it' if self.pending == 1 else 'them'}?")
+        trace("close dialog", question)
+        self.asking = True  # the close button again must not ask twice
+        try:
+            lose = self._dialog(messagebox.askyesno, "chat.py", question,
+                                icon="warning", default="no")
+        finally:
+            self.asking = False
+        if lose is False:  # not None: Ctrl-C did not close the window
+            trace("kept open")
+        return lose
+
+    def _dialog(self, show, *args, **options):
+        """Show a modal dialog and return its answer, or None if Ctrl-C
+        closed the window meanwhile: a dialog waits in an event loop of its
+        own, which runs our <<Quit>> binding too."""
+        try:
+            return show(*args, parent=self.root, **options)
+        except tk.TclError:
+            if not self.closed:
+                raise
+            return None
 
 
 def run_window(args):
@@ -2010,6 +2082,7 @@ def run_window(args):
         root = tk.Tk(className="chat")
     except tk.TclError as error:
         return None, f"cannot open a window ({error})"
+    quit_on_signals(root)
     if args.geometry:
         root.geometry(args.geometry)
     name = args.name or ask_name(root, args.client_id)
@@ -2022,6 +2095,10 @@ def run_window(args):
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
     window.chat.close()
+    if window.pending:
+        print(f"chat: {plural(window.pending, 'message')} not sent",
+              file=sys.stderr)
+        return 1, None
     return window.exit_status, None
 
 
@@ -2543,45 +2620,58 @@ def run_client(args):
 
 def run_demo(args):
     """Start a server that keeps nothing (:memory:) and three windows;
-    stop the server when the last window closes."""
+    stop the server when the last window closes, or at Ctrl-C."""
     reason = gui_unavailable()
+    if reason is None:
+        try:  # DISPLAY may be set and still lead nowhere
+            tk.Tk().destroy()
+        except tk.TclError as error:
+            reason = f"cannot open a window ({error})"
     if reason:
         print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
         return 1
-    # `kill` (SIGTERM) should clean up like Ctrl-C does: raise SystemExit,
-    # so that the `finally` below stops the windows and the server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    # Ctrl-C in the terminal reaches the server, the windows and us alike;
+    # `kill` (SIGTERM) reaches only us. Either way we raise
+    # KeyboardInterrupt, and the `finally` below closes the windows (with
+    # SIGTERM, which they take as Ctrl-C) and then stops the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server, windows, status = None, [], 0
     try:
         server = ServerProcess(["server", "--port", "0", "--db", ":memory:",
                                 "--members", "1,2,3", "--log-level",
                                 "WARNING"], stderr=None)
-    except RuntimeError as error:
-        print(f"chat: the demo {error}", file=sys.stderr)
-        return 1
-    print(f"demo: server at {server.address}, pid {server.popen.pid}",
-          file=sys.stderr)
-    windows = []
-    try:
+        print(f"demo: server at {server.address}, pid {server.popen.pid}",
+              file=sys.stderr)
         for number, name in enumerate(["alice", "bob", "chad"]):
+            # stdin is not theirs: three clients must not share a terminal.
             windows.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "client",
                  "--id", str(number + 1), "--name", name,
                  "--server", server.address,
-                 "--geometry", f"420x520+{10 + 430 * number}+10"]))
+                 "--geometry", f"420x520+{10 + 430 * number}+10"],
+                stdin=subprocess.DEVNULL))
             print(f"demo: window for {name}, pid {windows[-1].pid}",
                   file=sys.stderr)
-        print("demo: close the three windows to stop", file=sys.stderr)
+        print("demo: close the three windows (or press Ctrl-C) to stop",
+              file=sys.stderr)
         for window in windows:
             window.wait()
+    except RuntimeError as error:
+        print(f"chat: the demo {error}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:
-        pass
+        print("\ndemo: stopping", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are on our way
         for window in windows:
             if window.poll() is None:
                 window.terminate()
+        for window in windows:
             window.wait()
-        server.stop()
-    return 0
+        if server:
+            server.stop()
+    print("demo: stopped", file=sys.stderr)
+    return status
 
 
 def main(argv=None):

@@ -977,6 +977,36 @@ class WindowTest(XvfbTestCase):
         self.type_into("^chat.py$", "open sesame", "Return")
         window.wait_for("^tk: status Connected as alice")
 
+    def test_ctrl_c_closes_the_window_at_once(self):
+        server = self.start_server("--members", "1,2")
+        window = self.start_window(server, "1", "--name", "alice")
+        window.wait_for("^tk: status Connected as alice")
+        window.popen.send_signal(signal.SIGINT)
+        self.assertEqual(window.wait(), 0)
+        self.assertNotIn("Traceback", "\n".join(window.output("stderr")))
+
+    def test_closing_with_unsent_messages_asks_and_enter_keeps_them(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        server.popen.send_signal(signal.SIGKILL)
+        server.wait()
+        self.type_into("alice - chat", "one", "Return", "two", "Return")
+        alice.wait_for("^tk: message alice: two sending$")
+        self.xdotool("key", "ctrl+q")
+        alice.wait_for("^tk: close dialog 2 messages not sent yet. "
+                       "Close anyway and lose them[?]$")
+        self.type_into("^chat.py$", "Return")  # No is the default
+        alice.wait_for("^tk: kept open$")
+        self.focus("alice - chat")
+        self.xdotool("key", "ctrl+q")
+        alice.wait_for("^tk: close dialog", count=2)
+        alice.popen.send_signal(signal.SIGINT)  # closes, dialog and all
+        self.assertEqual(alice.wait(), 1)
+        stderr = "\n".join(alice.output("stderr"))
+        self.assertIn("chat: 2 messages not sent", stderr)
+        self.assertNotIn("Traceback", stderr)
+
     def test_refused_join_shows_the_reason_and_exits_1(self):
         server = self.start_server("--members", "1,2")
         window = self.start_window(server, "9", "--name", "eve")
@@ -1001,6 +1031,31 @@ class DemoTest(XvfbTestCase):
         for pid in pids:  # the server and the windows are gone, and reaped
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+    def test_ctrl_c_stops_the_demo_and_every_window(self):
+        demo = self.start("demo", env={"DISPLAY": self.display})
+        demo.wait_for("^demo: close the three windows")
+        pids = [int(line.rsplit(" ", 1)[1])
+                for line in demo.output("stderr") if " pid " in line]
+        self.addCleanup(kill_all, pids)
+        for name in ("alice", "bob", "chad"):
+            self.xdotool("search", "--sync", "--name", f"{name} - chat")
+        demo.popen.send_signal(signal.SIGINT)
+        self.assertEqual(demo.wait(), 0)
+        stderr = demo.output("stderr")
+        self.assertEqual(stderr[-1], "demo: stopped")
+        self.assertNotIn("Traceback", "\n".join(stderr))
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    def test_demo_without_a_working_display_says_so(self):
+        demo = self.start("demo", env={"DISPLAY": ":999"})  # nothing there
+        self.assertEqual(demo.wait(), 1)
+        self.assertEqual(demo.output("stderr"), [
+            "chat: the demo needs windows, but cannot open a window "
+            "(couldn't connect to display \":999\")"])
 
 
 def kill_all(pids):
