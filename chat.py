@@ -1591,7 +1591,8 @@ except ImportError:  # Python built without Tk
 
 COLORS = {"own": "#1c71d8", "other": "#26a269", "time": "#9a9996",
           "read": "#9a9996", "divider": "#e01b24", "notice": "#77767b",
-          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996"}
+          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996",
+          "away": "#c0bfbc"}
 
 
 def gui_unavailable():
@@ -1606,6 +1607,15 @@ def gui_unavailable():
 def plural(count, noun):
     """'1 message', '2 messages'."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def duration(seconds):
+    """'15 s', '2 min 5 s', '1 h 3 min'."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def trace(*parts):
@@ -1700,6 +1710,8 @@ class ChatWindow:
         self.closed = False
         self.next_own = 0          # numbers own messages, to find them again
         self.roster = {}           # member id -> pb.Member, for the list
+        self.away = False          # the server is away: online unknown
+        self.clock = None          # the Tk timer that updates "Away for"
         self.inbox = queue.Queue()
         self.outbox = queue.Queue()
         self._wake_write = None  # the pipe's write end, where there is one
@@ -1848,8 +1860,9 @@ class ChatWindow:
         self._post("event", event, notices)
 
     def _on_status(self, state, text):
-        """Runs on the receive thread: hand the state to the main thread."""
-        self._post("status", state, text)
+        """Runs on the receive thread: hand the state to the main thread,
+        with the time the server went away (read here, where it is set)."""
+        self._post("status", state, text, self.chat.away_since)
 
     def _post(self, *item):
         """Runs on a worker thread: queue item and wake the main thread."""
@@ -1896,9 +1909,9 @@ class ChatWindow:
             self._set_member(member)
 
     def _show_welcome(self, welcome):
-        self.roster.clear()
-        for member in welcome.members:
-            self._set_member(member)
+        self.away = False
+        self.roster = {member.id: member for member in welcome.members}
+        self._draw_members()
         if self.joined:
             self._notice("reconnected")
             return
@@ -1930,15 +1943,32 @@ class ChatWindow:
         self._append([(text, "notice")])
         trace("notice", text)
 
-    def _show_state(self, state, text):
+    def _show_state(self, state, text, away_since=None):
+        self._stop_clock()
         if state == "online":
             self.connection = f"Connected as {self.name} to {self.target}"
+            self._show_status(self.connection)
         elif state == "reconnecting":
-            self.connection = f"Connection lost: {text}"
+            # Nobody is known to be online until the next Welcome.
+            self.away = True
+            self._draw_members()
+            self._tick(text.rstrip("."), away_since)
         elif state == "closed":
             self._refused(text)
-            return
+
+    def _tick(self, reason, away_since):
+        """While the server is away, say why and for how long, again at
+        each whole second: a clock, which runs only while we are away."""
+        away = time.monotonic() - away_since
+        self.connection = f"Reconnecting: {reason}. Away for {duration(away)}."
         self._show_status(self.connection)
+        self.clock = self.root.after(1000 - int(away % 1 * 1000), self._tick,
+                                     reason, away_since)
+
+    def _stop_clock(self):
+        if self.clock is not None:
+            self.root.after_cancel(self.clock)
+            self.clock = None
 
     def _refused(self, text):
         """The server said no for good: explain, then close the window."""
@@ -1973,19 +2003,25 @@ class ChatWindow:
         trace("status", text)
 
     def _set_member(self, member):
-        """Show member in the list: online ones first, then by name."""
         self.roster[member.id] = member
+        self._draw_members()
+
+    def _draw_members(self):
+        """The member list: online ones first (●), then by name. While the
+        server is away, who is online is unknown (◌)."""
+        def state(member):
+            return "away" if self.away else (
+                "online" if member.online else "offline")
         self.members.delete(0, "end")
         for index, shown in enumerate(sorted(
                 self.roster.values(),
-                key=lambda m: (not m.online, m.name.lower()))):
+                key=lambda m: (state(m) == "offline", m.name.lower()))):
             you = " (you)" if shown.id == self.chat.member_id else ""
-            self.members.insert(
-                "end", f"{'●' if shown.online else '○'} {shown.name}{you}")
-            self.members.itemconfigure(index, foreground=COLORS[
-                "online" if shown.online else "offline"])
+            mark = {"online": "●", "offline": "○", "away": "◌"}[state(shown)]
+            self.members.insert("end", f"{mark} {shown.name}{you}")
+            self.members.itemconfigure(index, foreground=COLORS[state(shown)])
         trace("members", ", ".join(
-            f"{m.name}{'*' if m.online else ''}"
+            m.name + {"online": "*", "offline": "", "away": "?"}[state(m)]
             for m in self.roster.values()))
 
     def _append(self, chunks, tag=None):
@@ -2042,6 +2078,7 @@ class ChatWindow:
         if self.closed:  # e.g. Ctrl-C while the dialog was open
             return
         self.closed = True
+        self._stop_clock()
         if self._wake_write is not None:
             self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 sys.dont_write_bytecode = True  # tests write only to temporary directories
@@ -956,7 +957,8 @@ class WindowTest(XvfbTestCase):
         alice.wait_for("^tk: status Connected as alice")
         server.popen.send_signal(signal.SIGKILL)
         server.wait()
-        alice.wait_for("^tk: status Connection lost: .*reconnecting in")
+        alice.wait_for(r"^tk: status Reconnecting: .*\. Away for 1 s\.$")
+        alice.wait_for(r"^tk: members (alice\?, bob\?|bob\?, alice\?)$")
         self.type_into("alice - chat", "typed while down", "Return")
         alice.wait_for("^tk: message alice: typed while down sending$")
         server = self.start_server("--members", "1,2", port=port)
@@ -1105,6 +1107,20 @@ class WindowViewTest(XvfbTestCase):
         self.root.update()
         self.assertEqual(self.window.view.yview()[0], 0.0)  # left alone
         self.assertTrue(self.view_text().endswith("bob: message 60"))
+
+
+    def test_status_counts_while_away_and_the_clock_stops_when_back(self):
+        window = self.window
+        window._show_state("reconnecting", "the server is shutting down.",
+                           time.monotonic() - 15.5)
+        self.assertEqual(window.status.cget("text"), "Reconnecting: the "
+                         "server is shutting down. Away for 15 s.")
+        self.assertEqual({line[0] for line in window.members.get(0, "end")},
+                         {"◌"})  # nobody is known to be online
+        self.assertTrue(self.root.tk.call("after", "info"))  # the clock
+        window._show_state("online", "")
+        self.assertIn("Connected as alice", window.status.cget("text"))
+        self.assertFalse(self.root.tk.call("after", "info"))  # no timer
 
 
 class CommandLineTest(unittest.TestCase):
