@@ -1652,6 +1652,13 @@ def quit_on_signals(root):
         signal.signal(signum, handler)
 
 
+def select_all(event):
+    """Ctrl+A selects all the text in a field, as elsewhere on a desktop
+    (Tk's own Ctrl+A goes to the start of the line, as in Emacs)."""
+    event.widget.event_generate("<<SelectAll>>")
+    return "break"  # and not Tk's
+
+
 def ask_name(root, default):
     """The first screen: ask for a display name. Returns it, or None if the
     user pressed Escape or closed the window."""
@@ -1662,6 +1669,7 @@ def ask_name(root, default):
     name = tk.StringVar(value=default)
     entry = ttk.Entry(frame, textvariable=name, width=30)
     entry.grid(sticky="ew", pady=6)
+    entry.bind("<Control-a>", select_all)
     problem = ttk.Label(frame, foreground=COLORS["failed"])
     problem.grid(sticky="w")
     answer = tk.StringVar()
@@ -1681,7 +1689,7 @@ def ask_name(root, default):
     root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
     entry.select_range(0, "end")
     entry.focus_set()
-    trace("name dialog")
+    trace("name dialog", default)
     root.wait_variable(answer)  # runs the event loop until answer is set
     frame.destroy()
     for event in ("<Return>", "<Escape>", "<<Quit>>"):
@@ -1792,6 +1800,7 @@ class ChatWindow:
         self.entry.bind("<Return>", self._on_return)
         self.entry.bind("<KP_Enter>", self._on_return)
         self.entry.bind("<Shift-Return>", self._on_shift_return)
+        self.entry.bind("<Control-a>", select_all)
 
         self.status = ttk.Label(outer, anchor="w", foreground=COLORS["notice"])
         self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
@@ -2112,6 +2121,23 @@ class ChatWindow:
             return None
 
 
+def remembered_name(args, password):
+    """The name the server remembers for our id, to offer in the name
+    dialog: one ListMembers call that may take a second at most. The id if
+    there is none, or no answer (joining will say what is wrong)."""
+    channel = open_channel(args.server, args.tls_ca)
+    try:
+        members = services.ChatRoomStub(channel).ListMembers(
+            pb.ListMembersRequest(client_id=args.client_id), timeout=1,
+            metadata=((PASSWORD_KEY, password),) if password else ()).members
+    except grpc.RpcError:
+        members = []
+    finally:
+        channel.close()
+    return next((member.name for member in members
+                 if member.id == args.client_id), args.client_id)
+
+
 def run_window(args):
     """Open the window. Returns (exit status, None), or (None, why no
     window can open here)."""
@@ -2120,14 +2146,15 @@ def run_window(args):
     except tk.TclError as error:
         return None, f"cannot open a window ({error})"
     quit_on_signals(root)
-    if args.geometry:
-        root.geometry(args.geometry)
-    name = args.name or ask_name(root, args.client_id)
+    password = os.environ.get("CHAT_PASSWORD") or None
+    name = args.name or ask_name(root, remembered_name(args, password))
     if name is None:
         root.destroy()
         return 0, None
-    window = ChatWindow(root, args.server, args.client_id, name,
-                        os.environ.get("CHAT_PASSWORD") or None, args.tls_ca)
+    if args.geometry:  # the chat window's, not the name dialog's
+        root.geometry(args.geometry)
+    window = ChatWindow(root, args.server, args.client_id, name, password,
+                        args.tls_ca)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.

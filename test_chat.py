@@ -894,7 +894,7 @@ class XvfbTestCase(ChatTestCase):
     def type_into(self, title, *keys):
         self.focus(title)
         for key in keys:
-            if key in ("Return", "shift+Return", "Escape"):
+            if key in ("Return", "shift+Return", "Escape", "End"):
                 self.xdotool("key", key)
             else:
                 self.xdotool("type", "--delay", "5", key)
@@ -923,11 +923,30 @@ class WindowTest(XvfbTestCase):
         server = self.start_server("--members", "1,2")
         bob = self.start_client(server, "2", "bob")
         window = self.start_window(server, "1")
-        window.wait_for("^tk: name dialog$")
+        window.wait_for("^tk: name dialog 1$")
         # The id is prefilled and selected, so typing replaces it.
         self.type_into("your name", "zoe", "Return")
         window.wait_for("^tk: status Connected as zoe")
         bob.wait_for(r"^\* zoe joined$")
+
+    def test_name_dialog_offers_the_name_the_server_remembers(self):
+        server = self.start_server("--members", "1,2")
+        self.assertEqual(self.start_client(server, "1", "alice").finish(), 0)
+        bob = self.start_client(server, "2", "bob")
+        window = self.start_window(server, "1")
+        window.wait_for("^tk: name dialog alice$")
+        # Ctrl+A selects all, in the name field and in the message box.
+        self.type_into("your name", "End")
+        self.xdotool("type", "2")
+        self.xdotool("key", "ctrl+a")
+        self.xdotool("type", "zoe")
+        self.xdotool("key", "Return")
+        window.wait_for("^tk: status Connected as zoe")
+        self.type_into("zoe - chat", "draft")
+        self.xdotool("key", "ctrl+a")
+        self.type_into("zoe - chat", "hi", "Return")
+        bob.wait_for("zoe: hi$", stream="stdout")
+        self.assertEqual(texts(bob), ["zoe: hi"])
 
     def test_unread_divider_below_the_history(self):
         server = self.start_server("--members", "1,2")
