@@ -2109,12 +2109,12 @@ class ChatWindow:
             trace("kept open")
         return lose
 
-    def _dialog(self, show, *args, **options):
+    def _dialog(self, dialog, *args, **options):
         """Show a modal dialog and return its answer, or None if Ctrl-C
         closed the window meanwhile: a dialog waits in an event loop of its
         own, which runs our <<Quit>> binding too."""
         try:
-            return show(*args, parent=self.root, **options)
+            return dialog(*args, parent=self.root, **options)
         except tk.TclError:
             if not self.closed:
                 raise
