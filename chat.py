@@ -1589,10 +1589,28 @@ try:
 except ImportError:  # Python built without Tk
     tk = None
 
-COLORS = {"own": "#1c71d8", "other": "#26a269", "time": "#9a9996",
+COLORS = {"own": "#1c71d8", "time": "#9a9996",
           "read": "#9a9996", "divider": "#e01b24", "notice": "#77767b",
           "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996",
           "away": "#c0bfbc"}
+# Everyone else's name gets one of these, picked by id: the same in every
+# window, every time. Ids 1 to 7 get different ones; after that some share.
+SENDER_COLORS = ("#26a269", "#c64600", "#813d9c", "#0e7c86", "#865e3c",
+                 "#b5348a", "#5e5c64")
+
+
+def sender_tag(sender_id):
+    """The view's tag for a sender's name: "sender0", "sender1", ..."""
+    return f"sender{sum(sender_id.encode()) % len(SENDER_COLORS)}"
+
+
+def shown_time(timestamp):
+    """A pb Timestamp in this computer's time: '14:02:07' today, else
+    '2026-11-03 14:02'."""
+    when = datetime.datetime.fromtimestamp(timestamp.ToMicroseconds() / 1e6)
+    if when.date() == datetime.date.today():
+        return f"{when:%H:%M:%S}"
+    return f"{when:%Y-%m-%d %H:%M}"
 
 
 def gui_unavailable():
@@ -1720,6 +1738,7 @@ class ChatWindow:
         self.roster = {}           # member id -> pb.Member, for the list
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
+        self.below = 0             # new messages below the view's bottom
         self.inbox = queue.Queue()
         self.outbox = queue.Queue()
         self._wake_write = None  # the pipe's write end, where there is one
@@ -1759,19 +1778,26 @@ class ChatWindow:
                             height=20, padx=6, pady=4, relief="flat",
                             highlightthickness=0, cursor="arrow",
                             font="TkDefaultFont", spacing1=3)
-        scroll = ttk.Scrollbar(outer, command=self.view.yview)
-        self.view.configure(yscrollcommand=scroll.set)
+        self.scroll = ttk.Scrollbar(outer, command=self.view.yview)
+        self.view.configure(yscrollcommand=self._scrolled)
         self.view.grid(row=0, column=0, sticky="nsew")
-        scroll.grid(row=0, column=1, sticky="ns")
+        self.scroll.grid(row=0, column=1, sticky="ns")
+        # Shown over the view's bottom while new messages wait below it.
+        self.jump = ttk.Button(outer, command=self._jump_to_end)
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
         italic.configure(slant="italic")
-        self.view.tag_configure("line", lmargin2=24)  # indent wrapped lines
+        # Every line of a message after its first is indented: "line" does
+        # it for lines that wrap, "more" for the lines after a newline.
+        self.view.tag_configure("line", lmargin2=24)
+        self.view.tag_configure("more", lmargin1=24)
         self.view.tag_configure("time", foreground=COLORS["time"],
                                 font="TkSmallCaptionFont")
         self.view.tag_configure("own", foreground=COLORS["own"], font=bold)
-        self.view.tag_configure("other", foreground=COLORS["other"], font=bold)
+        for index, color in enumerate(SENDER_COLORS):
+            self.view.tag_configure(f"sender{index}", foreground=color,
+                                    font=bold)
         self.view.tag_configure("read", foreground=COLORS["read"])
         self.view.tag_configure("notice", foreground=COLORS["notice"],
                                 font=italic)
@@ -1802,9 +1828,14 @@ class ChatWindow:
         self.entry.bind("<Shift-Return>", self._on_shift_return)
         self.entry.bind("<Control-a>", select_all)
 
-        self.status = ttk.Label(outer, anchor="w", foreground=COLORS["notice"])
+        # width=1: a long sentence must not widen the window; it wraps at
+        # the width the window gives it (set on every resize).
+        self.status = ttk.Label(outer, anchor="w", width=1,
+                                foreground=COLORS["notice"])
         self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
                          pady=(4, 0))
+        self.status.bind("<Configure>", lambda event: self.status.configure(
+            wraplength=event.width))
         root.bind("<FocusIn>", self._on_focus)
         root.bind("<FocusOut>", self._on_focus)
         root.protocol("WM_DELETE_WINDOW", self.close)
@@ -1836,9 +1867,10 @@ class ChatWindow:
         self.next_own += 1
         self.pending += 1
         tag = f"own{self.next_own}"
-        self._append([(f"{datetime.datetime.now():%H:%M:%S}  ", "time"),
-                      (f"{self.name}: ", "own"), (text, ()),
+        self._append([(f"{datetime.datetime.now():%H:%M:%S}", tag + "time"),
+                      ("  ", ()), (f"{self.name}: ", "own"), (text, ()),
                       ("  sending...", ("sending", tag + "status"))], tag)
+        self.view.see("end")  # whoever sends wants to see it
         trace("message", f"{self.name}: {text}", "sending")
         self.outbox.put((tag, text))
 
@@ -1855,7 +1887,9 @@ class ChatWindow:
     def _sent(self, tag, reply):
         self.pending -= 1
         self._replace(tag + "status", "", ())
-        trace("sent", reply.seq)
+        # The time it was stored, as everyone else sees it.
+        self._replace(tag + "time", shown_time(reply.sent_at), "time")
+        trace("sent", reply.seq, shown_time(reply.sent_at))
 
     def _failed(self, tag, reason):
         self.pending -= 1
@@ -1938,15 +1972,36 @@ class ChatWindow:
     def _show_message(self, message, read=False):
         own = message.sender_id == self.chat.member_id
         style = ("read",) if read else ()
-        self._append([(f"{local_time(message)}  ", "time"),
-                      (f"{message.sender_name}: ",
-                       style or ("own" if own else "other")),
-                      (message.text, style)])
+        shown = self._append([
+            (f"{shown_time(message.sent_at)}  ", "time"),
+            (f"{message.sender_name}: ",
+             style or ("own" if own else sender_tag(message.sender_id))),
+            (message.text, style)])
         trace("message", f"{message.sender_name}: {message.text}",
               "read" if read else "new")
-        if not read and not self.focused():
+        if read:
+            return
+        if not shown:  # the user is scrolled up, reading older ones
+            self.below += 1
+            self.jump.configure(
+                text=f"\u2193 {plural(self.below, 'new message')}")
+            self.jump.place(in_=self.view, relx=0.5, rely=1.0, y=-8,
+                            anchor="s")
+            trace("below", self.below)
+        if not self.focused():
             self.unseen += 1
             self._set_title()
+
+    def _scrolled(self, first, last):
+        """The view moved (yscrollcommand): move the scrollbar, and once
+        the bottom is in sight, hide the "N new messages" button."""
+        self.scroll.set(first, last)
+        if self.below and float(last) >= 0.999:
+            self.below = 0
+            self.jump.place_forget()
+
+    def _jump_to_end(self):
+        self.view.see("end")
 
     def _notice(self, text):
         self._append([(text, "notice")])
@@ -2034,8 +2089,9 @@ class ChatWindow:
             for m in self.roster.values()))
 
     def _append(self, chunks, tag=None):
-        """Add one line to the view; follow it if the view was at the
-        bottom (the user was not scrolled up reading older messages)."""
+        """Add one entry to the view; follow it if the view was at the
+        bottom (the user was not scrolled up reading older messages).
+        Returns whether it is in sight."""
         at_bottom = self.view.yview()[1] >= 0.999
         self.view.configure(state="normal")
         if self.view.index("end-1c") != "1.0":
@@ -2044,18 +2100,23 @@ class ChatWindow:
         for text, tags in chunks:
             self.view.insert("end", text, tags)
         self.view.tag_add("line", start, "end-1c")
+        self.view.tag_add("more", f"{start} lineend +1c", "end-1c")
         if tag:
             self.view.tag_add(tag, start, "end-1c")
         self.view.configure(state="disabled")
         if at_bottom:
             self.view.see("end")
+        return at_bottom
 
     def _replace(self, tag, text, tags):
-        """Replace the text tagged `tag` (e.g. "sending...")."""
+        """Replace the text tagged `tag` (e.g. "sending..."), keeping the
+        indent of the line it is on."""
         first, last = self.view.tag_ranges(tag)
+        indent = [name for name in self.view.tag_names(first)
+                  if name in ("line", "more")]
         self.view.configure(state="normal")
         self.view.delete(first, last)
-        self.view.insert(first, text, (tags, tag) if text else ())
+        self.view.insert(first, text, (tags, tag, *indent) if text else ())
         self.view.configure(state="disabled")
 
     # -- the title: name, room, and unread count while unfocused --

@@ -910,7 +910,11 @@ class WindowTest(XvfbTestCase):
         alice.wait_for("^tk: status Connected as alice")
         self.type_into("alice - chat", "hello from the window", "Return")
         bob.wait_for("alice: hello from the window$", stream="stdout")
-        alice.wait_for("^tk: sent 1$")
+        # Once stored, alice's line shows the time the server gave it,
+        # the time bob sees.
+        stored = alice.wait_for("^tk: sent 1 ").split()[-1]
+        self.assertEqual(bob.output()[0], f"[{stored}] alice: hello from "
+                         "the window")
         self.type_into("alice - chat", "line one", "shift+Return",
                        "line two", "Return")
         bob.wait_for(r"alice: line one\\nline two$", stream="stdout")
@@ -981,7 +985,7 @@ class WindowTest(XvfbTestCase):
         self.type_into("alice - chat", "typed while down", "Return")
         alice.wait_for("^tk: message alice: typed while down sending$")
         server = self.start_server("--members", "1,2", port=port)
-        alice.wait_for("^tk: sent 1$")
+        alice.wait_for("^tk: sent 1 ")
         alice.wait_for("^tk: status Connected as alice", count=2)
         bob.wait_for("alice: typed while down", stream="stdout")
         bob.type("welcome back")
@@ -1123,10 +1127,62 @@ class WindowViewTest(XvfbTestCase):
         self.window.view.yview_moveto(0)  # the user scrolls up to read
         self.root.update()
         self.window._show_message(message(60))
+        self.window._show_message(message(61))
         self.root.update()
         self.assertEqual(self.window.view.yview()[0], 0.0)  # left alone
-        self.assertTrue(self.view_text().endswith("bob: message 60"))
+        self.assertTrue(self.view_text().endswith("bob: message 61"))
+        jump = self.window.jump  # a button says what waits below
+        self.assertTrue(jump.winfo_ismapped())
+        self.assertEqual(jump.cget("text"), "\u2193 2 new messages")
+        jump.invoke()
+        self.root.update()
+        self.assertEqual(self.window.view.yview()[1], 1.0)
+        self.assertFalse(jump.winfo_ismapped())
 
+    def test_every_line_of_a_message_is_indented_after_the_first(self):
+        self.window._show_message(pb.ChatMessage(
+            seq=1, sender_id="2", sender_name="bob", text="one\ntwo\nthree"))
+        self.root.update()
+        left = [self.window.view.bbox(f"{line}.0")[0] for line in (1, 2, 3)]
+        self.assertLess(left[0], left[1])
+        self.assertEqual(left[1], left[2])
+
+    def test_each_sender_has_a_colour_of_its_own_and_yours_is_blue(self):
+        view = self.window.view
+        for seq, (sender_id, name) in enumerate(
+                [("2", "bob"), ("3", "chad"), ("2", "bob"), ("1", "alice")]):
+            self.window._show_message(pb.ChatMessage(
+                seq=seq + 1, sender_id=sender_id, sender_name=name, text="hi"))
+        colours = []
+        for line in range(1, 5):
+            name_at = view.search(": ", f"{line}.0") + " -1c"
+            colours.append([view.tag_cget(tag, "foreground")
+                            for tag in view.tag_names(name_at)
+                            if view.tag_cget(tag, "foreground")][-1])
+        bob, chad, bob_again, alice = colours
+        self.assertEqual(bob, bob_again)
+        self.assertNotEqual(bob, chad)
+        self.assertEqual(alice, chat.COLORS["own"])
+        self.assertNotIn(chat.COLORS["own"], (bob, chad))
+
+    def test_a_message_from_another_day_shows_its_date(self):
+        message = pb.ChatMessage(seq=1, sender_id="2", sender_name="bob",
+                                 text="hi")
+        message.sent_at.FromSeconds(int(time.time()) - 3 * 86400)
+        self.window._show_message(message)
+        self.assertRegex(self.view_text(),
+                         r"^\d{4}-\d\d-\d\d \d\d:\d\d  bob: hi$")
+
+    def test_a_long_refusal_wraps_in_the_status_bar(self):
+        self.root.update()
+        width, height = (self.root.winfo_width(),
+                         self.window.status.winfo_height())
+        sentence = "Refused: " + "a long reason " * 30
+        self.window._show_status(sentence, problem=True)
+        self.root.update()
+        self.assertEqual(self.window.status.cget("text"), sentence)
+        self.assertEqual(self.root.winfo_width(), width)  # not wider...
+        self.assertGreater(self.window.status.winfo_height(), 2 * height)
 
     def test_status_counts_while_away_and_the_clock_stops_when_back(self):
         window = self.window
