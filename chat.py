@@ -2285,7 +2285,12 @@ class BaselineServicer:
 async def serve_baseline(args):
     server = grpc.aio.server(options=server_options(30))
     services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError as error:
+        print(f"chat: baseline cannot listen on {args.host}:{args.port} "
+              f"({error})", file=sys.stderr)
+        return 1
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)
     await until_stopped()
@@ -2298,10 +2303,12 @@ def run_baseline(args):
 
 
 def percentile(sorted_values, fraction):
+    """The value that `fraction` of them do not exceed, to 0.1; None if
+    there are none (nothing was delivered)."""
     if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1,
-                             int(fraction * len(sorted_values)))]
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1,
+                                   int(fraction * len(sorted_values)))], 1)
 
 
 class ServerProcess:
@@ -2330,12 +2337,16 @@ class ServerProcess:
         with open(f"/proc/{self.popen.pid}/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+                    return round(int(line.split()[1]) / 1024, 1)
+        return None
 
     def stop(self):
         self.popen.terminate()
         self.popen.wait()
+
+
+class BenchFailed(Exception):
+    """The load could not run; the message is a sentence for the user."""
 
 
 class Bench:
@@ -2364,6 +2375,10 @@ class Bench:
         self.all_delivered = asyncio.Event()
         self.idle_cpu_s = None  # measured by run() while all are online
         self.expected = messages * (clients - 1)
+        self.failure = None  # why a member's stream ended, if one did
+        self.shown = False   # a progress line is on stderr
+        password = os.environ.get("CHAT_PASSWORD")
+        self.metadata = ((PASSWORD_KEY, password),) if password else ()
 
     async def run(self):
         # One channel per member. grpcio shares one TCP connection among
@@ -2373,16 +2388,28 @@ class Bench:
         self.channels = [grpc.aio.insecure_channel(self.target, options)
                          for _ in self.ids]
         stubs = [services.ChatRoomStub(channel) for channel in self.channels]
-        readers = []
+        self.readers = []
+        try:
+            return await self._run(stubs)
+        finally:
+            for task in self.readers:
+                task.cancel()
+            for channel in self.channels:
+                await channel.close()
+
+    async def _run(self, stubs):
         started = time.perf_counter()
         # Join in steps of 50: a burst of thousands of calls at once makes
         # core shed some of them (the server cannot accept them that fast).
         for first in range(0, self.clients, 50):
             for index in range(first, min(first + 50, self.clients)):
-                readers.append(asyncio.create_task(self._member(stubs, index)))
+                self.readers.append(
+                    asyncio.create_task(self._member(stubs, index)))
             while self.joined < min(first + 50, self.clients):
                 await self.joined_changed.wait()
                 self.joined_changed.clear()
+                if self.failure:
+                    raise BenchFailed(self.failure)
             self._show(f"joined {self.joined}/{self.clients}")
         join_s = time.perf_counter() - started
         # Let the joins' aftermath pass (presence lists to everyone, the
@@ -2406,6 +2433,8 @@ class Bench:
             await asyncio.wait_for(self.all_delivered.wait(), 60)
         except asyncio.TimeoutError:
             pass
+        if self.failure:
+            raise BenchFailed(self.failure)
         deliver_s = self.last_arrival - started
         if self.server:  # everyone online, nothing to do: CPU should be 0
             self.stop_confirming = True
@@ -2416,15 +2445,13 @@ class Bench:
             before = self.server.cpu_s()
             await asyncio.sleep(5)
             self.idle_cpu_s = self.server.cpu_s() - before
-        for task in readers:
-            task.cancel()
-        for channel in self.channels:
-            await channel.close()
         return join_s, deliver_s
 
     async def _member(self, stubs, index):
         call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
-                                                name=self.ids[index]))
+                                                name=self.ids[index]),
+                                 metadata=self.metadata)
+        joined = False
         try:
             async for event in call:
                 for message in event.messages:
@@ -2443,19 +2470,35 @@ class Bench:
                         ReadReceipts.pause(), lambda i=index: self.tasks.add(
                             asyncio.create_task(self._confirm(stubs[i], i)))))
                 if event.HasField("caught_up"):
+                    joined = True
                     self.joined += 1
                     self.joined_changed.set()
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                print(f"\nbench: {self.ids[index]}: {error.code().name} "
-                      f"{error.details()}", file=sys.stderr)
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return  # by us: the run is over
+            if joined:
+                self._fail(f"member {self.ids[index]} lost its stream: "
+                           f"{error.details()}")
+            elif error.code() == grpc.StatusCode.UNAVAILABLE:
+                self._fail(join_refusal(Refused(error.code(),
+                                                error.details()),
+                                        self.target))
+            else:
+                self._fail(f"the server refused member {self.ids[index]}: "
+                           f"{error.details()}")
+
+    def _fail(self, sentence):
+        """Runs on the loop: stop waiting for joins and deliveries."""
+        self.failure = self.failure or sentence
+        self.joined_changed.set()
+        self.all_delivered.set()
 
     async def _confirm(self, stub, index):
         """MarkRead up to the last seq received, as our clients do."""
         try:
             await stub.MarkRead(pb.MarkReadRequest(
                 client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
-                timeout=60)
+                timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError:
             pass  # leaving, or shed under load: the next one covers it
         self.confirming[index] = False
@@ -2468,11 +2511,13 @@ class Bench:
                                  message_id=f"m{number}")
         for attempt in range(10):  # as ChatClient.send retries
             try:
-                await stubs[sender].Send(request, timeout=60)
+                await stubs[sender].Send(request, timeout=60,
+                                         metadata=self.metadata)
                 break
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRY:
-                    raise
+                    raise BenchFailed(f"the server refused a Send: "
+                                      f"{error.details()}") from None
                 self.retries += 1
                 await asyncio.sleep(0.1 * 2 ** attempt)
         if number % 10 == 0:
@@ -2484,9 +2529,11 @@ class Bench:
             await self._send(stubs, number)
 
     def _show(self, text):
+        """Progress, on one line of stderr that keeps being rewritten."""
         if self.progress:
             print(f"\r{self.target}: {text}   ", end="", file=sys.stderr,
                   flush=True)
+            self.shown = True
 
     def check(self):
         """How many deliveries were lost, duplicated or out of order."""
@@ -2505,6 +2552,7 @@ def bench_one(args, command, label):
     """Run the load against one server; return a dict of figures."""
     server = ServerProcess(command) if command else None
     target = server.address if server else args.server
+    bench = None
     try:
         cpu_before = server.cpu_s() if server else 0.0
         bench = Bench(target, server, args.clients, args.messages, args.rate,
@@ -2519,7 +2567,7 @@ def bench_one(args, command, label):
             "deliveries": len(latencies),
             "deliveries_per_s": round(len(latencies) / deliver_s)
             if deliver_s > 0 else 0,
-            "latency_ms": {name: round(percentile(latencies, q), 1)
+            "latency_ms": {name: percentile(latencies, q)
                            for name, q in (("p50", .5), ("p90", .9),
                                            ("p99", .99), ("max", 1.0))},
             "lost": lost, "duplicated": duplicated, "reordered": reordered,
@@ -2527,7 +2575,7 @@ def bench_one(args, command, label):
         }
         if server:
             result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
-            result["server_peak_rss_mb"] = round(server.peak_rss_mb(), 1)
+            result["server_peak_rss_mb"] = server.peak_rss_mb()
             result["server_ready_s"] = round(server.ready_s, 3)
             result["server_idle_cpu_percent"] = round(
                 bench.idle_cpu_s / 5 * 100, 1)
@@ -2535,24 +2583,40 @@ def bench_one(args, command, label):
     finally:
         if server:
             server.stop()
-        if not args.json:
-            print(file=sys.stderr)
+        if bench and bench.shown:
+            print(file=sys.stderr)  # end the progress line
+
+
+def bench_problem(args):
+    """What makes the flags unusable for a run, as a sentence, or None."""
+    if args.clients < 2:
+        return "--clients must be 2 or more: one sends, the others receive"
+    if args.messages < 1:
+        return "--messages must be 1 or more"
+    if not 1 <= args.senders <= args.clients:
+        return "--senders must be from 1 to --clients"
+    if args.rate < 0:
+        return "--rate must be 0 (as fast as possible) or more"
+    return None
 
 
 def run_bench(args):
-    if args.clients < 2 or args.senders < 1 or args.senders > args.clients:
-        print("chat: bench needs --clients >= 2 and 1 <= --senders <= "
-              "--clients", file=sys.stderr)
+    if problem := bench_problem(args):
+        print(f"chat: bench: {problem}", file=sys.stderr)
         return 2
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         command = None if args.server else [
             "server", "--port", "0", "--rate", "0", "--log-level", "WARNING",
             "--db", os.path.join(tmp, "bench.db")]
-        runs.append(bench_one(args, command, "chat.py"))
-        if args.baseline:
-            runs.append(bench_one(args, ["baseline", "--port", "0"],
-                                  "baseline"))
+        try:
+            runs.append(bench_one(args, command, "chat.py"))
+            if args.baseline:
+                runs.append(bench_one(args, ["baseline", "--port", "0"],
+                                      "baseline"))
+        except (BenchFailed, RuntimeError) as error:
+            print(f"chat: bench: {error}", file=sys.stderr)
+            return 1
     if args.baseline:
         ours, bare = runs
         runs.append({"server": "ratio chat.py/baseline", **{
@@ -2581,17 +2645,23 @@ def print_run(run):
     latency = run["latency_ms"]
     print(f"== {run['server']}")
     if "clients" not in run:  # the line of ratios
-        print(f"   join time {run['join_s']}x, deliveries/s "
-              f"{run['deliveries_per_s']}x, latency p50 {latency['p50']}x "
-              f"p90 {latency['p90']}x p99 {latency['p99']}x, server CPU "
-              f"{run['server_cpu_s']}x")
+        def ratio(value):
+            return "n/a" if value is None else f"{value}x"
+        print(f"   join time {ratio(run['join_s'])}, deliveries/s "
+              f"{ratio(run['deliveries_per_s'])}, latency p50 "
+              f"{ratio(latency['p50'])} p90 {ratio(latency['p90'])} p99 "
+              f"{ratio(latency['p99'])}, server CPU "
+              f"{ratio(run['server_cpu_s'])}")
         return
     print(f"   {run['clients']} clients, {run['messages']} messages at "
           f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
     print(f"   join time          {run['join_s']} s")
     print(f"   deliveries/s       {run['deliveries_per_s']}")
-    print(f"   latency ms         p50 {latency['p50']}  p90 {latency['p90']}  "
-          f"p99 {latency['p99']}  max {latency['max']}")
+    if latency["p50"] is None:
+        print("   latency ms         none: nothing was delivered")
+    else:
+        print(f"   latency ms         p50 {latency['p50']}  p90 "
+              f"{latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
     for key, label in (("server_cpu_s", "server CPU s"),
                        ("server_peak_rss_mb", "server peak RSS MB"),
                        ("server_idle_cpu_percent", "server idle CPU %"),

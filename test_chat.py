@@ -845,6 +845,28 @@ class BenchTest(ChatTestCase):
         self.assertEqual((result["lost"], result["duplicated"],
                           result["reordered"]), (0, 0, 0))
 
+    def test_bench_refused_or_unreachable_says_why_and_exits_1(self):
+        server = self.start_server("--members", "1,2")
+        bench = self.start("bench", "--server", server.address,
+                           "--clients", "2", "--messages", "1")
+        self.assertEqual(bench.wait(), 1)
+        [line] = bench.output("stderr")
+        self.assertRegex(line, r"^chat: bench: the server refused member "
+                         r"b[01]: .*member")
+        with socket.socket() as free:  # a port where nothing listens
+            free.bind(("127.0.0.1", 0))
+            address = "127.0.0.1:%d" % free.getsockname()[1]
+        bench = self.start("bench", "--server", address)
+        self.assertEqual(bench.wait(), 1)
+        self.assertRegex("\n".join(bench.output("stderr")),
+                         f"^chat: bench: cannot reach the server at {address}")
+
+    def test_bench_without_messages_is_refused(self):
+        bench = self.start("bench", "--messages", "0")
+        self.assertEqual(bench.wait(), 2)
+        self.assertEqual(bench.output("stderr"),
+                         ["chat: bench: --messages must be 1 or more"])
+
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
 
