@@ -1658,8 +1658,8 @@ def quit_on_signals(root):
             root.event_generate("<<Quit>>", when="tail")
         except tk.TclError:
             pass  # the window is gone already, and we are on our way out
-    # (Windows has no file handlers: there the handler waits for the
-    # window's next 100 ms check of its queue.)
+    # (Windows has no file handlers: there the handler waits until Tk next
+    # calls Python, at the latest at the window's 100 ms check.)
     if hasattr(root.tk, "createfilehandler"):
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
@@ -2071,8 +2071,8 @@ class ChatWindow:
         self._draw_members()
 
     def _draw_members(self):
-        """The member list: online ones first (●), then by name. While the
-        server is away, who is online is unknown (◌)."""
+        """The member list: online ones first, then by name. While the
+        server is away, nobody knows who is online."""
         def state(member):
             return "away" if self.away else (
                 "online" if member.online else "offline")
@@ -2080,13 +2080,11 @@ class ChatWindow:
         for index, shown in enumerate(sorted(
                 self.roster.values(),
                 key=lambda m: (state(m) == "offline", m.name.lower()))):
-            you = " (you)" if shown.id == self.chat.member_id else ""
             mark = {"online": "●", "offline": "○", "away": "◌"}[state(shown)]
+            you = " (you)" if shown.id == self.chat.member_id else ""
             self.members.insert("end", f"{mark} {shown.name}{you}")
             self.members.itemconfigure(index, foreground=COLORS[state(shown)])
-        trace("members", ", ".join(
-            m.name + {"online": "*", "offline": "", "away": "?"}[state(m)]
-            for m in self.roster.values()))
+        trace("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):
         """Add one entry to the view; follow it if the view was at the
@@ -2124,7 +2122,7 @@ class ChatWindow:
     def focused(self):
         # Tk's own name for the focus widget: it may be one that Python did
         # not create (a dialog's button), which focus_get() cannot look up.
-        return bool(self.root.tk.call("focus"))
+        return str(self.root.tk.call("focus")) != ""
 
     def _on_focus(self, _event):
         if self.focused():
