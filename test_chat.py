@@ -867,6 +867,7 @@ class BenchTest(ChatTestCase):
         self.assertEqual(bench.output("stderr"),
                          ["chat: bench: --messages must be 1 or more"])
 
+
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
 
