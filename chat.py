@@ -1990,9 +1990,11 @@ class TerminalClient:
 # It is the trick grpc.aio uses to wake its event loop (section 6), where
 # the byte goes over a socketpair. Nothing runs while nothing happens; no
 # timer polls the queue. (Windows has no Tk file handlers; there, and only
-# there, the window checks the queue every 100 ms instead.) Sends go the other way, to a sender thread through `outbox`,
-# because ChatClient.send() blocks for a round trip, or for as long as the
-# server is away, and the window must never freeze.
+# there, the window checks the queue every 100 ms instead.) Ctrl-C in the
+# terminal comes in through a pipe of the same kind (quit_on_signals).
+# Sends go the other way, to a sender thread through `outbox`, because
+# ChatClient.send() blocks for a round trip, or for as long as the server
+# is away, and the window must never freeze.
 #
 # Test hook: with CHAT_TRACE=1 in the environment, the window also prints
 # what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
@@ -2004,9 +2006,28 @@ try:
 except ImportError:  # Python built without Tk
     tk = None
 
-COLORS = {"own": "#1c71d8", "other": "#26a269", "time": "#9a9996",
+COLORS = {"own": "#1c71d8", "time": "#9a9996",
           "read": "#9a9996", "divider": "#e01b24", "notice": "#77767b",
-          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996"}
+          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996",
+          "away": "#c0bfbc"}
+# Everyone else's name gets one of these, picked by id: the same in every
+# window, every time. Ids 1 to 7 get different ones; after that some share.
+SENDER_COLORS = ("#26a269", "#c64600", "#813d9c", "#0e7c86", "#865e3c",
+                 "#b5348a", "#5e5c64")
+
+
+def sender_tag(sender_id):
+    """The view's tag for a sender's name: "sender0", "sender1", ..."""
+    return f"sender{sum(sender_id.encode()) % len(SENDER_COLORS)}"
+
+
+def shown_time(timestamp):
+    """A pb Timestamp in this computer's time: '14:02:07' today, else
+    '2026-11-03 14:02'."""
+    when = datetime.datetime.fromtimestamp(timestamp.ToMicroseconds() / 1e6)
+    if when.date() == datetime.date.today():
+        return f"{when:%H:%M:%S}"
+    return f"{when:%Y-%m-%d %H:%M}"
 
 
 def gui_unavailable():
@@ -2018,9 +2039,54 @@ def gui_unavailable():
     return None
 
 
+def duration(seconds):
+    """'15 s', '2 min 5 s', '1 h 3 min'."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
 def trace(*parts):
     if os.environ.get("CHAT_TRACE"):
         print("tk:", *parts, file=sys.stderr, flush=True)
+
+
+def quit_on_signals(root):
+    """Make Ctrl-C (SIGINT) and `kill` (SIGTERM) send root the virtual
+    event <<Quit>>, at once; the name dialog and the window bind it.
+
+    Python runs a signal handler only when the main thread runs Python
+    code, and while Tk's mainloop waits for events the main thread sits in
+    C: the handler would wait for the next mouse move. set_wakeup_fd makes
+    Python's own C-level handler write a byte to a pipe as well. Tk watches
+    that pipe like any other (createfilehandler), and reading it runs
+    Python code on the main thread, so the handler runs at once. The
+    handler only queues an event: it may run in the middle of any other
+    callback, which must not find the window gone under its feet."""
+    def handler(_signum, _frame):
+        try:
+            root.event_generate("<<Quit>>", when="tail")
+        except tk.TclError:
+            pass  # the window is gone already, and we are on our way out
+    # (Windows has no file handlers: there the handler waits until Tk next
+    # calls Python, at the latest at the window's 100 ms check.)
+    if hasattr(root.tk, "createfilehandler"):
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end)
+        root.tk.createfilehandler(read_end, tk.READABLE,
+                                  lambda *_: os.read(read_end, 512))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def select_all(event):
+    """Ctrl+A selects all the text in a field, as elsewhere on a desktop
+    (Tk's own Ctrl+A goes to the start of the line, as in Emacs)."""
+    event.widget.event_generate("<<SelectAll>>")
+    return "break"  # and not Tk's
 
 
 def ask_name(root, default):
@@ -2033,6 +2099,7 @@ def ask_name(root, default):
     name = tk.StringVar(value=default)
     entry = ttk.Entry(frame, textvariable=name, width=30)
     entry.grid(sticky="ew", pady=6)
+    entry.bind("<Control-a>", select_all)
     problem = ttk.Label(frame, foreground=COLORS["failed"])
     problem.grid(sticky="w")
     answer = tk.StringVar()
@@ -2047,15 +2114,16 @@ def ask_name(root, default):
 
     ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
     root.bind("<Return>", accept)
-    root.bind("<Escape>", lambda _event: answer.set("\0"))
+    for event in ("<Escape>", "<<Quit>>"):
+        root.bind(event, lambda _event: answer.set("\0"))
     root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
     entry.select_range(0, "end")
     entry.focus_set()
-    trace("name dialog")
+    trace("name dialog", default)
     root.wait_variable(answer)  # runs the event loop until answer is set
     frame.destroy()
-    root.unbind("<Return>")
-    root.unbind("<Escape>")
+    for event in ("<Return>", "<Escape>", "<<Quit>>"):
+        root.unbind(event)
     return None if answer.get() == "\0" else answer.get()
 
 
@@ -2076,8 +2144,13 @@ class ChatWindow:
         self.joined = False
         self.unseen = 0            # messages that arrived while unfocused
         self.pending = 0           # own messages not yet acknowledged
+        self.asking = False        # the close dialog is open
+        self.closed = False
         self.next_own = 0          # numbers own messages, to find them again
         self.roster = {}           # member id -> pb.Member, for the list
+        self.away = False          # the server is away: online unknown
+        self.clock = None          # the Tk timer that updates "Away for"
+        self.below = 0             # new messages below the view's bottom
         self.inbox = queue.Queue()
         self.outbox = queue.Queue()
         self._wake_write = None  # the pipe's write end, where there is one
@@ -2117,19 +2190,26 @@ class ChatWindow:
                             height=20, padx=6, pady=4, relief="flat",
                             highlightthickness=0, cursor="arrow",
                             font="TkDefaultFont", spacing1=3)
-        scroll = ttk.Scrollbar(outer, command=self.view.yview)
-        self.view.configure(yscrollcommand=scroll.set)
+        self.scroll = ttk.Scrollbar(outer, command=self.view.yview)
+        self.view.configure(yscrollcommand=self._scrolled)
         self.view.grid(row=0, column=0, sticky="nsew")
-        scroll.grid(row=0, column=1, sticky="ns")
+        self.scroll.grid(row=0, column=1, sticky="ns")
+        # Shown over the view's bottom while new messages wait below it.
+        self.jump = ttk.Button(outer, command=self._jump_to_end)
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
         italic.configure(slant="italic")
-        self.view.tag_configure("line", lmargin2=24)  # indent wrapped lines
+        # Every line of a message after its first is indented: "line" does
+        # it for lines that wrap, "more" for the lines after a newline.
+        self.view.tag_configure("line", lmargin2=24)
+        self.view.tag_configure("more", lmargin1=24)
         self.view.tag_configure("time", foreground=COLORS["time"],
                                 font="TkSmallCaptionFont")
         self.view.tag_configure("own", foreground=COLORS["own"], font=bold)
-        self.view.tag_configure("other", foreground=COLORS["other"], font=bold)
+        for index, color in enumerate(SENDER_COLORS):
+            self.view.tag_configure(f"sender{index}", foreground=color,
+                                    font=bold)
         self.view.tag_configure("read", foreground=COLORS["read"])
         self.view.tag_configure("notice", foreground=COLORS["notice"],
                                 font=italic)
@@ -2158,14 +2238,21 @@ class ChatWindow:
         self.entry.bind("<Return>", self._on_return)
         self.entry.bind("<KP_Enter>", self._on_return)
         self.entry.bind("<Shift-Return>", self._on_shift_return)
+        self.entry.bind("<Control-a>", select_all)
 
-        self.status = ttk.Label(outer, anchor="w", foreground=COLORS["notice"])
+        # width=1: a long sentence must not widen the window; it wraps at
+        # the width the window gives it (set on every resize).
+        self.status = ttk.Label(outer, anchor="w", width=1,
+                                foreground=COLORS["notice"])
         self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
                          pady=(4, 0))
+        self.status.bind("<Configure>", lambda event: self.status.configure(
+            wraplength=event.width))
         root.bind("<FocusIn>", self._on_focus)
         root.bind("<FocusOut>", self._on_focus)
         root.protocol("WM_DELETE_WINDOW", self.close)
         root.bind("<Control-q>", lambda _event: self.close())
+        root.bind("<<Quit>>", lambda _event: self.close(ask=False))
         self._set_title()
         self.entry.focus_set()
 
@@ -2192,9 +2279,10 @@ class ChatWindow:
         self.next_own += 1
         self.pending += 1
         tag = f"own{self.next_own}"
-        self._append([(f"{datetime.datetime.now():%H:%M:%S}  ", "time"),
-                      (f"{self.name}: ", "own"), (text, ()),
+        self._append([(f"{datetime.datetime.now():%H:%M:%S}", tag + "time"),
+                      ("  ", ()), (f"{self.name}: ", "own"), (text, ()),
                       ("  sending...", ("sending", tag + "status"))], tag)
+        self.view.see("end")  # whoever sends wants to see it
         trace("message", f"{self.name}: {text}", "sending")
         self.outbox.put((tag, text))
 
@@ -2211,7 +2299,9 @@ class ChatWindow:
     def _sent(self, tag, reply):
         self.pending -= 1
         self._replace(tag + "status", "", ())
-        trace("sent", reply.seq)
+        # The time it was stored, as everyone else sees it.
+        self._replace(tag + "time", shown_time(reply.sent_at), "time")
+        trace("sent", reply.seq, shown_time(reply.sent_at))
 
     def _failed(self, tag, reason):
         self.pending -= 1
@@ -2225,8 +2315,9 @@ class ChatWindow:
         self._post("event", event, notices)
 
     def _on_status(self, state, text):
-        """Runs on the receive thread: hand the state to the main thread."""
-        self._post("status", state, text)
+        """Runs on the receive thread: hand the state to the main thread,
+        with the time the server went away (read here, where it is set)."""
+        self._post("status", state, text, self.chat.away_since)
 
     def _post(self, *item):
         """Runs on a worker thread: queue item and wake the main thread."""
@@ -2273,9 +2364,9 @@ class ChatWindow:
             self._set_member(member)
 
     def _show_welcome(self, welcome):
-        self.roster.clear()
-        for member in welcome.members:
-            self._set_member(member)
+        self.away = False
+        self.roster = {member.id: member for member in welcome.members}
+        self._draw_members()
         if self.joined:
             self._notice("reconnected")
             return
@@ -2293,40 +2384,79 @@ class ChatWindow:
     def _show_message(self, message, read=False):
         own = message.sender_id == self.chat.member_id
         style = ("read",) if read else ()
-        self._append([(f"{local_time(message)}  ", "time"),
-                      (f"{message.sender_name}: ",
-                       style or ("own" if own else "other")),
-                      (message.text, style)])
+        shown = self._append([
+            (f"{shown_time(message.sent_at)}  ", "time"),
+            (f"{message.sender_name}: ",
+             style or ("own" if own else sender_tag(message.sender_id))),
+            (message.text, style)])
         trace("message", f"{message.sender_name}: {message.text}",
               "read" if read else "new")
-        if not read and not self.focused():
+        if read:
+            return
+        if not shown:  # the user is scrolled up, reading older ones
+            self.below += 1
+            self.jump.configure(
+                text=f"\u2193 {plural(self.below, 'new message')}")
+            self.jump.place(in_=self.view, relx=0.5, rely=1.0, y=-8,
+                            anchor="s")
+            trace("below", self.below)
+        if not self.focused():
             self.unseen += 1
             self._set_title()
+
+    def _scrolled(self, first, last):
+        """The view moved (yscrollcommand): move the scrollbar, and once
+        the bottom is in sight, hide the "N new messages" button."""
+        self.scroll.set(first, last)
+        if self.below and float(last) >= 0.999:
+            self.below = 0
+            self.jump.place_forget()
+
+    def _jump_to_end(self):
+        self.view.see("end")
 
     def _notice(self, text):
         self._append([(text, "notice")])
         trace("notice", text)
 
-    def _show_state(self, state, text):
+    def _show_state(self, state, text, away_since=None):
+        self._stop_clock()
         if state == "online":
             self.connection = f"Connected as {self.name} to {self.target}"
+            self._show_status(self.connection)
         elif state == "reconnecting":
-            self.connection = f"Connection lost: {text}"
+            # Nobody is known to be online until the next Welcome.
+            self.away = True
+            self._draw_members()
+            self._tick(text.rstrip("."), away_since)
         elif state == "closed":
             self._refused(text)
-            return
+
+    def _tick(self, reason, away_since):
+        """While the server is away, say why and for how long, again at
+        each whole second: a clock, which runs only while we are away."""
+        away = time.monotonic() - away_since
+        self.connection = f"Reconnecting: {reason}. Away for {duration(away)}."
         self._show_status(self.connection)
+        self.clock = self.root.after(1000 - int(away % 1 * 1000), self._tick,
+                                     reason, away_since)
+
+    def _stop_clock(self):
+        if self.clock is not None:
+            self.root.after_cancel(self.clock)
+            self.clock = None
 
     def _refused(self, text):
         """The server said no for good: explain, then close the window."""
         reason = self.chat.refusal
         if (not self.joined and reason.code == grpc.StatusCode.UNAUTHENTICATED
-                and self._ask_password()):
+                and self._ask_password()) or self.closed:
             return
-        sentence = text if self.joined else join_refusal(reason, self.target)
+        sentence = (text if self.joined
+                    else join_refusal(reason, self.target, self.tls_ca))
         self._show_status(f"Refused: {sentence}", problem=True)
-        messagebox.showerror("chat.py", sentence, parent=self.root)
         self.exit_status = 1
+        self._dialog(messagebox.showerror, "chat.py", sentence)
         self.close(ask=False)
 
     def _ask_password(self):
@@ -2335,10 +2465,10 @@ class ChatWindow:
         wrong = "Wrong password. " if self.chat.metadata else ""
         self.chat.close()
         trace("password dialog")
-        password = simpledialog.askstring(
-            "chat.py", f"{wrong}This room needs a password:", show="*",
-            parent=self.root)
-        if not password:
+        password = self._dialog(simpledialog.askstring, "chat.py",
+                                f"{wrong}This room needs a password:",
+                                show="*")
+        if not password or self.closed:
             return False
         self._join(password)
         return True
@@ -2350,24 +2480,29 @@ class ChatWindow:
         trace("status", text)
 
     def _set_member(self, member):
-        """Show member in the list: online ones first, then by name."""
         self.roster[member.id] = member
+        self._draw_members()
+
+    def _draw_members(self):
+        """The member list: online ones first, then by name. While the
+        server is away, nobody knows who is online."""
+        def state(member):
+            return "away" if self.away else (
+                "online" if member.online else "offline")
         self.members.delete(0, "end")
         for index, shown in enumerate(sorted(
                 self.roster.values(),
-                key=lambda m: (not m.online, m.name.lower()))):
+                key=lambda m: (state(m) == "offline", m.name.lower()))):
+            mark = {"online": "●", "offline": "○", "away": "◌"}[state(shown)]
             you = " (you)" if shown.id == self.chat.member_id else ""
-            self.members.insert(
-                "end", f"{'●' if shown.online else '○'} {shown.name}{you}")
-            self.members.itemconfigure(index, foreground=COLORS[
-                "online" if shown.online else "offline"])
-        trace("members", ", ".join(
-            f"{m.name}{'*' if m.online else ''}"
-            for m in self.roster.values()))
+            self.members.insert("end", f"{mark} {shown.name}{you}")
+            self.members.itemconfigure(index, foreground=COLORS[state(shown)])
+        trace("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):
-        """Add one line to the view; follow it if the view was at the
-        bottom (the user was not scrolled up reading older messages)."""
+        """Add one entry to the view; follow it if the view was at the
+        bottom (the user was not scrolled up reading older messages).
+        Returns whether it is in sight."""
         at_bottom = self.view.yview()[1] >= 0.999
         self.view.configure(state="normal")
         if self.view.index("end-1c") != "1.0":
@@ -2376,24 +2511,31 @@ class ChatWindow:
         for text, tags in chunks:
             self.view.insert("end", text, tags)
         self.view.tag_add("line", start, "end-1c")
+        self.view.tag_add("more", f"{start} lineend +1c", "end-1c")
         if tag:
             self.view.tag_add(tag, start, "end-1c")
         self.view.configure(state="disabled")
         if at_bottom:
             self.view.see("end")
+        return at_bottom
 
     def _replace(self, tag, text, tags):
-        """Replace the text tagged `tag` (e.g. "sending...")."""
+        """Replace the text tagged `tag` (e.g. "sending..."), keeping the
+        indent of the line it is on."""
         first, last = self.view.tag_ranges(tag)
+        indent = [name for name in self.view.tag_names(first)
+                  if name in ("line", "more")]
         self.view.configure(state="normal")
         self.view.delete(first, last)
-        self.view.insert(first, text, (tags, tag) if text else ())
+        self.view.insert(first, text, (tags, tag, *indent) if text else ())
         self.view.configure(state="disabled")
 
     # -- the title: name, room, and unread count while unfocused --
 
     def focused(self):
-        return self.root.focus_displayof() is not None
+        # Tk's own name for the focus widget: it may be one that Python did
+        # not create (a dialog's button), which focus_get() cannot look up.
+        return str(self.root.tk.call("focus")) != ""
 
     def _on_focus(self, _event):
         if self.focused():
@@ -2410,14 +2552,62 @@ class ChatWindow:
     # -- leaving --
 
     def close(self, ask=True):
-        """Close the window (its close button, or Ctrl+Q)."""
-        if ask and self.pending and not messagebox.askyesno(
-                "chat.py", f"{self.pending} message(s) not sent yet. "
-                "Close anyway and lose them?", parent=self.root):
+        """Close the window: its close button or Ctrl+Q (which ask first if
+        messages are unsent), or Ctrl-C in the terminal (which does not)."""
+        if ask and self.pending and (self.asking or not self._lose_unsent()):
             return
+        if self.closed:  # e.g. Ctrl-C while the dialog was open
+            return
+        self.closed = True
+        self._stop_clock()
         if self._wake_write is not None:
             self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest
+
+    def _lose_unsent(self):
+        """Ask whether to close and lose the unsent messages. No, the safe
+        answer, is the default: Enter keeps the window open."""
+        count = plural(self.pending, "message")
+        question = (f"{count} not sent yet. Close anyway and lose "
+                    f"{'it' if self.pending == 1 else 'them'}?")
+        trace("close dialog", question)
+        self.asking = True  # the close button again must not ask twice
+        try:
+            lose = self._dialog(messagebox.askyesno, "chat.py", question,
+                                icon="warning", default="no")
+        finally:
+            self.asking = False
+        if lose is False:  # not None: Ctrl-C did not close the window
+            trace("kept open")
+        return lose
+
+    def _dialog(self, dialog, *args, **options):
+        """Show a modal dialog and return its answer, or None if Ctrl-C
+        closed the window meanwhile: a dialog waits in an event loop of its
+        own, which runs our <<Quit>> binding too."""
+        try:
+            return dialog(*args, parent=self.root, **options)
+        except tk.TclError:
+            if not self.closed:
+                raise
+            return None
+
+
+def remembered_name(args, password):
+    """The name the server remembers for our id, to offer in the name
+    dialog: one ListMembers call that may take a second at most. The id if
+    there is none, or no answer (joining will say what is wrong)."""
+    channel = open_channel(args.server, args.tls_ca)
+    try:
+        members = services.ChatRoomStub(channel).ListMembers(
+            pb.ListMembersRequest(client_id=args.client_id), timeout=1,
+            metadata=((PASSWORD_KEY, password),) if password else ()).members
+    except grpc.RpcError:
+        members = []
+    finally:
+        channel.close()
+    return next((member.name for member in members
+                 if member.id == args.client_id), args.client_id)
 
 
 def run_window(args):
@@ -2427,18 +2617,24 @@ def run_window(args):
         root = tk.Tk(className="chat")
     except tk.TclError as error:
         return None, f"cannot open a window ({error})"
-    if args.geometry:
-        root.geometry(args.geometry)
-    name = args.name or ask_name(root, args.client_id)
+    quit_on_signals(root)
+    password = os.environ.get("CHAT_PASSWORD") or None
+    name = args.name or ask_name(root, remembered_name(args, password))
     if name is None:
         root.destroy()
         return 0, None
-    window = ChatWindow(root, args.server, args.client_id, name,
-                        os.environ.get("CHAT_PASSWORD") or None, args.tls_ca)
+    if args.geometry:  # the chat window's, not the name dialog's
+        root.geometry(args.geometry)
+    window = ChatWindow(root, args.server, args.client_id, name, password,
+                        args.tls_ca)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
     window.chat.close()
+    if window.pending:
+        print(f"chat: {plural(window.pending, 'message')} not sent",
+              file=sys.stderr)
+        return 1, None
     return window.exit_status, None
 
 
@@ -2513,10 +2709,12 @@ def run_baseline(args):
 
 
 def percentile(sorted_values, fraction):
+    """The value that `fraction` of them do not exceed, to 0.1; None if
+    there are none (nothing was delivered)."""
     if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1,
-                             int(fraction * len(sorted_values)))]
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1,
+                                   int(fraction * len(sorted_values)))], 1)
 
 
 class ServerProcess:
@@ -2545,12 +2743,16 @@ class ServerProcess:
         with open(f"/proc/{self.popen.pid}/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+                    return round(int(line.split()[1]) / 1024, 1)
+        return None
 
     def stop(self):
         self.popen.terminate()
         self.popen.wait()
+
+
+class BenchFailed(Exception):
+    """The load could not run; the message is a sentence for the user."""
 
 
 class Bench:
@@ -2579,6 +2781,10 @@ class Bench:
         self.all_delivered = asyncio.Event()
         self.idle_cpu_s = None  # measured by run() while all are online
         self.expected = messages * (clients - 1)
+        self.failure = None  # why a member's stream ended, if one did
+        self.shown = False   # a progress line is on stderr
+        password = os.environ.get("CHAT_PASSWORD")
+        self.metadata = ((PASSWORD_KEY, password),) if password else ()
 
     async def run(self):
         # One channel per member. grpcio shares one TCP connection among
@@ -2588,16 +2794,28 @@ class Bench:
         self.channels = [grpc.aio.insecure_channel(self.target, options)
                          for _ in self.ids]
         stubs = [services.ChatRoomStub(channel) for channel in self.channels]
-        readers = []
+        self.readers = []
+        try:
+            return await self._run(stubs)
+        finally:
+            for task in self.readers:
+                task.cancel()
+            for channel in self.channels:
+                await channel.close()
+
+    async def _run(self, stubs):
         started = time.perf_counter()
         # Join in steps of 50: a burst of thousands of calls at once makes
         # core shed some of them (the server cannot accept them that fast).
         for first in range(0, self.clients, 50):
             for index in range(first, min(first + 50, self.clients)):
-                readers.append(asyncio.create_task(self._member(stubs, index)))
+                self.readers.append(
+                    asyncio.create_task(self._member(stubs, index)))
             while self.joined < min(first + 50, self.clients):
                 await self.joined_changed.wait()
                 self.joined_changed.clear()
+                if self.failure:
+                    raise BenchFailed(self.failure)
             self._show(f"joined {self.joined}/{self.clients}")
         join_s = time.perf_counter() - started
         # Let the joins' aftermath pass (presence lists to everyone, the
@@ -2621,6 +2839,8 @@ class Bench:
             await asyncio.wait_for(self.all_delivered.wait(), 60)
         except asyncio.TimeoutError:
             pass
+        if self.failure:
+            raise BenchFailed(self.failure)
         deliver_s = self.last_arrival - started
         if self.server:  # everyone online, nothing to do: CPU should be 0
             self.stop_confirming = True
@@ -2631,15 +2851,13 @@ class Bench:
             before = self.server.cpu_s()
             await asyncio.sleep(5)
             self.idle_cpu_s = self.server.cpu_s() - before
-        for task in readers:
-            task.cancel()
-        for channel in self.channels:
-            await channel.close()
         return join_s, deliver_s
 
     async def _member(self, stubs, index):
         call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
-                                                name=self.ids[index]))
+                                                name=self.ids[index]),
+                                 metadata=self.metadata)
+        joined = False
         try:
             async for event in call:
                 for message in event.messages:
@@ -2658,19 +2876,35 @@ class Bench:
                         ReadReceipts.pause(), lambda i=index: self.tasks.add(
                             asyncio.create_task(self._confirm(stubs[i], i)))))
                 if event.HasField("caught_up"):
+                    joined = True
                     self.joined += 1
                     self.joined_changed.set()
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                print(f"\nbench: {self.ids[index]}: {error.code().name} "
-                      f"{error.details()}", file=sys.stderr)
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return  # by us: the run is over
+            if joined:
+                self._fail(f"member {self.ids[index]} lost its stream: "
+                           f"{error.details()}")
+            elif error.code() == grpc.StatusCode.UNAVAILABLE:
+                self._fail(join_refusal(Refused(error.code(),
+                                                error.details()),
+                                        self.target))
+            else:
+                self._fail(f"the server refused member {self.ids[index]}: "
+                           f"{error.details()}")
+
+    def _fail(self, sentence):
+        """Runs on the loop: stop waiting for joins and deliveries."""
+        self.failure = self.failure or sentence
+        self.joined_changed.set()
+        self.all_delivered.set()
 
     async def _confirm(self, stub, index):
         """MarkRead up to the last seq received, as our clients do."""
         try:
             await stub.MarkRead(pb.MarkReadRequest(
                 client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
-                timeout=60)
+                timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError:
             pass  # leaving, or shed under load: the next one covers it
         self.confirming[index] = False
@@ -2683,11 +2917,13 @@ class Bench:
                                  message_id=f"m{number}")
         for attempt in range(10):  # as ChatClient.send retries
             try:
-                await stubs[sender].Send(request, timeout=60)
+                await stubs[sender].Send(request, timeout=60,
+                                         metadata=self.metadata)
                 break
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRY:
-                    raise
+                    raise BenchFailed(f"the server refused a Send: "
+                                      f"{error.details()}") from None
                 self.retries += 1
                 await asyncio.sleep(0.1 * 2 ** attempt)
         if number % 10 == 0:
@@ -2699,9 +2935,11 @@ class Bench:
             await self._send(stubs, number)
 
     def _show(self, text):
+        """Progress, on one line of stderr that keeps being rewritten."""
         if self.progress:
             print(f"\r{self.target}: {text}   ", end="", file=sys.stderr,
                   flush=True)
+            self.shown = True
 
     def check(self):
         """How many deliveries were lost, duplicated or out of order."""
@@ -2720,6 +2958,7 @@ def bench_one(args, command, label):
     """Run the load against one server; return a dict of figures."""
     server = ServerProcess(command) if command else None
     target = server.address if server else args.server
+    bench = None
     try:
         cpu_before = server.cpu_s() if server else 0.0
         bench = Bench(target, server, args.clients, args.messages, args.rate,
@@ -2734,7 +2973,7 @@ def bench_one(args, command, label):
             "deliveries": len(latencies),
             "deliveries_per_s": round(len(latencies) / deliver_s)
             if deliver_s > 0 else 0,
-            "latency_ms": {name: round(percentile(latencies, q), 1)
+            "latency_ms": {name: percentile(latencies, q)
                            for name, q in (("p50", .5), ("p90", .9),
                                            ("p99", .99), ("max", 1.0))},
             "lost": lost, "duplicated": duplicated, "reordered": reordered,
@@ -2742,7 +2981,7 @@ def bench_one(args, command, label):
         }
         if server:
             result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
-            result["server_peak_rss_mb"] = round(server.peak_rss_mb(), 1)
+            result["server_peak_rss_mb"] = server.peak_rss_mb()
             result["server_ready_s"] = round(server.ready_s, 3)
             result["server_idle_cpu_percent"] = round(
                 bench.idle_cpu_s / 5 * 100, 1)
@@ -2750,24 +2989,40 @@ def bench_one(args, command, label):
     finally:
         if server:
             server.stop()
-        if not args.json:
-            print(file=sys.stderr)
+        if bench and bench.shown:
+            print(file=sys.stderr)  # end the progress line
+
+
+def bench_problem(args):
+    """What makes the flags unusable for a run, as a sentence, or None."""
+    if args.clients < 2:
+        return "--clients must be 2 or more: one sends, the others receive"
+    if args.messages < 1:
+        return "--messages must be 1 or more"
+    if not 1 <= args.senders <= args.clients:
+        return "--senders must be from 1 to --clients"
+    if args.rate < 0:
+        return "--rate must be 0 (as fast as possible) or more"
+    return None
 
 
 def run_bench(args):
-    if args.clients < 2 or args.senders < 1 or args.senders > args.clients:
-        print("chat: bench needs --clients >= 2 and 1 <= --senders <= "
-              "--clients", file=sys.stderr)
+    if problem := bench_problem(args):
+        print(f"chat: bench: {problem}", file=sys.stderr)
         return 2
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         command = None if args.server else [
             "server", "--port", "0", "--rate", "0", "--log-level", "WARNING",
             "--db", os.path.join(tmp, "bench.db")]
-        runs.append(bench_one(args, command, "chat.py"))
-        if args.baseline:
-            runs.append(bench_one(args, ["baseline", "--port", "0"],
-                                  "baseline"))
+        try:
+            runs.append(bench_one(args, command, "chat.py"))
+            if args.baseline:
+                runs.append(bench_one(args, ["baseline", "--port", "0"],
+                                      "baseline"))
+        except (BenchFailed, RuntimeError) as error:
+            print(f"chat: bench: {error}", file=sys.stderr)
+            return 1
     if args.baseline:
         ours, bare = runs
         runs.append({"server": "ratio chat.py/baseline", **{
@@ -2796,17 +3051,23 @@ def print_run(run):
     latency = run["latency_ms"]
     print(f"== {run['server']}")
     if "clients" not in run:  # the line of ratios
-        print(f"   join time {run['join_s']}x, deliveries/s "
-              f"{run['deliveries_per_s']}x, latency p50 {latency['p50']}x "
-              f"p90 {latency['p90']}x p99 {latency['p99']}x, server CPU "
-              f"{run['server_cpu_s']}x")
+        def ratio(value):
+            return "n/a" if value is None else f"{value}x"
+        print(f"   join time {ratio(run['join_s'])}, deliveries/s "
+              f"{ratio(run['deliveries_per_s'])}, latency p50 "
+              f"{ratio(latency['p50'])} p90 {ratio(latency['p90'])} p99 "
+              f"{ratio(latency['p99'])}, server CPU "
+              f"{ratio(run['server_cpu_s'])}")
         return
     print(f"   {run['clients']} clients, {run['messages']} messages at "
           f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
     print(f"   join time          {run['join_s']} s")
     print(f"   deliveries/s       {run['deliveries_per_s']}")
-    print(f"   latency ms         p50 {latency['p50']}  p90 {latency['p90']}  "
-          f"p99 {latency['p99']}  max {latency['max']}")
+    if latency["p50"] is None:
+        print("   latency ms         none: nothing was delivered")
+    else:
+        print(f"   latency ms         p50 {latency['p50']}  p90 "
+              f"{latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
     for key, label in (("server_cpu_s", "server CPU s"),
                        ("server_peak_rss_mb", "server peak RSS MB"),
                        ("server_idle_cpu_percent", "server idle CPU %"),
@@ -3039,45 +3300,58 @@ def run_client(args):
 
 def run_demo(args):
     """Start a server that keeps nothing (:memory:) and three windows;
-    stop the server when the last window closes."""
+    stop the server when the last window closes, or at Ctrl-C."""
     reason = gui_unavailable()
+    if reason is None:
+        try:  # DISPLAY may be set and still lead nowhere
+            tk.Tk().destroy()
+        except tk.TclError as error:
+            reason = f"cannot open a window ({error})"
     if reason:
         print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
         return 1
-    # `kill` (SIGTERM) should clean up like Ctrl-C does: raise SystemExit,
-    # so that the `finally` below stops the windows and the server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    # Ctrl-C in the terminal reaches the server, the windows and us alike;
+    # `kill` (SIGTERM) reaches only us. Either way we raise
+    # KeyboardInterrupt, and the `finally` below closes the windows (with
+    # SIGTERM, which they take as Ctrl-C) and then stops the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server, windows, status = None, [], 0
     try:
         server = ServerProcess(["server", "--port", "0", "--db", ":memory:",
                                 "--members", "1,2,3", "--log-level",
                                 "WARNING"], stderr=None)
-    except RuntimeError as error:
-        print(f"chat: the demo {error}", file=sys.stderr)
-        return 1
-    print(f"demo: server at {server.address}, pid {server.popen.pid}",
-          file=sys.stderr)
-    windows = []
-    try:
+        print(f"demo: server at {server.address}, pid {server.popen.pid}",
+              file=sys.stderr)
         for number, name in enumerate(["alice", "bob", "chad"]):
+            # stdin is not theirs: three clients must not share a terminal.
             windows.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "client",
                  "--id", str(number + 1), "--name", name,
                  "--server", server.address,
-                 "--geometry", f"420x520+{10 + 430 * number}+10"]))
+                 "--geometry", f"420x520+{10 + 430 * number}+10"],
+                stdin=subprocess.DEVNULL))
             print(f"demo: window for {name}, pid {windows[-1].pid}",
                   file=sys.stderr)
-        print("demo: close the three windows to stop", file=sys.stderr)
+        print("demo: close the three windows (or press Ctrl-C) to stop",
+              file=sys.stderr)
         for window in windows:
             window.wait()
+    except RuntimeError as error:
+        print(f"chat: the demo {error}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:
-        pass
+        print("\ndemo: stopping", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are on our way
         for window in windows:
             if window.poll() is None:
                 window.terminate()
+        for window in windows:
             window.wait()
-        server.stop()
-    return 0
+        if server:
+            server.stop()
+    print("demo: stopped", file=sys.stderr)
+    return status
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import termios
 import threading
+import time
 import unittest
 from concurrent import futures
 
@@ -1210,6 +1211,29 @@ class BenchTest(ChatTestCase):
         self.assertEqual((result["lost"], result["duplicated"],
                           result["reordered"]), (0, 0, 0))
 
+    def test_bench_refused_or_unreachable_says_why_and_exits_1(self):
+        server = self.start_server("--members", "1,2")
+        bench = self.start("bench", "--server", server.address,
+                           "--clients", "2", "--messages", "1")
+        self.assertEqual(bench.wait(), 1)
+        [line] = bench.output("stderr")
+        self.assertRegex(line, r"^chat: bench: the server refused member "
+                         r"b[01]: .*member")
+        with socket.socket() as free:  # a port where nothing listens
+            free.bind(("127.0.0.1", 0))
+            address = "127.0.0.1:%d" % free.getsockname()[1]
+        bench = self.start("bench", "--server", address)
+        self.assertEqual(bench.wait(), 1)
+        self.assertRegex("\n".join(bench.output("stderr")),
+                         f"^chat: bench: cannot reach the server at {address}")
+
+    def test_bench_without_messages_is_refused(self):
+        bench = self.start("bench", "--messages", "0")
+        self.assertEqual(bench.wait(), 2)
+        self.assertEqual(bench.output("stderr"),
+                         ["chat: bench: --messages must be 1 or more"])
+
+
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
 
@@ -1259,7 +1283,7 @@ class XvfbTestCase(ChatTestCase):
     def type_into(self, title, *keys):
         self.focus(title)
         for key in keys:
-            if key in ("Return", "shift+Return", "Escape"):
+            if key in ("Return", "shift+Return", "Escape", "End"):
                 self.xdotool("key", key)
             else:
                 self.xdotool("type", "--delay", "5", key)
@@ -1275,7 +1299,11 @@ class WindowTest(XvfbTestCase):
         alice.wait_for("^tk: status Connected as alice")
         self.type_into("alice - chat", "hello from the window", "Return")
         bob.wait_for("alice: hello from the window$", stream="stdout")
-        alice.wait_for("^tk: sent 1$")
+        # Once stored, alice's line shows the time the server gave it,
+        # the time bob sees.
+        stored = alice.wait_for("^tk: sent 1 ").split()[-1]
+        self.assertEqual(bob.output()[0], f"[{stored}] alice: hello from "
+                         "the window")
         self.type_into("alice - chat", "line one", "shift+Return",
                        "line two", "Return")
         bob.wait_for(r"alice: line one\\nline two$", stream="stdout")
@@ -1288,11 +1316,30 @@ class WindowTest(XvfbTestCase):
         server = self.start_server("--members", "1,2")
         bob = self.start_client(server, "2", "bob")
         window = self.start_window(server, "1")
-        window.wait_for("^tk: name dialog$")
+        window.wait_for("^tk: name dialog 1$")
         # The id is prefilled and selected, so typing replaces it.
         self.type_into("your name", "zoe", "Return")
         window.wait_for("^tk: status Connected as zoe")
         bob.wait_for(r"^\* zoe joined$")
+
+    def test_name_dialog_offers_the_name_the_server_remembers(self):
+        server = self.start_server("--members", "1,2")
+        self.assertEqual(self.start_client(server, "1", "alice").finish(), 0)
+        bob = self.start_client(server, "2", "bob")
+        window = self.start_window(server, "1")
+        window.wait_for("^tk: name dialog alice$")
+        # Ctrl+A selects all, in the name field and in the message box.
+        self.type_into("your name", "End")
+        self.xdotool("type", "2")
+        self.xdotool("key", "ctrl+a")
+        self.xdotool("type", "zoe")
+        self.xdotool("key", "Return")
+        window.wait_for("^tk: status Connected as zoe")
+        self.type_into("zoe - chat", "draft")
+        self.xdotool("key", "ctrl+a")
+        self.type_into("zoe - chat", "hi", "Return")
+        bob.wait_for("zoe: hi$", stream="stdout")
+        self.assertEqual(texts(bob), ["zoe: hi"])
 
     def test_unread_divider_below_the_history(self):
         server = self.start_server("--members", "1,2")
@@ -1322,11 +1369,12 @@ class WindowTest(XvfbTestCase):
         alice.wait_for("^tk: status Connected as alice")
         server.popen.send_signal(signal.SIGKILL)
         server.wait()
-        alice.wait_for("^tk: status Connection lost: ")
+        alice.wait_for(r"^tk: status Reconnecting: .*\. Away for 1 s\.$")
+        alice.wait_for("^tk: members ◌ alice [(]you[)], ◌ bob$")
         self.type_into("alice - chat", "typed while down", "Return")
         alice.wait_for("^tk: message alice: typed while down sending$")
         server = self.start_server("--members", "1,2", port=port)
-        alice.wait_for("^tk: sent 1$")
+        alice.wait_for("^tk: sent 1 ")
         alice.wait_for("^tk: status Connected as alice", count=2)
         bob.wait_for("alice: typed while down", stream="stdout")
         bob.type("welcome back")
@@ -1342,6 +1390,36 @@ class WindowTest(XvfbTestCase):
         window.wait_for("^tk: password dialog$")
         self.type_into("^chat.py$", "open sesame", "Return")
         window.wait_for("^tk: status Connected as alice")
+
+    def test_ctrl_c_closes_the_window_at_once(self):
+        server = self.start_server("--members", "1,2")
+        window = self.start_window(server, "1", "--name", "alice")
+        window.wait_for("^tk: status Connected as alice")
+        window.popen.send_signal(signal.SIGINT)
+        self.assertEqual(window.wait(), 0)
+        self.assertNotIn("Traceback", "\n".join(window.output("stderr")))
+
+    def test_closing_with_unsent_messages_asks_and_enter_keeps_them(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        server.popen.send_signal(signal.SIGKILL)
+        server.wait()
+        self.type_into("alice - chat", "one", "Return", "two", "Return")
+        alice.wait_for("^tk: message alice: two sending$")
+        self.xdotool("key", "ctrl+q")
+        alice.wait_for("^tk: close dialog 2 messages not sent yet. "
+                       "Close anyway and lose them[?]$")
+        self.type_into("^chat.py$", "Return")  # No is the default
+        alice.wait_for("^tk: kept open$")
+        self.focus("alice - chat")
+        self.xdotool("key", "ctrl+q")
+        alice.wait_for("^tk: close dialog", count=2)
+        alice.popen.send_signal(signal.SIGINT)  # closes, dialog and all
+        self.assertEqual(alice.wait(), 1)
+        stderr = "\n".join(alice.output("stderr"))
+        self.assertIn("chat: 2 messages not sent", stderr)
+        self.assertNotIn("Traceback", stderr)
 
     def test_refused_join_shows_the_reason_and_exits_1(self):
         server = self.start_server("--members", "1,2")
@@ -1367,6 +1445,31 @@ class DemoTest(XvfbTestCase):
         for pid in pids:  # the server and the windows are gone, and reaped
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+    def test_ctrl_c_stops_the_demo_and_every_window(self):
+        demo = self.start("demo", env={"DISPLAY": self.display})
+        demo.wait_for("^demo: close the three windows")
+        pids = [int(line.rsplit(" ", 1)[1])
+                for line in demo.output("stderr") if " pid " in line]
+        self.addCleanup(kill_all, pids)
+        for name in ("alice", "bob", "chad"):
+            self.xdotool("search", "--sync", "--name", f"{name} - chat")
+        demo.popen.send_signal(signal.SIGINT)
+        self.assertEqual(demo.wait(), 0)
+        stderr = demo.output("stderr")
+        self.assertEqual(stderr[-1], "demo: stopped")
+        self.assertNotIn("Traceback", "\n".join(stderr))
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    def test_demo_without_a_working_display_says_so(self):
+        demo = self.start("demo", env={"DISPLAY": ":999"})  # nothing there
+        self.assertEqual(demo.wait(), 1)
+        self.assertEqual(demo.output("stderr"), [
+            "chat: the demo needs windows, but cannot open a window "
+            "(couldn't connect to display \":999\")"])
 
 
 def kill_all(pids):
@@ -1413,9 +1516,75 @@ class WindowViewTest(XvfbTestCase):
         self.window.view.yview_moveto(0)  # the user scrolls up to read
         self.root.update()
         self.window._show_message(message(60))
+        self.window._show_message(message(61))
         self.root.update()
         self.assertEqual(self.window.view.yview()[0], 0.0)  # left alone
-        self.assertTrue(self.view_text().endswith("bob: message 60"))
+        self.assertTrue(self.view_text().endswith("bob: message 61"))
+        jump = self.window.jump  # a button says what waits below
+        self.assertTrue(jump.winfo_ismapped())
+        self.assertEqual(jump.cget("text"), "\u2193 2 new messages")
+        jump.invoke()
+        self.root.update()
+        self.assertEqual(self.window.view.yview()[1], 1.0)
+        self.assertFalse(jump.winfo_ismapped())
+
+    def test_every_line_of_a_message_is_indented_after_the_first(self):
+        self.window._show_message(pb.ChatMessage(
+            seq=1, sender_id="2", sender_name="bob", text="one\ntwo\nthree"))
+        self.root.update()
+        left = [self.window.view.bbox(f"{line}.0")[0] for line in (1, 2, 3)]
+        self.assertLess(left[0], left[1])
+        self.assertEqual(left[1], left[2])
+
+    def test_each_sender_has_a_colour_of_its_own_and_yours_is_blue(self):
+        view = self.window.view
+        for seq, (sender_id, name) in enumerate(
+                [("2", "bob"), ("3", "chad"), ("2", "bob"), ("1", "alice")]):
+            self.window._show_message(pb.ChatMessage(
+                seq=seq + 1, sender_id=sender_id, sender_name=name, text="hi"))
+        colours = []
+        for line in range(1, 5):
+            name_at = view.search(": ", f"{line}.0") + " -1c"
+            colours.append([view.tag_cget(tag, "foreground")
+                            for tag in view.tag_names(name_at)
+                            if view.tag_cget(tag, "foreground")][-1])
+        bob, chad, bob_again, alice = colours
+        self.assertEqual(bob, bob_again)
+        self.assertNotEqual(bob, chad)
+        self.assertEqual(alice, chat.COLORS["own"])
+        self.assertNotIn(chat.COLORS["own"], (bob, chad))
+
+    def test_a_message_from_another_day_shows_its_date(self):
+        message = pb.ChatMessage(seq=1, sender_id="2", sender_name="bob",
+                                 text="hi")
+        message.sent_at.FromSeconds(int(time.time()) - 3 * 86400)
+        self.window._show_message(message)
+        self.assertRegex(self.view_text(),
+                         r"^\d{4}-\d\d-\d\d \d\d:\d\d  bob: hi$")
+
+    def test_a_long_refusal_wraps_in_the_status_bar(self):
+        self.root.update()
+        width, height = (self.root.winfo_width(),
+                         self.window.status.winfo_height())
+        sentence = "Refused: " + "a long reason " * 30
+        self.window._show_status(sentence, problem=True)
+        self.root.update()
+        self.assertEqual(self.window.status.cget("text"), sentence)
+        self.assertEqual(self.root.winfo_width(), width)  # not wider...
+        self.assertGreater(self.window.status.winfo_height(), 2 * height)
+
+    def test_status_counts_while_away_and_the_clock_stops_when_back(self):
+        window = self.window
+        window._show_state("reconnecting", "the server is shutting down.",
+                           time.monotonic() - 15.5)
+        self.assertEqual(window.status.cget("text"), "Reconnecting: the "
+                         "server is shutting down. Away for 15 s.")
+        self.assertEqual({line[0] for line in window.members.get(0, "end")},
+                         {"◌"})  # nobody is known to be online
+        self.assertTrue(self.root.tk.call("after", "info"))  # the clock
+        window._show_state("online", "")
+        self.assertIn("Connected as alice", window.status.cget("text"))
+        self.assertFalse(self.root.tk.call("after", "info"))  # no timer
 
 
 class StartUpMistakesTest(ChatTestCase):
