@@ -1545,10 +1545,9 @@ class ChatClient:
             self._changed.wait_for(lambda: self._leaving, seconds)
 
     def _news(self, presence):
-        """Keep only the presence changes that change something for us: the
-        server sends its list to everyone, and a member that joined may
-        already have been in our Welcome. Our own entry never counts.
-        Returns a sentence for each change that is left."""
+        """Keep only the presence changes that change something for us.
+        Our server sends only news, but a client cannot count on every
+        server doing so. Returns a sentence for each change that is left."""
         stale, notices = [], []
         for index, member in enumerate(presence):
             state = (member.name, member.online)
@@ -2391,7 +2390,7 @@ class ChatWindow:
             (message.text, style)])
         trace("message", f"{message.sender_name}: {message.text}",
               "read" if read else "new")
-        if read:
+        if read or own:  # own: in the replay of a new process (Join)
             return
         if not shown:  # the user is scrolled up, reading older ones
             self.below += 1

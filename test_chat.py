@@ -1077,9 +1077,16 @@ class TerminalClientTest(ChatTestCase):
         # New to the server, so it names us by our id.
         nameless.wait_for(r"^connected to \S+ as 1 \(id 1\); ")
         bob.wait_for(r"^\* 1 joined$")
-        self.start_client(server, "1", "alice")  # takes over the session
+        alice = self.start_client(server, "1", "alice")  # takes it over
         bob.wait_for(r"^\* 1 is now known as alice$")
         self.assertEqual(nameless.wait(), 1)
+        self.assertEqual(alice.finish(), 0)
+        # Back without --name: the server remembers "alice".
+        again = self.start("client", "--no-gui", "--id", "1", "--server",
+                           server.address)
+        again.wait_for(r"^connected to \S+ as alice \(id 1\); ")
+        bob.wait_for(r"^\* alice joined$")
+        self.assertEqual(again.finish(), 0)
 
     def test_each_connection_failure_gets_its_own_sentence(self):
         # A port that takes connections and never answers: the listener's
