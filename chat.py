@@ -36,8 +36,7 @@ Sections, in the order "hi" travels:
     7. The client          channel, stub, the receive thread, read receipts
     8. The terminal client stdin -> Send, Join stream -> stdout
     9. The window          the Tk client: threads and Tk, without polling
-   10. The benchmark       a load generator, and a bare server to compare
-   11. main(argv)          the command line, and the demo
+   10. main(argv)          the command line, and the demo
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of open streams. The client uses grpc's threaded API (blocking
@@ -53,7 +52,6 @@ import datetime
 import errno
 import getpass
 import hmac
-import json
 import logging
 import math
 import os
@@ -65,7 +63,6 @@ import sqlite3
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -261,15 +258,15 @@ class Store:
         self.save_reads()
         self.db.close()
 
-    def remember(self, member_id, name):
-        """Record that member_id has joined and now calls itself name."""
-        if self.names.get(member_id) == name:
+    def remember(self, client_id, name):
+        """Record that client_id has joined and now calls itself name."""
+        if self.names.get(client_id) == name:
             return  # nothing new: no commit
         self.db.execute(
             "INSERT INTO members (id, name) VALUES (?, ?) "
             "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-            (member_id, name))
-        self.names[member_id] = name
+            (client_id, name))
+        self.names[client_id] = name
 
     def append(self, sender_id, sender_name, text, message_id):
         """Store a message; return (Stored, is_new).
@@ -294,15 +291,15 @@ class Store:
         return Stored(cursor.lastrowid, sender_id, sender_name, text,
                       sent_at_us), True
 
-    def read_seq(self, member_id):
-        if member_id in self.unsaved_reads:
-            return self.unsaved_reads[member_id]
+    def read_seq(self, client_id):
+        if client_id in self.unsaved_reads:
+            return self.unsaved_reads[client_id]
         row = self.db.execute("SELECT read_seq FROM members WHERE id = ?",
-                              (member_id,)).fetchone()
+                              (client_id,)).fetchone()
         return row[0] if row else 0
 
-    def mark_read(self, member_id, up_to_seq):
-        """Move member_id's read position forward (never back, never past
+    def mark_read(self, client_id, up_to_seq):
+        """Move client_id's read position forward (never back, never past
         the last stored message); return the new position.
 
         The new position is kept in memory until save_reads(). With 1,000
@@ -313,8 +310,8 @@ class Store:
         killed before it saves, those members are shown the messages of
         their last second again: not lost, shown twice.
         """
-        position = max(self.read_seq(member_id), min(up_to_seq, self.last_seq))
-        self.unsaved_reads[member_id] = position
+        position = max(self.read_seq(client_id), min(up_to_seq, self.last_seq))
+        self.unsaved_reads[client_id] = position
         return position
 
     def save_reads(self):
@@ -329,16 +326,16 @@ class Store:
         self.db.execute("BEGIN")  # one transaction, one commit
         self.db.executemany(
             "UPDATE members SET read_seq = MAX(read_seq, ?) WHERE id = ?",
-            [(seq, member_id) for member_id, seq in reads.items()])
+            [(seq, client_id) for client_id, seq in reads.items()])
         self.db.execute("COMMIT")
         self.db.execute("PRAGMA synchronous = FULL")
 
-    def count_unread(self, member_id, after_seq, up_to_seq):
+    def count_unread(self, client_id, after_seq, up_to_seq):
         """How many messages from others lie in (after_seq, up_to_seq]."""
         return self.db.execute(
             "SELECT COUNT(*) FROM messages "
             "WHERE seq > ? AND seq <= ? AND sender_id != ?",
-            (after_seq, up_to_seq, member_id)).fetchone()[0]
+            (after_seq, up_to_seq, client_id)).fetchone()[0]
 
     def recent(self, up_to_seq, limit):
         """The last limit messages up to up_to_seq, anyone's, oldest first."""
@@ -407,8 +404,8 @@ MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
 class Session:
     """One open Join stream: a member's queue and the task that drains it."""
 
-    def __init__(self, member_id, name):
-        self.member_id = member_id
+    def __init__(self, client_id, name):
+        self.client_id = client_id
         self.name = name
         self.queue = asyncio.Queue(QUEUE_LIMIT)
         self.held = None  # an event taken from the queue, to write next
@@ -486,15 +483,15 @@ class Hub:
         """Put session online; return the session it replaces, if any.
         The session gets the events published from now on."""
         session.first_event = self.published + 1
-        replaced = self.online.get(session.member_id)
-        self.online[session.member_id] = session
+        replaced = self.online.get(session.client_id)
+        self.online[session.client_id] = session
         return replaced
 
     def remove(self, session):
         """Take session offline. False if it was already gone or replaced."""
-        if self.online.get(session.member_id) is not session:
+        if self.online.get(session.client_id) is not session:
             return False
-        del self.online[session.member_id]
+        del self.online[session.client_id]
         return True
 
     def publish(self, data, skip=(), only=None):
@@ -522,15 +519,15 @@ class Hub:
             for number, data, skip, only in waiting:
                 if only is None:
                     sessions = list(self.online.items())
-                elif self.online.get(only.member_id) is only:
-                    sessions = [(only.member_id, only)]
+                elif self.online.get(only.client_id) is only:
+                    sessions = [(only.client_id, only)]
                 else:
                     continue  # gone offline meanwhile
-                for member_id, session in sessions:
+                for client_id, session in sessions:
                     # A member that came online after this was published
                     # has it already: a message in its replay, a presence
                     # change in its Welcome's member list.
-                    if member_id in skip or number < session.first_event:
+                    if client_id in skip or number < session.first_event:
                         continue
                     try:
                         session.queue.put_nowait(data)
@@ -627,10 +624,10 @@ class ChatRoomServicer:
 
     async def Join(self, request, context):
         """Replay what the member has not read, then stream live events."""
-        member_id = request.client_id
-        await self._check_member(context, member_id)
+        client_id = request.client_id
+        await self._check_member(context, client_id)
         # No name given: the one the member used last time, else its id.
-        name = request.name or self.store.names.get(member_id, member_id)
+        name = request.name or self.store.names.get(client_id, client_id)
         if problem := name_problem(name):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
@@ -648,7 +645,7 @@ class ChatRoomServicer:
         # online after disconnect_everyone() has run.
         if self.closed_with:
             await self._refuse(context, *self.closed_with)
-        if (self.max_clients and member_id not in self.hub.online
+        if (self.max_clients and client_id not in self.hub.online
                 and len(self.hub.online) >= self.max_clients):
             await self._refuse(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -660,36 +657,36 @@ class ChatRoomServicer:
         # in the same instant in which we read `head`, the last message
         # already stored: the replay covers up to head, the queue everything
         # after it. No gap, no overlap.
-        self.store.remember(member_id, name)
+        self.store.remember(client_id, name)
         if request.after_seq:  # a client resuming after a reconnect
-            self.store.mark_read(member_id, request.after_seq)
+            self.store.mark_read(client_id, request.after_seq)
             self._save_reads_soon()
             start = min(request.after_seq, self.store.last_seq)
         else:                  # "I have no message": use the stored position
-            start = self.store.read_seq(member_id)
+            start = self.store.read_seq(client_id)
         # A client that resumes already has the messages it sent itself, so
         # its replay leaves them out. A new client process has not: its
         # replay includes them (not counted as unread), or it would see
         # replies to things it never said.
         resuming = request.resuming or request.after_seq > 0
-        skip_sender = member_id if resuming else None
+        skip_sender = client_id if resuming else None
         head = self.store.last_seq
-        unread = self.store.count_unread(member_id, start, head)
+        unread = self.store.count_unread(client_id, start, head)
         recent = self.store.recent(start, min(request.history,
                                               self.MAX_HISTORY))
-        session = Session(member_id, name)
+        session = Session(client_id, name)
         replaced = self.hub.add(session)
         if replaced:
             # The same member again, e.g. its client reconnecting before the
             # server noticed the old connection was dead. The newest wins.
             replaced.close(grpc.StatusCode.ABORTED,
-                           f"id {member_id} joined again from another client; "
+                           f"id {client_id} joined again from another client; "
                            "this session was closed.")
         if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
         if self.presence:
             self.presence_joiners.append((session, len(self.presence)))
-        log.info("%s (%s) joined from %s; %d unread", name, member_id,
+        log.info("%s (%s) joined from %s; %d unread", name, client_id,
                  context.peer(), unread)
 
         # We write to the stream ourselves (`await context.write`) rather
@@ -722,13 +719,13 @@ class ChatRoomServicer:
             raise
         finally:
             if self.hub.remove(session):
-                log.info("%s (%s) left", name, member_id)
+                log.info("%s (%s) left", name, client_id)
                 self._announce(session, online=False)
 
     async def Send(self, request, context):
         """Store one message, fan it out, and answer with its seq."""
-        member_id = request.client_id
-        await self._check_member(context, member_id)
+        client_id = request.client_id
+        await self._check_member(context, client_id)
         if problem := text_problem(request.text):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
@@ -736,25 +733,25 @@ class ChatRoomServicer:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"message_id is longer than {MAX_MESSAGE_ID_CHARS} characters.")
-        session = self.hub.online.get(member_id)
+        session = self.hub.online.get(client_id)
         if session is None:
             await self._refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION,
-                f"id {member_id} is not online; Join the room before sending.")
-        if member_id not in self.buckets:
-            self.buckets[member_id] = TokenBucket(self.rate, 2 * self.rate)
-        if self.rate and not self.buckets[member_id].take():
+                f"id {client_id} is not online; Join the room before sending.")
+        if client_id not in self.buckets:
+            self.buckets[client_id] = TokenBucket(self.rate, 2 * self.rate)
+        if self.rate and not self.buckets[client_id].take():
             await self._refuse(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"you are sending too fast: the limit is {self.rate} messages "
                 "a second. Wait a moment and send again.")
-        stored, is_new = self.store.append(member_id, session.name,
+        stored, is_new = self.store.append(client_id, session.name,
                                            request.text, request.message_id)
         if is_new:
             # Same loop turn as the commit, so publish() order, and with it
             # every member's order, is seq order.
             self._send_presence()
-            self.hub.publish(to_event(stored), skip={member_id})
+            self.hub.publish(to_event(stored), skip={client_id})
         reply = pb.SendReply(seq=stored.seq)
         reply.sent_at.FromMicroseconds(stored.sent_at_us)
         return reply
@@ -787,17 +784,17 @@ class ChatRoomServicer:
                 "wrong or missing room password; set CHAT_PASSWORD to the "
                 "room's password.")
 
-    async def _check_member(self, context, member_id):
+    async def _check_member(self, context, client_id):
         """Refuse calls without the password (UNAUTHENTICATED), bad ids
         (INVALID_ARGUMENT) and, with --members, every id not in it
         (PERMISSION_DENIED), even one that joined this room before."""
         await self._check_password(context)
-        if problem := id_problem(member_id):
+        if problem := id_problem(client_id):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
-        if self.group is not None and member_id not in self.group:
+        if self.group is not None and client_id not in self.group:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                               f"id {member_id} is not a member of this group.")
+                               f"id {client_id} is not a member of this group.")
 
     async def _check_seq(self, context, seq):
         if seq > MAX_SEQ:
@@ -812,9 +809,9 @@ class ChatRoomServicer:
         """The group (--members), or in an open room everyone who has ever
         joined it, each with its last name and whether it is online."""
         names = self.store.names
-        return [pb.Member(id=member_id, name=names.get(member_id, member_id),
-                          online=member_id in self.hub.online)
-                for member_id in self.group or names]
+        return [pb.Member(id=client_id, name=names.get(client_id, client_id),
+                          online=client_id in self.hub.online)
+                for client_id in self.group or names]
 
     def _announce(self, session, online):
         """Tell everyone online that session's member came or went.
@@ -825,7 +822,7 @@ class ChatRoomServicer:
         instead of 1,000. A chat message sends the waiting changes first, so
         the order stays true.
         """
-        self.presence.append(pb.Member(id=session.member_id,
+        self.presence.append(pb.Member(id=session.client_id,
                                        name=session.name, online=online))
         if self.presence_timer is None:
             self.presence_timer = asyncio.get_running_loop().call_later(
@@ -859,14 +856,14 @@ class ChatRoomServicer:
         parts = [pb.Event(presence=[member]).SerializeToString()
                  for member in changes]
         self.hub.publish(b"".join(parts),
-                         skip={session.member_id for session, _ in joiners})
+                         skip={session.client_id for session, _ in joiners})
         for session, seen in joiners:
             if seen < len(parts):
                 self.hub.publish(b"".join(parts[seen:]), only=session)
 
     def _too_slow(self, session):
         log.warning("%s (%s) fell %d events behind; disconnecting it",
-                    session.name, session.member_id, QUEUE_LIMIT)
+                    session.name, session.client_id, QUEUE_LIMIT)
         self._disconnect(session, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"your client fell more than {QUEUE_LIMIT} events "
                          "behind; reconnect to catch up.")
@@ -1271,9 +1268,9 @@ class ReadReceipts:
         server each time. Random pauses spread them out."""
         return cls.INTERVAL * (0.5 + _random_fraction())
 
-    def __init__(self, stub, member_id, metadata):
+    def __init__(self, stub, client_id, metadata):
         self._stub = stub
-        self._member_id = member_id
+        self._member_id = client_id
         self._metadata = metadata
         self._changed = threading.Condition()
         self._received = 0   # highest seq the receive thread has handed over
@@ -1359,10 +1356,10 @@ class ChatClient:
     either way, self.name is the one the server gave us, once we are in.
     """
 
-    def __init__(self, target, member_id, name, on_event, on_status,
+    def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None):
         self.target = target
-        self.member_id = member_id
+        self.client_id = client_id
         self.name = name
         self.history = history  # already-read messages to ask for, once
         self.on_event = on_event
@@ -1372,7 +1369,7 @@ class ChatClient:
         # Call metadata: key/value pairs sent with a call, like HTTP headers
         # (keys must be lowercase). Every call carries the room password.
         self.metadata = ((PASSWORD_KEY, password),) if password else ()
-        self.receipts = ReadReceipts(self.stub, member_id, self.metadata)
+        self.receipts = ReadReceipts(self.stub, client_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
         self.roster = {}        # member id -> (name, online), as we know it
         self.away_since = None  # time.monotonic() when the stream broke
@@ -1408,7 +1405,7 @@ class ChatClient:
         message_id, so never twice). Raises Refused if the server says no."""
         if problem := text_problem(text):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        request = pb.SendRequest(client_id=self.member_id, text=text,
+        request = pb.SendRequest(client_id=self.client_id, text=text,
                                  message_id=uuid.uuid4().hex)
         delay = Backoff()
         while True:
@@ -1426,7 +1423,7 @@ class ChatClient:
         """[pb.Member] for /who."""
         try:
             return self.stub.ListMembers(pb.ListMembersRequest(
-                client_id=self.member_id), timeout=SEND_TIMEOUT,
+                client_id=self.client_id), timeout=SEND_TIMEOUT,
                                          metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
@@ -1457,7 +1454,7 @@ class ChatClient:
         joined_before = False
         while True:
             request = pb.JoinRequest(
-                client_id=self.member_id, name=self.name,
+                client_id=self.client_id, name=self.name,
                 after_seq=self.last_seq, resuming=joined_before,
                 history=0 if joined_before else self.history)
             with self._changed:
@@ -1530,8 +1527,8 @@ class ChatClient:
         self.roster = {m.id: (m.name, m.online) for m in welcome.members}
         # Our own entry has the name the server gave us: the one we asked
         # for, or, if we sent none, the one it remembers for our id.
-        if self.member_id in self.roster:
-            self.name = self.roster[self.member_id][0]
+        if self.client_id in self.roster:
+            self.name = self.roster[self.client_id][0]
         # Normally read_seq is our own after_seq. It is lower only if the
         # server lost its history (a :memory: server restarted); then its
         # seqs start over.
@@ -1552,7 +1549,7 @@ class ChatClient:
         for index, member in enumerate(presence):
             state = (member.name, member.online)
             before = self.roster.get(member.id)
-            if member.id == self.member_id or before == state:
+            if member.id == self.client_id or before == state:
                 stale.append(index)
             elif before and before[1] and member.online:
                 notices.append(f"{before[0]} is now known as {member.name}")
@@ -1749,9 +1746,9 @@ class TerminalClient:
     CLOSED = object()  # put in `outbox` when the server ends the session
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
 
-    def __init__(self, target, member_id, name, password=None, tls_ca=None):
+    def __init__(self, target, client_id, name, password=None, tls_ca=None):
         """name "" asks the server for the name it remembers for us."""
-        self.target, self.member_id, self.tls_ca = target, member_id, tls_ca
+        self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
         self.joined_before = False  # set by the first Welcome
@@ -1765,7 +1762,7 @@ class TerminalClient:
         self.away_timer = None  # says "still reconnecting" now and then
 
     def _client(self, name, password):
-        return ChatClient(self.target, self.member_id, name, self.on_event,
+        return ChatClient(self.target, self.client_id, name, self.on_event,
                           self.on_status, password=password,
                           tls_ca=self.tls_ca)
 
@@ -1914,7 +1911,7 @@ class TerminalClient:
     def _welcome(self, welcome):
         self.unread = welcome.unread
         others = [m.name for m in welcome.members
-                  if m.online and m.id != self.member_id]
+                  if m.online and m.id != self.client_id]
         news = (f"{plural(welcome.unread, 'unread message')}; "
                 + (f"online: {', '.join(others)}" if others
                    else "nobody else online"))
@@ -1924,7 +1921,7 @@ class TerminalClient:
                      f"{news}")
         else:
             self.say(f"connected to {self.target} as {self.chat.name} "
-                     f"(id {self.member_id}); {news}")
+                     f"(id {self.client_id}); {news}")
         self.joined_before = True
 
     def on_status(self, state, text):
@@ -2132,11 +2129,11 @@ class ChatWindow:
 
     HISTORY = 20  # already-read messages shown above the unread ones
 
-    def __init__(self, root, target, member_id, name, password=None,
+    def __init__(self, root, target, client_id, name, password=None,
                  tls_ca=None):
         self.root = root
         self.target = target
-        self.member_id = member_id
+        self.client_id = client_id
         self.name = name
         self.tls_ca = tls_ca
         self.exit_status = 0
@@ -2166,7 +2163,7 @@ class ChatWindow:
         self._join(password)
 
     def _join(self, password):
-        self.chat = ChatClient(self.target, self.member_id, self.name,
+        self.chat = ChatClient(self.target, self.client_id, self.name,
                                self._on_event, self._on_status,
                                history=self.HISTORY, password=password,
                                tls_ca=self.tls_ca)
@@ -2381,7 +2378,7 @@ class ChatWindow:
             trace("divider", welcome.unread)
 
     def _show_message(self, message, read=False):
-        own = message.sender_id == self.chat.member_id
+        own = message.sender_id == self.chat.client_id
         style = ("read",) if read else ()
         shown = self._append([
             (f"{shown_time(message.sent_at)}  ", "time"),
@@ -2493,7 +2490,7 @@ class ChatWindow:
                 self.roster.values(),
                 key=lambda m: (state(m) == "offline", m.name.lower()))):
             mark = {"online": "●", "offline": "○", "away": "◌"}[state(shown)]
-            you = " (you)" if shown.id == self.chat.member_id else ""
+            you = " (you)" if shown.id == self.chat.client_id else ""
             self.members.insert("end", f"{mark} {shown.name}{you}")
             self.members.itemconfigure(index, foreground=COLORS[state(shown)])
         trace("members", ", ".join(self.members.get(0, "end")))
@@ -2637,448 +2634,7 @@ def run_window(args):
     return window.exit_status, None
 
 
-# 10. The benchmark -----------------------------------------------------------
-#
-# `python chat.py bench` measures the server the way redis-benchmark
-# measures Redis: it starts a server (or uses --server), brings --clients
-# members online, each on a TCP connection of its own, has --senders of
-# them send --messages messages at --rate a second (0: as fast as they can),
-# and times every delivery from the Send to its arrival at each member.
-# --baseline runs the same load against `python chat.py baseline`, a bare
-# grpc.aio fan-out server with no storage and no checks (below), so every
-# figure also shows as a ratio to what Python gRPC does with no work at all.
-#
-# The load generator is one grpc.aio process: N channels on one event loop.
-# It shares the machine with the server, so absolute figures mean little;
-# ratios to the baseline, measured in the same run, do.
-
-
-class BaselineServicer:
-    """The least a fan-out server can do: no storage, no checks, no limits.
-    Each Send builds one Event and puts it, as an object, in every other
-    member's queue; gRPC serializes it once per member as it writes it."""
-
-    def __init__(self):
-        self.queues = {}  # member id -> asyncio.Queue, unbounded
-        self.seq = 0
-
-    async def Join(self, request, context):
-        queue_ = self.queues[request.client_id] = asyncio.Queue()
-        yield pb.Event(welcome=pb.Welcome())
-        yield pb.Event(caught_up=pb.CaughtUp())
-        try:
-            while True:
-                yield await queue_.get()
-        finally:
-            if self.queues.get(request.client_id) is queue_:
-                del self.queues[request.client_id]
-
-    async def Send(self, request, context):
-        self.seq += 1
-        message = pb.ChatMessage(seq=self.seq, sender_id=request.client_id,
-                                 sender_name=request.client_id,
-                                 text=request.text)
-        message.sent_at.GetCurrentTime()  # the same bytes on the wire as ours
-        event = pb.Event(messages=[message])
-        for member_id, queue_ in self.queues.items():
-            if member_id != request.client_id:
-                queue_.put_nowait(event)
-        return pb.SendReply(seq=self.seq)
-
-    async def MarkRead(self, request, context):
-        return pb.MarkReadReply(read_seq=request.up_to_seq)
-
-    async def ListMembers(self, request, context):
-        return pb.ListMembersReply()
-
-
-async def serve_baseline(args):
-    server = grpc.aio.server(options=server_options(30))
-    services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
-    port = listen(server, args.host, args.port)
-    await server.start()
-    print(f"listening on {args.host}:{port}", flush=True)
-    await until_stopped()
-    await server.stop(None)
-    return 0
-
-
-def run_baseline(args):
-    return asyncio.run(serve_baseline(args))
-
-
-def percentile(sorted_values, fraction):
-    """The value that `fraction` of them do not exceed, to 0.1; None if
-    there are none (nothing was delivered)."""
-    if not sorted_values:
-        return None
-    return round(sorted_values[min(len(sorted_values) - 1,
-                                   int(fraction * len(sorted_values)))], 1)
-
-
-class ServerProcess:
-    """`python chat.py server ...` (or baseline) as a child process: its
-    address, CPU and memory. Used by the benchmark and the demo."""
-
-    def __init__(self, command, stderr=subprocess.DEVNULL):
-        started = time.perf_counter()
-        self.popen = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *command],
-            stdout=subprocess.PIPE, stderr=stderr, text=True)
-        line = self.popen.stdout.readline()  # "listening on HOST:PORT"
-        self.ready_s = time.perf_counter() - started
-        if not line.startswith("listening on "):
-            self.stop()
-            raise RuntimeError(f"{command[0]} did not start")
-        self.address = line.split()[-1]
-
-    def cpu_s(self):
-        """User + system CPU seconds so far, from /proc."""
-        with open(f"/proc/{self.popen.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mb(self):
-        with open(f"/proc/{self.popen.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return None
-
-    def stop(self):
-        self.popen.terminate()
-        self.popen.wait()
-
-
-class BenchFailed(Exception):
-    """The load could not run; the message is a sentence for the user."""
-
-
-class Bench:
-    """One benchmark run against one server; see section 10's top."""
-
-    def __init__(self, target, server, clients, messages, rate, senders,
-                 progress):
-        self.target = target
-        self.server = server  # a ServerProcess, or None
-        self.clients, self.messages = clients, messages
-        self.rate, self.senders = rate, senders
-        self.progress = progress
-        self.ids = [f"b{n}" for n in range(clients)]
-        # received[member index] = list of message numbers, in arrival order
-        self.received = [[] for _ in range(clients)]
-        self.seqs = [[] for _ in range(clients)]
-        self.confirming = [False] * clients  # a MarkRead is on its way
-        self.tasks = set()  # MarkRead tasks, kept from the garbage collector
-        self.timers = []    # MarkReads scheduled for later
-        self.stop_confirming = False  # set for the idle measurement
-        self.retries = 0    # Sends tried again (shed by an overloaded server)
-        self.latencies_ms = []
-        self.joined = 0
-        self.joined_changed = asyncio.Event()
-        self.last_arrival = 0.0
-        self.all_delivered = asyncio.Event()
-        self.idle_cpu_s = None  # measured by run() while all are online
-        self.expected = messages * (clients - 1)
-        self.failure = None  # why a member's stream ended, if one did
-        self.shown = False   # a progress line is on stderr
-        password = os.environ.get("CHAT_PASSWORD")
-        self.metadata = ((PASSWORD_KEY, password),) if password else ()
-
-    async def run(self):
-        # One channel per member. grpcio shares one TCP connection among
-        # channels to the same target (its global subchannel pool); a local
-        # pool per channel gives each member a connection of its own.
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        self.channels = [grpc.aio.insecure_channel(self.target, options)
-                         for _ in self.ids]
-        stubs = [services.ChatRoomStub(channel) for channel in self.channels]
-        self.readers = []
-        try:
-            return await self._run(stubs)
-        finally:
-            for task in self.readers:
-                task.cancel()
-            for channel in self.channels:
-                await channel.close()
-
-    async def _run(self, stubs):
-        started = time.perf_counter()
-        # Join in steps of 50: a burst of thousands of calls at once makes
-        # core shed some of them (the server cannot accept them that fast).
-        for first in range(0, self.clients, 50):
-            for index in range(first, min(first + 50, self.clients)):
-                self.readers.append(
-                    asyncio.create_task(self._member(stubs, index)))
-            while self.joined < min(first + 50, self.clients):
-                await self.joined_changed.wait()
-                self.joined_changed.clear()
-                if self.failure:
-                    raise BenchFailed(self.failure)
-            self._show(f"joined {self.joined}/{self.clients}")
-        join_s = time.perf_counter() - started
-        # Let the joins' aftermath pass (presence lists to everyone, the
-        # last Welcomes): what we measure next is the steady state.
-        self._show("settling for 2 s")
-        await asyncio.sleep(2)
-
-        started = time.perf_counter()
-        if self.rate:
-            sends = []
-            for number in range(self.messages):
-                delay = started + number / self.rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sends.append(asyncio.create_task(self._send(stubs, number)))
-            await asyncio.gather(*sends)
-        else:
-            await asyncio.gather(*[self._sender(stubs, k)
-                                   for k in range(self.senders)])
-        try:
-            await asyncio.wait_for(self.all_delivered.wait(), 60)
-        except asyncio.TimeoutError:
-            pass
-        if self.failure:
-            raise BenchFailed(self.failure)
-        deliver_s = self.last_arrival - started
-        if self.server:  # everyone online, nothing to do: CPU should be 0
-            self.stop_confirming = True
-            for timer in self.timers:
-                timer.cancel()
-            await asyncio.gather(*self.tasks)  # the last MarkReads
-            await asyncio.sleep(1)
-            before = self.server.cpu_s()
-            await asyncio.sleep(5)
-            self.idle_cpu_s = self.server.cpu_s() - before
-        return join_s, deliver_s
-
-    async def _member(self, stubs, index):
-        call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
-                                                name=self.ids[index]),
-                                 metadata=self.metadata)
-        joined = False
-        try:
-            async for event in call:
-                for message in event.messages:
-                    now = time.perf_counter()
-                    number, sent_at = message.text.split()[1:3]
-                    self.latencies_ms.append((now - float(sent_at)) * 1000)
-                    self.received[index].append(int(number))
-                    self.seqs[index].append(message.seq)
-                    self.last_arrival = now
-                    if len(self.latencies_ms) == self.expected:
-                        self.all_delivered.set()
-                if (event.messages and not self.confirming[index]
-                        and not self.stop_confirming):
-                    self.confirming[index] = True  # like ReadReceipts
-                    self.timers.append(asyncio.get_running_loop().call_later(
-                        ReadReceipts.pause(), lambda i=index: self.tasks.add(
-                            asyncio.create_task(self._confirm(stubs[i], i)))))
-                if event.HasField("caught_up"):
-                    joined = True
-                    self.joined += 1
-                    self.joined_changed.set()
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED:
-                return  # by us: the run is over
-            if joined:
-                self._fail(f"member {self.ids[index]} lost its stream: "
-                           f"{error.details()}")
-            elif error.code() == grpc.StatusCode.UNAVAILABLE:
-                self._fail(join_refusal(Refused(error.code(),
-                                                error.details()),
-                                        self.target))
-            else:
-                self._fail(f"the server refused member {self.ids[index]}: "
-                           f"{error.details()}")
-
-    def _fail(self, sentence):
-        """Runs on the loop: stop waiting for joins and deliveries."""
-        self.failure = self.failure or sentence
-        self.joined_changed.set()
-        self.all_delivered.set()
-
-    async def _confirm(self, stub, index):
-        """MarkRead up to the last seq received, as our clients do."""
-        try:
-            await stub.MarkRead(pb.MarkReadRequest(
-                client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
-                timeout=60, metadata=self.metadata)
-        except grpc.aio.AioRpcError:
-            pass  # leaving, or shed under load: the next one covers it
-        self.confirming[index] = False
-        self.tasks.discard(asyncio.current_task())
-
-    async def _send(self, stubs, number):
-        sender = number % self.senders
-        text = f"bench {number} {time.perf_counter():.6f}"
-        request = pb.SendRequest(client_id=self.ids[sender], text=text,
-                                 message_id=f"m{number}")
-        for attempt in range(10):  # as ChatClient.send retries
-            try:
-                await stubs[sender].Send(request, timeout=60,
-                                         metadata=self.metadata)
-                break
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRY:
-                    raise BenchFailed(f"the server refused a Send: "
-                                      f"{error.details()}") from None
-                self.retries += 1
-                await asyncio.sleep(0.1 * 2 ** attempt)
-        if number % 10 == 0:
-            self._show(f"sent {number + 1}/{self.messages}, delivered "
-                       f"{len(self.latencies_ms):,}/{self.expected:,}")
-
-    async def _sender(self, stubs, sender):
-        for number in range(sender, self.messages, self.senders):
-            await self._send(stubs, number)
-
-    def _show(self, text):
-        """Progress, on one line of stderr that keeps being rewritten."""
-        if self.progress:
-            print(f"\r{self.target}: {text}   ", end="", file=sys.stderr,
-                  flush=True)
-            self.shown = True
-
-    def check(self):
-        """How many deliveries were lost, duplicated or out of order."""
-        lost = duplicated = reordered = 0
-        for index, numbers in enumerate(self.received):
-            expected = {n for n in range(self.messages)  # not its own
-                        if n % self.senders != index}
-            lost += len(expected - set(numbers))
-            duplicated += len(numbers) - len(set(numbers))
-            seqs = self.seqs[index]
-            reordered += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
-        return lost, duplicated, reordered
-
-
-def bench_one(args, command, label):
-    """Run the load against one server; return a dict of figures."""
-    server = ServerProcess(command) if command else None
-    target = server.address if server else args.server
-    bench = None
-    try:
-        cpu_before = server.cpu_s() if server else 0.0
-        bench = Bench(target, server, args.clients, args.messages, args.rate,
-                      args.senders, progress=not args.json)
-        join_s, deliver_s = asyncio.run(bench.run())
-        lost, duplicated, reordered = bench.check()
-        latencies = sorted(bench.latencies_ms)
-        result = {
-            "server": label, "clients": args.clients,
-            "messages": args.messages, "rate": args.rate,
-            "senders": args.senders, "join_s": round(join_s, 2),
-            "deliveries": len(latencies),
-            "deliveries_per_s": round(len(latencies) / deliver_s)
-            if deliver_s > 0 else 0,
-            "latency_ms": {name: percentile(latencies, q)
-                           for name, q in (("p50", .5), ("p90", .9),
-                                           ("p99", .99), ("max", 1.0))},
-            "lost": lost, "duplicated": duplicated, "reordered": reordered,
-            "send_retries": bench.retries,
-        }
-        if server:
-            result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
-            result["server_peak_rss_mb"] = server.peak_rss_mb()
-            result["server_ready_s"] = round(server.ready_s, 3)
-            result["server_idle_cpu_percent"] = round(
-                bench.idle_cpu_s / 5 * 100, 1)
-        return result
-    finally:
-        if server:
-            server.stop()
-        if bench and bench.shown:
-            print(file=sys.stderr)  # end the progress line
-
-
-def bench_problem(args):
-    """What makes the flags unusable for a run, as a sentence, or None."""
-    if args.clients < 2:
-        return "--clients must be 2 or more: one sends, the others receive"
-    if args.messages < 1:
-        return "--messages must be 1 or more"
-    if not 1 <= args.senders <= args.clients:
-        return "--senders must be from 1 to --clients"
-    if args.rate < 0:
-        return "--rate must be 0 (as fast as possible) or more"
-    return None
-
-
-def run_bench(args):
-    if problem := bench_problem(args):
-        print(f"chat: bench: {problem}", file=sys.stderr)
-        return 2
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        command = None if args.server else [
-            "server", "--port", "0", "--rate", "0", "--log-level", "WARNING",
-            "--db", os.path.join(tmp, "bench.db")]
-        try:
-            runs.append(bench_one(args, command, "chat.py"))
-            if args.baseline:
-                runs.append(bench_one(args, ["baseline", "--port", "0"],
-                                      "baseline"))
-        except (BenchFailed, RuntimeError) as error:
-            print(f"chat: bench: {error}", file=sys.stderr)
-            return 1
-    if args.baseline:
-        ours, bare = runs
-        runs.append({"server": "ratio chat.py/baseline", **{
-            "join_s": _ratio(ours["join_s"], bare["join_s"]),
-            "deliveries_per_s": _ratio(ours["deliveries_per_s"],
-                                       bare["deliveries_per_s"]),
-            "latency_ms": {name: _ratio(ours["latency_ms"][name],
-                                        bare["latency_ms"][name])
-                           for name in ours["latency_ms"]},
-            "server_cpu_s": _ratio(ours.get("server_cpu_s"),
-                                   bare.get("server_cpu_s"))}})
-    if args.json:
-        print(json.dumps(runs, indent=2))
-    else:
-        for run in runs:
-            print_run(run)
-    broken = runs[0]["lost"] or runs[0]["duplicated"] or runs[0]["reordered"]
-    return 1 if broken else 0
-
-
-def _ratio(a, b):
-    return round(a / b, 2) if a and b else None
-
-
-def print_run(run):
-    latency = run["latency_ms"]
-    print(f"== {run['server']}")
-    if "clients" not in run:  # the line of ratios
-        def ratio(value):
-            return "n/a" if value is None else f"{value}x"
-        print(f"   join time {ratio(run['join_s'])}, deliveries/s "
-              f"{ratio(run['deliveries_per_s'])}, latency p50 "
-              f"{ratio(latency['p50'])} p90 {ratio(latency['p90'])} p99 "
-              f"{ratio(latency['p99'])}, server CPU "
-              f"{ratio(run['server_cpu_s'])}")
-        return
-    print(f"   {run['clients']} clients, {run['messages']} messages at "
-          f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
-    print(f"   join time          {run['join_s']} s")
-    print(f"   deliveries/s       {run['deliveries_per_s']}")
-    if latency["p50"] is None:
-        print("   latency ms         none: nothing was delivered")
-    else:
-        print(f"   latency ms         p50 {latency['p50']}  p90 "
-              f"{latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
-    for key, label in (("server_cpu_s", "server CPU s"),
-                       ("server_peak_rss_mb", "server peak RSS MB"),
-                       ("server_idle_cpu_percent", "server idle CPU %"),
-                       ("server_ready_s", "server ready in s")):
-        if run.get(key) is not None:
-            print(f"   {label:<18} {run[key]}")
-    print(f"   lost {run['lost']}, duplicated {run['duplicated']}, "
-          f"reordered {run['reordered']} (of {run['deliveries']:,} "
-          "deliveries)")
-
-
-# 11. main(argv) --------------------------------------------------------------
+# 10. main(argv) --------------------------------------------------------------
 
 
 # argparse types: each turns a flag's text into a value or refuses it with a
@@ -3104,7 +2660,7 @@ PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
 COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
 
 
-def member_id(text):
+def valid_id(text):
     """--id: the same rule the server checks."""
     if problem := id_problem(text):
         raise argparse.ArgumentTypeError(problem)
@@ -3120,7 +2676,7 @@ def display_name(text):
 
 def member_list(text):
     """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
-    ids = [member_id(part.strip()) for part in text.split(",")
+    ids = [valid_id(part.strip()) for part in text.split(",")
            if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
@@ -3204,7 +2760,7 @@ def build_parser():
         epilog="If the room has a password, give it in the environment "
         "variable CHAT_PASSWORD.")
     client.add_argument("--id", required=True, dest="client_id", metavar="ID",
-                        type=member_id, help="your member id: 1 to 32 "
+                        type=valid_id, help="your member id: 1 to 32 "
                         "letters, digits, _ . or -, e.g. 1")
     client.add_argument("--name", type=display_name,
                         help="display name (default: your id)")
@@ -3227,42 +2783,6 @@ def build_parser():
         "members 1, 2 and 3) and a window for each of alice, bob and chad. "
         "It stops when the last window closes.")
     demo.set_defaults(func=run_demo)
-
-    bench = commands.add_parser(
-        "bench", help="load generator: fan-out latency and throughput")
-    bench.add_argument("--server", metavar="HOST:PORT",
-                       help="measure this server (default: start one, with "
-                       "a temporary database and --rate 0)")
-    bench.add_argument("--clients", type=int, default=100,
-                       help="members online, each on its own connection "
-                       "(default: %(default)s)")
-    bench.add_argument("--messages", type=int, default=100,
-                       help="messages to send in all (default: %(default)s)")
-    bench.add_argument("--rate", type=float, default=0,
-                       help="messages a second; 0: as fast as possible "
-                       "(default: %(default)s)")
-    bench.add_argument("--senders", type=int, default=1,
-                       help="how many of the members send (default: "
-                       "%(default)s)")
-    bench.add_argument("--baseline", action="store_true",
-                       help="also run the load against the bare baseline "
-                       "server and show ratios")
-    bench.add_argument("--json", action="store_true",
-                       help="print the figures as JSON")
-    bench.set_defaults(func=run_bench)
-
-    baseline = commands.add_parser(
-        "baseline", help="the bare grpc.aio fan-out server bench compares "
-        "against (no storage, no checks)",
-        description="Run the bare grpc.aio fan-out server that `bench "
-        "--baseline` compares the chat server with: it stores nothing, "
-        "checks nothing and limits nothing. Not a chat room for people.")
-    baseline.add_argument("--host", default="127.0.0.1",
-                          help="address to listen on (default: %(default)s)")
-    baseline.add_argument("--port", type=PORT, default=50052,
-                          help="port to listen on (default: %(default)s; "
-                          "0 picks a free one)")
-    baseline.set_defaults(func=run_baseline)
 
     # argparse reports a flag it does not know with the top-level usage;
     # main() uses the command's own parser instead, which shows its flags.
@@ -3295,6 +2815,41 @@ def run_client(args):
                             os.environ.get("CHAT_PASSWORD") or None,
                             args.tls_ca)
     return client.run(sys.stdin)
+
+
+class ServerProcess:
+    """`python chat.py server ...` as a child process (or another script's
+    server, e.g. bench.py's baseline): its address, CPU and memory. Used by
+    the demo and by bench.py."""
+
+    def __init__(self, command, stderr=subprocess.DEVNULL, script=__file__):
+        started = time.perf_counter()
+        self.popen = subprocess.Popen(
+            [sys.executable, os.path.abspath(script), *command],
+            stdout=subprocess.PIPE, stderr=stderr, text=True)
+        line = self.popen.stdout.readline()  # "listening on HOST:PORT"
+        self.ready_s = time.perf_counter() - started
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"{command[0]} did not start")
+        self.address = line.split()[-1]
+
+    def cpu_s(self):
+        """User + system CPU seconds so far, from /proc."""
+        with open(f"/proc/{self.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self):
+        with open(f"/proc/{self.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+    def stop(self):
+        self.popen.terminate()
+        self.popen.wait()
 
 
 def run_demo(args):

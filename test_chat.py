@@ -40,6 +40,7 @@ import chat  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
+BENCH = os.path.join(HERE, "bench.py")
 WAIT = 20  # seconds: the most any expected line may take to appear
 
 pb = chat.pb
@@ -51,8 +52,11 @@ class Process:
 
     def __init__(self, args, cwd, env=None):
         self.args = args
+        script = CHAT
+        if args[0] == "bench.py":  # start("bench.py", ...) runs bench.py
+            script, args = BENCH, args[1:]
         self.popen = subprocess.Popen(
-            [sys.executable, CHAT, *args], cwd=cwd, stdin=subprocess.PIPE,
+            [sys.executable, script, *args], cwd=cwd, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             encoding="utf-8", bufsize=1,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
@@ -1207,10 +1211,10 @@ class Named:
 
 
 class BenchTest(ChatTestCase):
-    """`python chat.py bench` runs, and finds nothing lost (no timings)."""
+    """`python bench.py` runs, and finds nothing lost (no timings)."""
 
     def test_quick_bench_is_correct(self):
-        bench = self.start("bench", "--clients", "20", "--messages", "10",
+        bench = self.start("bench.py", "--clients", "20", "--messages", "10",
                            "--senders", "2", "--json")
         self.assertEqual(bench.wait(), 0)
         result = json.loads("\n".join(bench.output()))[0]
@@ -1220,25 +1224,25 @@ class BenchTest(ChatTestCase):
 
     def test_bench_refused_or_unreachable_says_why_and_exits_1(self):
         server = self.start_server("--members", "1,2")
-        bench = self.start("bench", "--server", server.address,
+        bench = self.start("bench.py", "--server", server.address,
                            "--clients", "2", "--messages", "1")
         self.assertEqual(bench.wait(), 1)
         [line] = bench.output("stderr")
-        self.assertRegex(line, r"^chat: bench: the server refused member "
+        self.assertRegex(line, r"^bench: the server refused member "
                          r"b[01]: .*member")
         with socket.socket() as free:  # a port where nothing listens
             free.bind(("127.0.0.1", 0))
             address = "127.0.0.1:%d" % free.getsockname()[1]
-        bench = self.start("bench", "--server", address)
+        bench = self.start("bench.py", "--server", address)
         self.assertEqual(bench.wait(), 1)
         self.assertRegex("\n".join(bench.output("stderr")),
-                         f"^chat: bench: cannot reach the server at {address}")
+                         f"^bench: cannot reach the server at {address}")
 
     def test_bench_without_messages_is_refused(self):
-        bench = self.start("bench", "--messages", "0")
+        bench = self.start("bench.py", "--messages", "0")
         self.assertEqual(bench.wait(), 2)
         self.assertEqual(bench.output("stderr"),
-                         ["chat: bench: --messages must be 1 or more"])
+                         ["bench: --messages must be 1 or more"])
 
 
 class XvfbTestCase(ChatTestCase):
@@ -1638,7 +1642,8 @@ class StartUpMistakesTest(ChatTestCase):
         self.assertAllRefused(2, [
             (("server", "--port", "99999"), "argument --port: must be"),
             (("server", "--port", "-1"), "argument --port: must be"),
-            (("baseline", "--port", "70000"), "argument --port: must be"),
+            (("bench.py", "baseline", "--port", "70000"),
+             "argument --port: must be"),
             (("server", "--rate", "-5"), "argument --rate: must be 0 or"),
             (("server", "--max-clients", "-1"), "argument --max-clients"),
             (("server", "--keepalive", "0"),
@@ -1678,7 +1683,10 @@ class StartUpMistakesTest(ChatTestCase):
             self.assertIn("CHAT_PASSWORD", help_of(command))
         self.assertRegex(help_of("client"), r"--id ID +your member id: 1 to 32")
         self.assertIn("It stops when the last window closes", help_of("demo"))
-        self.assertIn("bench", help_of("baseline").split("options:")[0])
+        baseline = subprocess.run(
+            [sys.executable, BENCH, "baseline", "--help"], capture_output=True,
+            text=True, check=True).stdout
+        self.assertIn("stores nothing", baseline)
 
     def test_database_mistakes(self):
         not_a_db = os.path.join(self.tmp.name, "notes.txt")
@@ -1741,8 +1749,8 @@ class StartUpMistakesTest(ChatTestCase):
         self.assertAllRefused(1, [
             (("server", "--port", port, "--db", other_db),
              f"^chat: port {port} is already in use"),
-            (("baseline", "--port", port),
-             f"^chat: port {port} is already in use"),
+            (("bench.py", "baseline", "--port", port),
+             f"^bench.py baseline: port {port} is already in use"),
             (("server", "--port", "0", "--db", ":memory:",
               "--host", "192.0.2.1"),  # a documentation address
              "^chat: --host 192.0.2.1 is not an address of this machine"),
