@@ -27,9 +27,9 @@ import tempfile
 import time
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
-from chat import (PASSWORD_KEY, RETRY, ReadReceipts, Refused, ServerProcess,
-                  join_refusal, listen, pb, server_options, services,
-                  until_stopped)
+from chat import (PASSWORD_KEY, RETRY, Refused, ServerProcess,
+                  ThrottledReadReceipts, join_refusal, listen, pb,
+                  server_options, services, until_stopped)
 
 import grpc  # noqa: E402  (after chat, see above)
 
@@ -217,10 +217,11 @@ class Bench:
                         self.all_delivered.set()
                 if (event.messages and not self.confirming[index]
                         and not self.stop_confirming):
-                    self.confirming[index] = True  # like ReadReceipts
+                    self.confirming[index] = True  # like ThrottledReadReceipts
                     self.timers.append(asyncio.get_running_loop().call_later(
-                        ReadReceipts.pause(), lambda i=index: self.tasks.add(
-                            asyncio.create_task(self._confirm(stubs[i], i)))))
+                        ThrottledReadReceipts.pause(),
+                        lambda i=index: self.tasks.add(asyncio.create_task(
+                            self._confirm(stubs[i], i)))))
                 if event.HasField("caught_up"):
                     joined = True
                     self.joined += 1

@@ -229,6 +229,53 @@ class JoinAndUnreadTest(ChatTestCase):
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice|1: hi", stream="stdout")
 
+    def start_plain_client(self, address, client_id, name):
+        """client --plain: Part I's read receipts, one MarkRead after each
+        batch of messages."""
+        client = self.start("client", "--no-gui", "--plain", "--server",
+                            address, "--id", client_id, "--name", name)
+        client.wait_for(r"^connected to ")
+        return client
+
+    def test_plain_client_confirms_what_it_read(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_plain_client(server.address, "2", "bob")
+        alice.type("hi", "how are you?")
+        bob.wait_for("alice: how are you?", stream="stdout")
+        self.assertEqual(bob.finish(), 0)  # once its last MarkRead is in
+        alice.type("are you there?")
+        self.assertEqual(alice.finish(), 0)
+        bob = self.start_plain_client(server.address, "2", "bob")
+        bob.wait_for(r"1 unread message;")
+        self.assertEqual(bob.finish(), 0)
+        self.assertEqual(texts(bob), ["alice: are you there?"])
+
+    def test_plain_client_leaves_unread_what_never_arrived(self):
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        proxy = Proxy(server.address)
+        self.addCleanup(proxy.close)
+        bob = self.start_plain_client(proxy.address, "2", "bob")
+
+        def send(text):
+            stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
+        send("hi")
+        bob.wait_for("alice: hi", stream="stdout")
+        # bob joins again after "hi": the server records it as read.
+        proxy.cut()
+        bob.wait_for(r"^reconnected to \S+ after \d+ s; 0 unread")
+        proxy.freeze()  # from now on nothing reaches bob
+        send("are you there?")
+        bob.popen.kill()
+        bob.wait()
+        bob = self.start_plain_client(server.address, "2", "bob")
+        bob.wait_for(r"1 unread message;")
+        bob.wait_for("alice: are you there?", stream="stdout")
+        self.assertEqual(bob.finish(), 0)
+        self.assertEqual(texts(bob), ["alice: are you there?"])
+
     def test_own_messages_after_the_read_position_come_back(self):
         """A new client process sees what it said since it last read, as
         its own, in order with the replies, and not counted as unread."""
