@@ -1274,7 +1274,8 @@ class ReadReceipts:
     the next client run does not show them again as unread.
 
     After each batch of messages, received() confirms everything up to the
-    highest seq so far: one MarkRead covers every message before it too.
+    highest seq so far (bob's client, once it has shown alice's "hi",
+    sends MarkRead(up_to_seq=7)): one MarkRead covers all before it too.
     It starts the call with stub.MarkRead.future(...), which returns at
     once, so the receive thread never waits for the round trip. At most
     one MarkRead is on its way; when it completes, _done() sends the next
@@ -1422,8 +1423,9 @@ class ChatClient:
 
     def send(self, text):
         """Send one message; block until the server has stored it and
-        return its SendReply. Retries through disconnects (with the same
-        message_id, so never twice). Raises Refused if the server says no."""
+        return its SendReply (alice's send("hi") returns seq=7). Retries
+        through disconnects (with the same message_id, so never twice).
+        Raises Refused if the server says no."""
         if problem := text_problem(text):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         request = pb.SendRequest(client_id=self.client_id, text=text,
@@ -1481,7 +1483,8 @@ class ChatClient:
             self._pause(self._delay.next())
 
     def _join(self):
-        """Start a Join call and return it; None if we are leaving."""
+        """Start a Join call and return it; None if we are leaving. (bob's
+        client, back after a break with "hi" in hand, sends after_seq=7.)"""
         request = pb.JoinRequest(
             client_id=self.client_id, name=self.name,
             after_seq=self.last_seq, resuming=self.joined,
@@ -1541,8 +1544,8 @@ class ChatClient:
 
     def _keep_new(self, messages):
         """Drop the messages we already have, from the front of the list;
-        return how many are left. (A replay after a reconnect can start
-        with a message that also arrived live just before the break.)"""
+        return how many are left. (Our server sends none twice, but the
+        client keeps its no-repeats promise to the UI on its own.)"""
         fresh = [m for m in messages if m.seq > self.last_seq]
         del messages[:len(messages) - len(fresh)]
         if fresh:
@@ -1681,11 +1684,12 @@ class Backoff:
 # once the last is stored; ChatClient's receive thread prints what arrives.
 
 
-# How a first Join fails when the connection does, as grpcio 1.85 tells it,
-# and what we tell the user. gRPC's details then end with the reason of its
-# last connection attempt: "failed to connect to all addresses; last error:
-# UNKNOWN: ipv4:127.0.0.1:50051: Failed to connect to remote host:
-# Connection refused". The first clue found in them wins.
+# How a first Join fails when the connection does, and what we tell the
+# user. gRPC's details then end with the reason of its last connection
+# attempt, in words of its own that may change between versions: "failed
+# to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051:
+# Failed to connect to remote host: Connection refused". The first clue
+# found in them wins.
 CONNECT_FAILURES = [
     ("Connection refused",
      "cannot reach the server at {target}: nothing listens on that port. "
@@ -1715,7 +1719,8 @@ CONNECT_FAILURES = [
 
 def join_refusal(refused, target, tls_ca=None):
     """A sentence for a first Join that failed: what happened, and what to
-    do. tls_ca is the client's --tls-ca, if it gave one."""
+    do (stranger 9: "the server refused to let you join: id 9 is not a
+    member of this group."). tls_ca is the client's --tls-ca, if any."""
     if refused.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ChatClient's
         return (f"cannot reach the server at {target}: no answer within "
                 f"{CONNECT_TIMEOUT} s. Is the server stopped or busy, or a "
@@ -1941,7 +1946,7 @@ class TerminalClient:
     # -- called on the receive thread --
 
     def on_event(self, event, notices):
-        for message in event.messages:
+        for message in event.messages:  # bob's: "[14:02:07] alice: hi"
             print(format_message(message), flush=True)
         kind = event.WhichOneof("kind")
         if kind == "welcome":
