@@ -1214,19 +1214,18 @@ CLIENT_OPTIONS = [
     # connection too. (server_options() says more.)
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.ping_timeout_ms", 10_000),
-    # Two different counters limit pings. This one is the client's own:
-    # after 2 pings with no data sent in between, a client slows down to
-    # one ping a minute, and 0 removes the limit; an idle chat stream sends
-    # no data for hours. The other is the server's: it counts pings that
-    # come sooner than it allows ("strikes", server_options()) and hangs up
-    # after a few, so the server must allow one every 20 s.
+    # Two different counters limit pings. This is the client's own: after
+    # 2 pings with no data sent in between, it slows down to one ping a
+    # minute; 0 removes the limit (a quiet chat sends no data for hours).
+    # The server counts pings that come sooner than it allows ("strikes",
+    # server_options()) and hangs up after a few: it must allow 20 s.
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),  # also between two Joins
     # After a connection fails, the channel waits before trying again:
     # 1 s, then 1.6 times longer each time, with jitter, up to this cap
     # (gRPC's default cap is 120 s, too long to wait for a restarted chat).
-    # Not to be confused with grpc.min_reconnect_backoff_ms, which is no
-    # backoff: it is the least time each connection attempt is given.
+    # (grpc.min_reconnect_backoff_ms is no backoff: it is the least time
+    # each connection attempt is given.)
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
@@ -1355,24 +1354,19 @@ class ChatClient:
     """The client's side of the protocol, with no user interface.
 
     It joins, keeps a receive thread reading the Join stream (reconnecting
-    when the stream breaks), sends messages and confirms what it received.
-    The UI (terminal or Tk) gives it two callbacks, both called on the
-    receive thread, never on the UI's own thread:
-        on_event(event, notices) every pb.Event, in order, without
-                                 repeats; notices are sentences for its
-                                 presence changes ("bob joined", "bob left",
-                                 "alice is now known as alice2")
-        on_status(state, text)   state is "online", "reconnecting" or
-                                 "closed"; text is one sentence that says
-                                 why, for a person. Called again only when
-                                 state or text change. While reconnecting,
-                                 away_since is the time.monotonic() at
-                                 which we lost the server (None while
-                                 online).
+    when the stream breaks), sends messages and confirms what it received
+    with receipts, a ReadReceipts class (Part II's for a big room). The UI
+    (terminal or Tk) gives it two callbacks, both called on the receive
+    thread, never on the UI's own thread:
+      on_event(event, notices)  every pb.Event, in order, without repeats;
+          notices are sentences for its presence changes ("bob joined",
+          "bob left", "alice is now known as alice2")
+      on_status(state, text)  "online", "reconnecting" or "closed", and
+          one sentence for a person that says why; called again only when
+          either changes. While reconnecting, away_since is the
+          time.monotonic() at which we lost the server (else None).
     An empty name asks the server for the name it remembers for our id;
     either way, self.name is the one the server gave us, once we are in.
-    receipts is the class that confirms what arrived: ReadReceipts, or
-    Part II's ThrottledReadReceipts for a big room.
     """
 
     def __init__(self, target, client_id, name, on_event, on_status,
@@ -2690,23 +2684,22 @@ class ThrottledReadReceipts(ReadReceipts):
     """ReadReceipts that confirm about once every 5 seconds, not after each
     batch of messages.
 
-    What it buys: in a room of 1,000 members, Part I's receipts are one
-    MarkRead per member for each message, 20,000 calls a second for the
-    server at 20 messages a second. These are 200 small calls a second,
-    however busy the room is. (README's Performance section has what that
-    is worth.) The price: if the client dies, the messages of its last few
-    seconds count as unread and are shown again by its next run. None is
-    lost.
+    What it buys: in a room of 1,000 members, Part I's receipts are up to
+    one MarkRead per member for each message: at 20 messages a second, up
+    to 20,000 calls a second for the server. These are 200 small calls a
+    second, however busy the room is (README's Performance section has
+    what that is worth). The price: if the client dies, the messages of its
+    last few seconds count as unread and are shown again by its next run.
+    None is lost.
     """
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
 
     @classmethod
     def pause(cls):
-        """INTERVAL, give or take half. Every client gets each message at
-        about the same moment; with a fixed pause, all 1,000 of them would
-        confirm it at the same moment too, every 5 seconds, and stall the
-        server each time. Random pauses spread them out."""
+        """INTERVAL, give or take half. Every client gets a message at
+        about the same moment: with a fixed pause, all 1,000 would confirm
+        it together too and stall the server. Random pauses spread them."""
         return cls.INTERVAL * (0.5 + random.random())
 
     def __init__(self, stub, client_id, metadata):
