@@ -1203,9 +1203,9 @@ async def serve(args):
 # Keepalive: the client pings the server every 20 s, even while the chat is
 # quiet, so a server that vanished without a word (no FIN, no RST) is
 # noticed within about 30 s: 20 s, plus 10 s for the answer. The server
-# receives these pings, so its own keepalive (server --keepalive) never
-# pings our clients: a server pings only after that long without hearing
-# anything on the connection.
+# hears these pings, so with a --keepalive over 20 s (30 by default) it
+# never pings our clients itself: a server pings only after that long
+# without hearing anything on the connection.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     # The deadline for the ping's answer that drops a silent connection is
@@ -1218,7 +1218,8 @@ CLIENT_OPTIONS = [
     # 2 pings with no data sent in between, it slows down to one ping a
     # minute; 0 removes the limit (a quiet chat sends no data for hours).
     # The server counts pings that come sooner than it allows ("strikes",
-    # server_options()) and hangs up after a few: it must allow 20 s.
+    # server_options()) and hangs up after a few: it must allow one every
+    # 20 s.
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),  # also between two Joins
     # After a connection fails, the channel waits before trying again:
