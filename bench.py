@@ -91,6 +91,28 @@ def run_baseline(args):
     return asyncio.run(serve_baseline(args))
 
 
+class MeasuredServer(ServerProcess):
+    """A server we started, with its start-up time, CPU and memory."""
+
+    def __init__(self, command, stderr, script):
+        started = time.perf_counter()
+        super().__init__(command, stderr=stderr, script=script)
+        self.ready_s = time.perf_counter() - started  # to "listening on"
+
+    def cpu_s(self):
+        """User + system CPU seconds so far, from /proc."""
+        with open(f"/proc/{self.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self):
+        with open(f"/proc/{self.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+
 def percentile(sorted_values, fraction):
     """The value that `fraction` of them do not exceed, to 0.1; None if
     there are none (nothing was delivered)."""
@@ -112,7 +134,7 @@ class Bench:
 
     def __init__(self, label, target, server, args, progress):
         self.label, self.target = label, target
-        self.server = server  # a ServerProcess, or None
+        self.server = server  # a MeasuredServer, or None
         self.clients, self.messages = args.clients, args.messages
         self.rate, self.senders = args.rate, args.senders
         self.progress = progress
@@ -362,7 +384,7 @@ def start_server(label, script, command, tmp):
     start, say why in one sentence: the last line of its stderr."""
     with open(os.path.join(tmp, "stderr"), "w+") as stderr:
         try:
-            return ServerProcess(command, stderr=stderr, script=script)
+            return MeasuredServer(command, stderr, script)
         except RuntimeError:
             stderr.seek(0)
             why = (stderr.read().strip().splitlines() or ["no reason"])[-1]

@@ -2147,9 +2147,11 @@ class ChatWindow:
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
         self.below = 0             # new messages below the view's bottom
-        self.inbox = queue.Queue()
-        self.outbox = queue.Queue()
-        self._wake_write = None  # the pipe's write end, where there is one
+        self.inbox = queue.Queue()   # worker threads -> main thread
+        self.outbox = queue.Queue()  # main thread -> sender thread
+        # The wake pipe (see the top of this section). Its write end does
+        # not block: when the pipe is full, a wake-up is waiting anyway.
+        self._wake_write = None
         if hasattr(root.tk, "createfilehandler"):
             self._wake_read, self._wake_write = os.pipe()
             os.set_blocking(self._wake_write, False)
@@ -2174,14 +2176,31 @@ class ChatWindow:
     # -- layout --
 
     def _build(self):
-        root = self.root
-        root.columnconfigure(0, weight=1)
-        root.rowconfigure(0, weight=1)
-        outer = ttk.Frame(root, padding=6)
+        """Lay out the window: the view of messages with its scrollbar,
+        the member list to its right, the message box and the status line
+        below. Tk's grid puts each in a row and column of `outer`; weight=1
+        marks what grows when the window does."""
+        self.root.columnconfigure(0, weight=1)
+        self.root.rowconfigure(0, weight=1)
+        outer = ttk.Frame(self.root, padding=6)
         outer.grid(sticky="nsew")
         outer.columnconfigure(0, weight=1)
         outer.rowconfigure(0, weight=1)
+        self._build_view(outer)
+        self._build_members(outer)
+        self._build_compose(outer)
+        self._build_status(outer)
+        self.root.bind("<FocusIn>", self._on_focus)
+        self.root.bind("<FocusOut>", self._on_focus)
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.root.bind("<Control-q>", lambda _event: self.close())
+        self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
+        self._set_title()
+        self.entry.focus_set()
 
+    def _build_view(self, outer):
+        """The messages: a read-only Text widget (state="disabled"; _append
+        enables it for a moment to add to it)."""
         self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
                             height=20, padx=6, pady=4, relief="flat",
                             highlightthickness=0, cursor="arrow",
@@ -2191,29 +2210,31 @@ class ChatWindow:
         self.view.grid(row=0, column=0, sticky="nsew")
         self.scroll.grid(row=0, column=1, sticky="ns")
         # Shown over the view's bottom while new messages wait below it.
-        self.jump = ttk.Button(outer, command=self._jump_to_end)
+        self.jump = ttk.Button(outer, command=lambda: self.view.see("end"))
+        self._style_view()
+
+    def _style_view(self):
+        """The view's tags: named styles that _append gives to its text."""
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
         italic.configure(slant="italic")
+        tag = self.view.tag_configure
         # Every line of a message after its first is indented: "line" does
         # it for lines that wrap, "more" for the lines after a newline.
-        self.view.tag_configure("line", lmargin2=24)
-        self.view.tag_configure("more", lmargin1=24)
-        self.view.tag_configure("time", foreground=COLORS["time"],
-                                font="TkSmallCaptionFont")
-        self.view.tag_configure("own", foreground=COLORS["own"], font=bold)
+        tag("line", lmargin2=24)
+        tag("more", lmargin1=24)
+        tag("time", foreground=COLORS["time"], font="TkSmallCaptionFont")
+        tag("own", foreground=COLORS["own"], font=bold)
         for index, color in enumerate(SENDER_COLORS):
-            self.view.tag_configure(f"sender{index}", foreground=color,
-                                    font=bold)
-        self.view.tag_configure("read", foreground=COLORS["read"])
-        self.view.tag_configure("notice", foreground=COLORS["notice"],
-                                font=italic)
-        self.view.tag_configure("divider", foreground=COLORS["divider"],
-                                justify="center")
-        self.view.tag_configure("failed", foreground=COLORS["failed"])
-        self.view.tag_configure("sending", foreground=COLORS["time"])
+            tag(f"sender{index}", foreground=color, font=bold)
+        tag("read", foreground=COLORS["read"])
+        tag("notice", foreground=COLORS["notice"], font=italic)
+        tag("divider", foreground=COLORS["divider"], justify="center")
+        tag("failed", foreground=COLORS["failed"])
+        tag("sending", foreground=COLORS["time"])
 
+    def _build_members(self, outer):
         side = ttk.Frame(outer, padding=(8, 0, 0, 0))
         side.grid(row=0, column=2, sticky="ns")
         ttk.Label(side, text="Members").grid(sticky="w")
@@ -2223,6 +2244,8 @@ class ChatWindow:
         self.members.grid(sticky="ns")
         side.rowconfigure(1, weight=1)
 
+    def _build_compose(self, outer):
+        """The message box: Enter sends, Shift+Enter starts a new line."""
         compose = ttk.Frame(outer, padding=(0, 6, 0, 0))
         compose.grid(row=1, column=0, columnspan=3, sticky="ew")
         compose.columnconfigure(0, weight=1)
@@ -2233,9 +2256,12 @@ class ChatWindow:
             row=0, column=1, sticky="ns", padx=(6, 0))
         self.entry.bind("<Return>", self._on_return)
         self.entry.bind("<KP_Enter>", self._on_return)
+        # Without a binding of its own, Shift+Enter would match <Return>
+        # (a pattern without modifiers matches any) and send.
         self.entry.bind("<Shift-Return>", self._on_shift_return)
         self.entry.bind("<Control-a>", select_all)
 
+    def _build_status(self, outer):
         # width=1: a long sentence must not widen the window; it wraps at
         # the width the window gives it (set on every resize).
         self.status = ttk.Label(outer, anchor="w", width=1,
@@ -2244,13 +2270,6 @@ class ChatWindow:
                          pady=(4, 0))
         self.status.bind("<Configure>", lambda event: self.status.configure(
             wraplength=event.width))
-        root.bind("<FocusIn>", self._on_focus)
-        root.bind("<FocusOut>", self._on_focus)
-        root.protocol("WM_DELETE_WINDOW", self.close)
-        root.bind("<Control-q>", lambda _event: self.close())
-        root.bind("<<Quit>>", lambda _event: self.close(ask=False))
-        self._set_title()
-        self.entry.focus_set()
 
     # -- typing and sending --
 
@@ -2407,9 +2426,6 @@ class ChatWindow:
         if self.below and float(last) >= 0.999:
             self.below = 0
             self.jump.place_forget()
-
-    def _jump_to_end(self):
-        self.view.see("end")
 
     def _notice(self, text):
         self._append([(text, "notice")])
@@ -2819,33 +2835,18 @@ def run_client(args):
 
 class ServerProcess:
     """`python chat.py server ...` as a child process (or another script's
-    server, e.g. bench.py's baseline): its address, CPU and memory. Used by
-    the demo and by bench.py."""
+    server, e.g. bench.py's baseline), once it listens: the demo's server,
+    and bench.py's."""
 
     def __init__(self, command, stderr=subprocess.DEVNULL, script=__file__):
-        started = time.perf_counter()
         self.popen = subprocess.Popen(
             [sys.executable, os.path.abspath(script), *command],
             stdout=subprocess.PIPE, stderr=stderr, text=True)
         line = self.popen.stdout.readline()  # "listening on HOST:PORT"
-        self.ready_s = time.perf_counter() - started
         if not line.startswith("listening on "):
             self.stop()
             raise RuntimeError(f"{command[0]} did not start")
         self.address = line.split()[-1]
-
-    def cpu_s(self):
-        """User + system CPU seconds so far, from /proc."""
-        with open(f"/proc/{self.popen.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mb(self):
-        with open(f"/proc/{self.popen.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return None
 
     def stop(self):
         self.popen.terminate()
@@ -2855,13 +2856,7 @@ class ServerProcess:
 def run_demo(args):
     """Start a server that keeps nothing (:memory:) and three windows;
     stop the server when the last window closes, or at Ctrl-C."""
-    reason = gui_unavailable()
-    if reason is None:
-        try:  # DISPLAY may be set and still lead nowhere
-            tk.Tk().destroy()
-        except tk.TclError as error:
-            reason = f"cannot open a window ({error})"
-    if reason:
+    if reason := demo_problem():
         print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
         return 1
     # Ctrl-C in the terminal reaches the server, the windows and us alike;
@@ -2876,16 +2871,7 @@ def run_demo(args):
                                 "WARNING"], stderr=None)
         print(f"demo: server at {server.address}, pid {server.popen.pid}",
               file=sys.stderr)
-        for number, name in enumerate(["alice", "bob", "chad"]):
-            # stdin is not theirs: three clients must not share a terminal.
-            windows.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "client",
-                 "--id", str(number + 1), "--name", name,
-                 "--server", server.address,
-                 "--geometry", f"420x520+{10 + 430 * number}+10"],
-                stdin=subprocess.DEVNULL))
-            print(f"demo: window for {name}, pid {windows[-1].pid}",
-                  file=sys.stderr)
+        open_demo_windows(server.address, windows)
         print("demo: close the three windows (or press Ctrl-C) to stop",
               file=sys.stderr)
         for window in windows:
@@ -2897,15 +2883,45 @@ def run_demo(args):
         print("\ndemo: stopping", file=sys.stderr)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are on our way
-        for window in windows:
-            if window.poll() is None:
-                window.terminate()
-        for window in windows:
-            window.wait()
-        if server:
-            server.stop()
+        stop_demo(server, windows)
     print("demo: stopped", file=sys.stderr)
     return status
+
+
+def demo_problem():
+    """Why the demo's windows cannot open here, or None if they can."""
+    if reason := gui_unavailable():
+        return reason
+    try:  # DISPLAY may be set and still lead nowhere
+        tk.Tk().destroy()
+    except tk.TclError as error:
+        return f"cannot open a window ({error})"
+    return None
+
+
+def open_demo_windows(address, windows):
+    """A client window each for alice, bob and chad, side by side; each
+    goes into `windows` as it starts, for stop_demo to find."""
+    for number, name in enumerate(["alice", "bob", "chad"]):
+        # stdin is not theirs: three clients must not share a terminal.
+        windows.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "client",
+             "--id", str(number + 1), "--name", name, "--server", address,
+             "--geometry", f"420x520+{10 + 430 * number}+10"],
+            stdin=subprocess.DEVNULL))
+        print(f"demo: window for {name}, pid {windows[-1].pid}",
+              file=sys.stderr)
+
+
+def stop_demo(server, windows):
+    """Close the windows still open (SIGTERM), then stop the server."""
+    for window in windows:
+        if window.poll() is None:
+            window.terminate()
+    for window in windows:
+        window.wait()
+    if server:
+        server.stop()
 
 
 def main(argv=None):

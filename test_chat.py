@@ -1502,6 +1502,14 @@ class WindowViewTest(XvfbTestCase):
         self.window = chat.ChatWindow(self.root, self.server.address, "1",
                                       "alice")
         self.addCleanup(self.window.chat.close)
+        # Run Tk's event loop until the Welcome is shown (it comes in over
+        # the wake pipe), or WAIT seconds pass.
+        expired = []
+        timer = self.root.after(WAIT * 1000, expired.append, True)
+        while not (self.window.joined or expired):
+            self.root.tk.dooneevent()
+        self.root.after_cancel(timer)
+        self.assertTrue(self.window.joined, "no Welcome")
         self.root.update()
 
     def view_text(self):
