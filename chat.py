@@ -1975,7 +1975,8 @@ class TerminalClient:
 # touch widgets. _tkinter does pass calls from other threads over to it, but
 # then the other thread waits until the main thread gets round to them, and
 # before or after the mainloop such a call fails with "main thread is not in
-# main loop". So nothing in gRPC's or our threads touches Tk:
+# main loop". gRPC's threads and ours would stall, or fail while the window
+# closes. So nothing but the main thread touches Tk:
 #
 #   receive thread (ChatClient)        main thread (Tk mainloop)
 #   ---------------------------        --------------------------
@@ -1983,14 +1984,16 @@ class TerminalClient:
 #     inbox.put(item)                  (createfilehandler); when it is
 #     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
 #
-# It is the trick grpc.aio uses to wake its event loop (section 6), where
-# the byte goes over a socketpair. Nothing runs while nothing happens; no
-# timer polls the queue. (Windows has no Tk file handlers; there, and only
-# there, the window checks the queue every 100 ms instead.) Ctrl-C in the
-# terminal comes in through a pipe of the same kind (quit_on_signals).
-# Sends go the other way, to a sender thread through `outbox`, because
-# ChatClient.send() blocks for a round trip, or for as long as the server
-# is away, and the window must never freeze.
+# Tk's mainloop sleeps in select() on its connection to the display and on
+# every file given to createfilehandler, so a byte in the pipe wakes it as
+# a key press would. It is the trick grpc.aio uses to wake its event loop
+# (section 6), where the byte goes over a socketpair. Nothing runs while
+# nothing happens; no timer polls the queue. (Windows has no Tk file
+# handlers; there, and only there, the window checks the queue every
+# 100 ms instead.) Ctrl-C in the terminal comes in through a pipe of the
+# same kind (quit_on_signals). Sends go the other way, to a sender thread
+# through `outbox`, because ChatClient.send() blocks for a round trip, or
+# for as long as the server is away, and the window must never freeze.
 #
 # Test hook: with CHAT_TRACE=1 in the environment, the window also prints
 # what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
@@ -2349,7 +2352,9 @@ class ChatWindow:
         self.root.after(ms, self._drain_every, ms)
 
     def _drain(self, _fd=None, _mask=None):
-        """Runs on the main thread when the pipe is readable."""
+        """Runs on the main thread when the pipe is readable: read every
+        byte waiting and empty the inbox, so a burst of events costs one
+        wake-up and one pass here."""
         if self._wake_write is not None:
             os.read(self._wake_read, 4096)
         while True:
@@ -2375,8 +2380,9 @@ class ChatWindow:
                 trace("scrolled to divider")
         for notice in notices:
             self._notice(notice)
-        for member in event.presence:
-            self._set_member(member)
+        if event.presence:
+            self.roster.update((each.id, each) for each in event.presence)
+            self._draw_members()
 
     def _show_welcome(self, welcome):
         self.away = False
@@ -2389,9 +2395,9 @@ class ChatWindow:
         for message in welcome.recent:
             self._show_message(message, read=True)
         if welcome.unread:
-            self._append([(f"\u2500\u2500\u2500\u2500  {welcome.unread} new "
-                           f"message{'s' if welcome.unread > 1 else ''}  "
-                           "\u2500\u2500\u2500\u2500", "divider")])
+            rule = "\u2500" * 4
+            self._append([(f"{rule}  {plural(welcome.unread, 'new message')}"
+                           f"  {rule}", "divider")])
             self.view.mark_set("divider", "end-1l linestart")
             self.view.mark_gravity("divider", "left")
             trace("divider", welcome.unread)
@@ -2490,10 +2496,6 @@ class ChatWindow:
             text=text,
             foreground=COLORS["failed" if problem else "notice"])
         trace("status", text)
-
-    def _set_member(self, member):
-        self.roster[member.id] = member
-        self._draw_members()
 
     def _draw_members(self):
         """The member list: online ones first, then by name. While the
@@ -2676,18 +2678,17 @@ PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
 COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
 
 
-def valid_id(text):
-    """--id: the same rule the server checks."""
-    if problem := id_problem(text):
-        raise argparse.ArgumentTypeError(problem)
-    return text
+def checked(problem):
+    """An argparse type that refuses text for which problem(text) gives a
+    sentence: the rule the server checks, checked here first."""
+    def parse(text):
+        if why := problem(text):
+            raise argparse.ArgumentTypeError(why)
+        return text
+    return parse
 
 
-def display_name(text):
-    """--name: the same rule the server checks."""
-    if problem := name_problem(text):
-        raise argparse.ArgumentTypeError(problem)
-    return text
+valid_id, display_name = checked(id_problem), checked(name_problem)
 
 
 def member_list(text):
@@ -2757,9 +2758,9 @@ def build_parser():
                         "0: no limit)")
     server.add_argument("--keepalive", default=30,
                         type=number(float, "more than 0", lambda n: n > 0),
-                        help="seconds between pings to each client; one "
-                        "that does not answer is dropped (default: "
-                        "%(default)s)")
+                        help="seconds of silence from a client before the "
+                        "server pings it; one that does not answer is "
+                        "dropped (default: %(default)s)")
     server.add_argument("--tls-cert", metavar="FILE",
                         help="PEM certificate: serve TLS instead of "
                         "plaintext (needs --tls-key)")
