@@ -150,7 +150,8 @@ class Bench:
         self.latencies_ms = []
         self.caught_up = set()  # indexes of members that are online
         self.joined_changed = asyncio.Event()
-        self.last_arrival = 0.0
+        self.last_arrival = 0.0  # of a message
+        self.last_event = 0.0    # of any event
         self.all_delivered = asyncio.Event()
         self.idle_cpu_s = None  # measured while all are online, if server
         self.expected = self.messages * (self.clients - 1)
@@ -174,10 +175,7 @@ class Bench:
         self.members = []
         try:
             join_s = await self._join_all(stubs)
-            # Let the joins' aftermath pass (presence lists to everyone,
-            # the last Welcomes): what we measure next is the steady state.
-            self._show("settling for 2 s")
-            await asyncio.sleep(2)
+            await self._settle()
             deliver_s = await self._send_all(stubs)
             if self.server:
                 self.idle_cpu_s = await self._idle_cpu()
@@ -204,6 +202,15 @@ class Bench:
                 raise BenchFailed(self.failure)
             self._show(f"joined {len(self.caught_up)}/{self.clients}")
         return time.perf_counter() - started
+
+    async def _settle(self, quiet_s=1.0, at_most_s=60):
+        """Wait for the joins' aftermath to pass: until no event (presence
+        changes, the last Welcomes) has come for quiet_s. What we measure
+        next is the steady state, not the tail of the joins."""
+        self._show("waiting for the room to fall quiet")
+        give_up = time.perf_counter() + at_most_s
+        while time.perf_counter() < min(self.last_event + quiet_s, give_up):
+            await asyncio.sleep(0.1)
 
     async def _send_all(self, stubs):
         started = time.perf_counter()
@@ -282,7 +289,7 @@ class Bench:
 
     def _arrived(self, stub, index, event):
         """Note each message's latency and number, and plan a MarkRead."""
-        now = time.perf_counter()  # one clock read for the whole event
+        now = self.last_event = time.perf_counter()  # one for the event
         for message in event.messages:
             number, sent_at = message.text.split()[1:3]
             self.latencies_ms.append((now - float(sent_at)) * 1000)
@@ -392,14 +399,23 @@ def start_server(label, script, command, tmp):
                               f"{why}") from None
 
 
-def bench_one(args, label, script, command, tmp):
+async def bench_all(args, tmp):
+    """Run the load against each server in turn; return their figures.
+    One event loop for all: the Join calls cancelled at the end of a run
+    can complete after asyncio.run() has closed that run's loop, and
+    grpc.aio then prints a traceback for each ("Event loop is closed")."""
+    return [await bench_one(args, *server, tmp)
+            for server in servers_to_measure(args, tmp)]
+
+
+async def bench_one(args, label, script, command, tmp):
     """Run the load against one server; return a dict of figures."""
     server = start_server(label, script, command, tmp) if command else None
     bench = Bench(label, server.address if server else args.server, server,
                   args, progress=not args.json)
     try:
         cpu_before = server.cpu_s() if server else 0.0
-        join_s, deliver_s = asyncio.run(bench.run())
+        join_s, deliver_s = await bench.run()
         result = figures(args, label, bench, join_s, deliver_s)
         if server:
             result.update(server_figures(server, bench, cpu_before))
@@ -484,8 +500,7 @@ def run_bench(args):
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            runs = [bench_one(args, *server, tmp)
-                    for server in servers_to_measure(args, tmp)]
+            runs = asyncio.run(bench_all(args, tmp))
         except BenchFailed as error:
             print(f"bench: {error}", file=sys.stderr)
             return 1
