@@ -453,26 +453,40 @@ def server_figures(server, bench, cpu_before):
             "server_idle_cpu_percent": round(bench.idle_cpu_s / 5 * 100, 1)}
 
 
-# The figures that get a ratio to the baseline's: (key, key inside it).
-RATIOS = [("join_s", None), ("deliveries_per_s", None),
-          *[("latency_ms", q) for q in ("p50", "p90", "p99", "max")],
-          ("server_cpu_s", None), ("server_peak_rss_mb", None)]
+# The figures, in the order shown: (label, key, key inside it, whether it
+# gets a ratio to the baseline's).
+ROWS = [("join time s", "join_s", None, True),
+        ("deliveries/s", "deliveries_per_s", None, True),
+        *[(f"latency {q} ms", "latency_ms", q, True)
+          for q in ("p50", "p90", "p99", "max")],
+        ("server CPU s", "server_cpu_s", None, True),
+        ("server peak RSS MB", "server_peak_rss_mb", None, True),
+        ("server idle CPU %", "server_idle_cpu_percent", None, False),
+        ("server ready in s", "server_ready_s", None, False),
+        ("send retries", "send_retries", None, False),
+        *[(key, key, None, False)
+          for key in ("lost", "duplicated", "reordered")]]
 
 
 def figure(run, key, inner):
+    """run[key], or run[key][inner]; None if the run has no such figure."""
     value = run.get(key)
     return value.get(inner) if inner and value else value
 
 
+def name(key, inner):
+    return f"{key}.{inner}" if inner else key
+
+
 def add_ratios(runs):
-    """Give every run after the baseline "vs_baseline": each figure of
-    RATIOS divided by the baseline's, e.g. 1.2 for 20 % slower p99."""
+    """Give every run after the baseline "vs_baseline": its figures divided
+    by the baseline's, e.g. "latency_ms.p99": 1.2 for a p99 20 % longer."""
     base = runs[0]
     for run in runs[1:]:
         run["vs_baseline"] = {
-            f"{key}.{inner}" if inner else key:
-            _ratio(figure(run, key, inner), figure(base, key, inner))
-            for key, inner in RATIOS}
+            name(key, inner): _ratio(figure(run, key, inner),
+                                     figure(base, key, inner))
+            for _, key, inner, ratio in ROWS if ratio}
 
 
 def _ratio(a, b):
@@ -514,20 +528,6 @@ def run_bench(args):
                     for run in runs) else 0
 
 
-# The rows of the text table: (label, key, key inside it).
-ROWS = [("join time s", "join_s", None),
-        ("deliveries/s", "deliveries_per_s", None),
-        *[(f"latency {q} ms", "latency_ms", q)
-          for q in ("p50", "p90", "p99", "max")],
-        ("server CPU s", "server_cpu_s", None),
-        ("server peak RSS MB", "server_peak_rss_mb", None),
-        ("server idle CPU %", "server_idle_cpu_percent", None),
-        ("server ready in s", "server_ready_s", None),
-        ("send retries", "send_retries", None),
-        ("lost", "lost", None), ("duplicated", "duplicated", None),
-        ("reordered", "reordered", None)]
-
-
 def print_runs(runs):
     """The runs side by side, one column each; after a figure, its ratio
     to the baseline's in brackets."""
@@ -536,7 +536,7 @@ def print_runs(runs):
           f"{first['rate'] or 'max'}/s from {first['senders']} sender(s)")
     print((f"{'':<20}" + "".join(f"{run['server']:<22}"
                                  for run in runs)).rstrip())
-    for label, key, inner in ROWS:
+    for label, key, inner, _ in ROWS:
         cells = [cell(run, key, inner) for run in runs]
         if any(cells):
             print((f"{label:<20}" + "".join(f"{c or '-':<22}"
@@ -548,9 +548,8 @@ def cell(run, key, inner):
     value = figure(run, key, inner)
     if value is None:
         return ""
-    text = f"{value:,}"
-    ratio = run.get("vs_baseline", {}).get(f"{key}.{inner}" if inner else key)
-    return f"{text} ({ratio}x)" if ratio is not None else text
+    ratio = run.get("vs_baseline", {}).get(name(key, inner))
+    return f"{value:,}" if ratio is None else f"{value:,} ({ratio}x)"
 
 
 def build_parser():

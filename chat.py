@@ -2029,13 +2029,17 @@ def shown_time(timestamp):
     return f"{when:%Y-%m-%d %H:%M}"
 
 
-def gui_unavailable():
-    """Why the window cannot open here, or None if it can."""
+def open_root():
+    """Tk's root window, and None; or None, and why no window can open
+    here (DISPLAY may be set and still lead nowhere)."""
     if tk is None:
-        return "tkinter is not installed"
+        return None, "tkinter is not installed"
     if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        return "no display (DISPLAY is not set)"
-    return None
+        return None, "no display (DISPLAY is not set)"
+    try:
+        return tk.Tk(className="chat"), None
+    except tk.TclError as error:
+        return None, f"cannot open a window ({error})"
 
 
 def duration(seconds):
@@ -2398,11 +2402,17 @@ class ChatWindow:
             rule = "\u2500" * 4
             self._append([(f"{rule}  {plural(welcome.unread, 'new message')}"
                            f"  {rule}", "divider")])
+            # A mark is a place in the text that moves as text is added
+            # before it. Left gravity: what is added at the mark goes after
+            # it, so the mark stays on the divider; CaughtUp scrolls there.
             self.view.mark_set("divider", "end-1l linestart")
             self.view.mark_gravity("divider", "left")
             trace("divider", welcome.unread)
 
     def _show_message(self, message, read=False):
+        """One line of the view: where bob sees alice's "hi", as
+        "14:02:07  alice: hi" with her name in her colour; grey if read
+        (the history above the divider)."""
         own = message.sender_id == self.chat.client_id
         style = ("read",) if read else ()
         shown = self._append([
@@ -2624,19 +2634,15 @@ def remembered_name(args, password):
                  if member.id == args.client_id), args.client_id)
 
 
-def run_window(args):
-    """Open the window. Returns (exit status, None), or (None, why no
-    window can open here)."""
-    try:
-        root = tk.Tk(className="chat")
-    except tk.TclError as error:
-        return None, f"cannot open a window ({error})"
+def run_window(args, root):
+    """Ask for a name if --name did not give one, then run the chat window
+    in root until it closes. Returns the exit status."""
     quit_on_signals(root)
     password = os.environ.get("CHAT_PASSWORD") or None
     name = args.name or ask_name(root, remembered_name(args, password))
     if name is None:
         root.destroy()
-        return 0, None
+        return 0
     if args.geometry:  # the chat window's, not the name dialog's
         root.geometry(args.geometry)
     window = ChatWindow(root, args.server, args.client_id, name, password,
@@ -2648,8 +2654,8 @@ def run_window(args):
     if window.pending:
         print(f"chat: {plural(window.pending, 'message')} not sent",
               file=sys.stderr)
-        return 1, None
-    return window.exit_status, None
+        return 1
+    return window.exit_status
 
 
 # 10. main(argv) --------------------------------------------------------------
@@ -2820,12 +2826,10 @@ def run_client(args):
     if args.tls_ca:
         check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
-        fallback = gui_unavailable()
-        if fallback is None:
-            status, fallback = run_window(args)
-            if fallback is None:
-                return status
-        print(f"chat: {fallback}; using the terminal client", file=sys.stderr)
+        root, why_not = open_root()
+        if root is not None:
+            return run_window(args, root)
+        print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
     # A message with characters the terminal cannot show must not crash us.
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id, args.name or "",
@@ -2857,9 +2861,11 @@ class ServerProcess:
 def run_demo(args):
     """Start a server that keeps nothing (:memory:) and three windows;
     stop the server when the last window closes, or at Ctrl-C."""
-    if reason := demo_problem():
-        print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
+    root, why_not = open_root()  # a test: can windows open here?
+    if root is None:
+        print(f"chat: the demo needs windows, but {why_not}", file=sys.stderr)
         return 1
+    root.destroy()
     # Ctrl-C in the terminal reaches the server, the windows and us alike;
     # `kill` (SIGTERM) reaches only us. Either way we raise
     # KeyboardInterrupt, and the `finally` below closes the windows (with
@@ -2887,17 +2893,6 @@ def run_demo(args):
         stop_demo(server, windows)
     print("demo: stopped", file=sys.stderr)
     return status
-
-
-def demo_problem():
-    """Why the demo's windows cannot open here, or None if they can."""
-    if reason := gui_unavailable():
-        return reason
-    try:  # DISPLAY may be set and still lead nowhere
-        tk.Tk().destroy()
-    except tk.TclError as error:
-        return f"cannot open a window ({error})"
-    return None
 
 
 def open_demo_windows(address, windows):
