@@ -149,6 +149,7 @@ class Bench:
         self.retries = 0    # Sends tried again (shed by an overloaded server)
         self.latencies_ms = []
         self.caught_up = set()  # indexes of members that are online
+        self.members = []       # their Join tasks
         self.joined_changed = asyncio.Event()
         self.last_arrival = 0.0  # of a message
         self.last_event = 0.0    # of any event
@@ -172,7 +173,6 @@ class Bench:
         channels = [grpc.aio.insecure_channel(self.target, options)
                     for _ in self.ids]
         stubs = [services.ChatRoomStub(channel) for channel in channels]
-        self.members = []
         try:
             join_s = await self._join_all(stubs)
             await self._settle()
@@ -305,8 +305,9 @@ class Bench:
             self.joined_changed.set()
 
     def _plan_receipt(self, stub, index):
-        """Like chat.py's clients: one MarkRead 2.5 to 7.5 s (at random)
-        after a message arrives, for everything received by then."""
+        """As chat.py's default client (ThrottledReadReceipts): one
+        MarkRead 2.5 to 7.5 s (at random) after a message arrives, for
+        everything received by then."""
         if self.confirming[index] or self.stop_confirming:
             return
         self.confirming[index] = True
