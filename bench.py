@@ -8,7 +8,9 @@ times every delivery from the Send to its arrival at each member.
 --baseline runs the same load against `python bench.py baseline`, a bare
 grpc.aio fan-out server with no storage and no checks (BaselineServicer
 below), so every figure also shows as a ratio to what Python gRPC does with
-no work at all.
+no work at all. --plain runs it against `python chat.py server --plain` too:
+chat.py's Part I alone, without the Part II machinery for a thousand
+members. The runs go baseline, Part I, Part II, and show side by side.
 
 The load generator is one grpc.aio process: N channels on one event loop.
 It shares the machine with the server, so absolute figures mean little;
@@ -22,14 +24,14 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import tempfile
 import time
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
-from chat import (PASSWORD_KEY, RETRY, Refused, ServerProcess,
-                  ThrottledReadReceipts, join_refusal, listen, pb,
-                  server_options, services, until_stopped)
+from chat import (PASSWORD_KEY, RETRY, Refused, ServerProcess, join_refusal,
+                  listen, pb, server_options, services, until_stopped)
 
 import grpc  # noqa: E402  (after chat, see above)
 
@@ -44,12 +46,13 @@ class BaselineServicer:
         self.seq = 0
 
     async def Join(self, request, context):
+        # context.write, as chat.py's Join, so both servers write alike.
         queue_ = self.queues[request.client_id] = asyncio.Queue()
-        yield pb.Event(welcome=pb.Welcome())
-        yield pb.Event(caught_up=pb.CaughtUp())
         try:
+            await context.write(pb.Event(welcome=pb.Welcome()))
+            await context.write(pb.Event(caught_up=pb.CaughtUp()))
             while True:
-                yield await queue_.get()
+                await context.write(await queue_.get())
         finally:
             if self.queues.get(request.client_id) is queue_:
                 del self.queues[request.client_id]
@@ -88,6 +91,28 @@ def run_baseline(args):
     return asyncio.run(serve_baseline(args))
 
 
+class MeasuredServer(ServerProcess):
+    """A server we started, with its start-up time, CPU and memory."""
+
+    def __init__(self, command, stderr, script):
+        started = time.perf_counter()
+        super().__init__(command, stderr=stderr, script=script)
+        self.ready_s = time.perf_counter() - started  # to "listening on"
+
+    def cpu_s(self):
+        """User + system CPU seconds so far, from /proc."""
+        with open(f"/proc/{self.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self):
+        with open(f"/proc/{self.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+
 def percentile(sorted_values, fraction):
     """The value that `fraction` of them do not exceed, to 0.1; None if
     there are none (nothing was delivered)."""
@@ -102,160 +127,121 @@ class BenchFailed(Exception):
 
 
 class Bench:
-    """One benchmark run against one server; see the top of this file."""
+    """One benchmark run against one server; see the top of this file.
+    Everything runs on one event loop, so nothing here needs a lock."""
 
-    def __init__(self, target, server, clients, messages, rate, senders,
-                 progress):
-        self.target = target
-        self.server = server  # a ServerProcess, or None
-        self.clients, self.messages = clients, messages
-        self.rate, self.senders = rate, senders
+    JOIN_STEP = 50  # members that join at once
+
+    def __init__(self, label, target, server, args, progress):
+        self.label, self.target = label, target
+        self.server = server  # a MeasuredServer, or None
+        self.clients, self.messages = args.clients, args.messages
+        self.rate, self.senders = args.rate, args.senders
         self.progress = progress
-        self.ids = [f"b{n}" for n in range(clients)]
-        # received[member index] = list of message numbers, in arrival order
-        self.received = [[] for _ in range(clients)]
-        self.seqs = [[] for _ in range(clients)]
-        self.confirming = [False] * clients  # a MarkRead is on its way
+        self.ids = [f"b{n}" for n in range(self.clients)]
+        # received[member index] = message numbers, in arrival order
+        self.received = [[] for _ in self.ids]
+        self.seqs = [[] for _ in self.ids]
+        self.confirming = [False] * self.clients  # a MarkRead is planned
         self.tasks = set()  # MarkRead tasks, kept from the garbage collector
-        self.timers = []    # MarkReads scheduled for later
+        self.timers = []    # MarkReads planned for later
         self.stop_confirming = False  # set for the idle measurement
         self.retries = 0    # Sends tried again (shed by an overloaded server)
         self.latencies_ms = []
-        self.joined = 0
+        self.caught_up = set()  # indexes of members that are online
+        self.members = []       # their Join tasks
         self.joined_changed = asyncio.Event()
-        self.last_arrival = 0.0
+        self.last_arrival = 0.0  # of a message
+        self.last_event = 0.0    # of any event
         self.all_delivered = asyncio.Event()
-        self.idle_cpu_s = None  # measured by run() while all are online
-        self.expected = messages * (clients - 1)
+        self.idle_cpu_s = None  # measured while all are online, if server
+        self.expected = self.messages * (self.clients - 1)
         self.failure = None  # why a member's stream ended, if one did
         self.shown = False   # a progress line is on stderr
         password = os.environ.get("CHAT_PASSWORD")
         self.metadata = ((PASSWORD_KEY, password),) if password else ()
 
     async def run(self):
+        """Join everyone, send, wait for every delivery; then, if we
+        started the server, measure its CPU while all sit idle. Returns
+        (seconds to join, seconds from the first Send to the last
+        delivery)."""
         # One channel per member. grpcio shares one TCP connection among
         # channels to the same target (its global subchannel pool); a local
         # pool per channel gives each member a connection of its own.
         options = [("grpc.use_local_subchannel_pool", 1)]
-        self.channels = [grpc.aio.insecure_channel(self.target, options)
-                         for _ in self.ids]
-        stubs = [services.ChatRoomStub(channel) for channel in self.channels]
-        self.readers = []
+        channels = [grpc.aio.insecure_channel(self.target, options)
+                    for _ in self.ids]
+        stubs = [services.ChatRoomStub(channel) for channel in channels]
         try:
-            return await self._run(stubs)
+            join_s = await self._join_all(stubs)
+            await self._settle()
+            deliver_s = await self._send_all(stubs)
+            if self.server:
+                self.idle_cpu_s = await self._idle_cpu()
+            return join_s, deliver_s
         finally:
-            for task in self.readers:
+            for task in self.members:
                 task.cancel()
-            for channel in self.channels:
+            for channel in channels:
                 await channel.close()
 
-    async def _run(self, stubs):
+    async def _join_all(self, stubs):
+        """Bring every member online, JOIN_STEP at a time: a burst of
+        thousands of calls at once makes core shed some of them (the
+        server cannot accept connections that fast)."""
         started = time.perf_counter()
-        # Join in steps of 50: a burst of thousands of calls at once makes
-        # core shed some of them (the server cannot accept them that fast).
-        for first in range(0, self.clients, 50):
-            for index in range(first, min(first + 50, self.clients)):
-                self.readers.append(
-                    asyncio.create_task(self._member(stubs, index)))
-            while self.joined < min(first + 50, self.clients):
+        for first in range(0, self.clients, self.JOIN_STEP):
+            step = range(first, min(first + self.JOIN_STEP, self.clients))
+            self.members += [asyncio.create_task(self._member(stubs, index))
+                             for index in step]
+            while len(self.caught_up) < step.stop and not self.failure:
                 await self.joined_changed.wait()
                 self.joined_changed.clear()
-                if self.failure:
-                    raise BenchFailed(self.failure)
-            self._show(f"joined {self.joined}/{self.clients}")
-        join_s = time.perf_counter() - started
-        # Let the joins' aftermath pass (presence lists to everyone, the
-        # last Welcomes): what we measure next is the steady state.
-        self._show("settling for 2 s")
-        await asyncio.sleep(2)
+            if self.failure:
+                raise BenchFailed(self.failure)
+            self._show(f"joined {len(self.caught_up)}/{self.clients}")
+        return time.perf_counter() - started
 
+    async def _settle(self, quiet_s=1.0, at_most_s=60):
+        """Wait for the joins' aftermath to pass: until no event (presence
+        changes, the last Welcomes) has come for quiet_s. What we measure
+        next is the steady state, not the tail of the joins."""
+        self._show("waiting for the room to fall quiet")
+        give_up = time.perf_counter() + at_most_s
+        while time.perf_counter() < min(self.last_event + quiet_s, give_up):
+            await asyncio.sleep(0.1)
+
+    async def _send_all(self, stubs):
         started = time.perf_counter()
         if self.rate:
-            sends = []
-            for number in range(self.messages):
-                delay = started + number / self.rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sends.append(asyncio.create_task(self._send(stubs, number)))
-            await asyncio.gather(*sends)
+            await self._send_at_rate(stubs, started)
         else:
             await asyncio.gather(*[self._sender(stubs, k)
                                    for k in range(self.senders)])
         try:
             await asyncio.wait_for(self.all_delivered.wait(), 60)
         except asyncio.TimeoutError:
-            pass
+            pass  # check() counts what is missing
         if self.failure:
             raise BenchFailed(self.failure)
-        deliver_s = self.last_arrival - started
-        if self.server:  # everyone online, nothing to do: CPU should be 0
-            self.stop_confirming = True
-            for timer in self.timers:
-                timer.cancel()
-            await asyncio.gather(*self.tasks)  # the last MarkReads
-            await asyncio.sleep(1)
-            before = self.server.cpu_s()
-            await asyncio.sleep(5)
-            self.idle_cpu_s = self.server.cpu_s() - before
-        return join_s, deliver_s
+        return self.last_arrival - started
 
-    async def _member(self, stubs, index):
-        call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
-                                                name=self.ids[index]),
-                                 metadata=self.metadata)
-        joined = False
-        try:
-            async for event in call:
-                for message in event.messages:
-                    now = time.perf_counter()
-                    number, sent_at = message.text.split()[1:3]
-                    self.latencies_ms.append((now - float(sent_at)) * 1000)
-                    self.received[index].append(int(number))
-                    self.seqs[index].append(message.seq)
-                    self.last_arrival = now
-                    if len(self.latencies_ms) == self.expected:
-                        self.all_delivered.set()
-                if (event.messages and not self.confirming[index]
-                        and not self.stop_confirming):
-                    self.confirming[index] = True  # like ThrottledReadReceipts
-                    self.timers.append(asyncio.get_running_loop().call_later(
-                        ThrottledReadReceipts.pause(),
-                        lambda i=index: self.tasks.add(asyncio.create_task(
-                            self._confirm(stubs[i], i)))))
-                if event.HasField("caught_up"):
-                    joined = True
-                    self.joined += 1
-                    self.joined_changed.set()
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED:
-                return  # by us: the run is over
-            if joined:
-                self._fail(f"member {self.ids[index]} lost its stream: "
-                           f"{error.details()}")
-            elif error.code() == grpc.StatusCode.UNAVAILABLE:
-                self._fail(join_refusal(Refused(error.code(),
-                                                error.details()),
-                                        self.target))
-            else:
-                self._fail(f"the server refused member {self.ids[index]}: "
-                           f"{error.details()}")
+    async def _send_at_rate(self, stubs, started):
+        """Start Send number n at started + n/rate, not waiting for the
+        ones before it to be answered."""
+        sends = []
+        for number in range(self.messages):
+            delay = started + number / self.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sends.append(asyncio.create_task(self._send(stubs, number)))
+        await asyncio.gather(*sends)
 
-    def _fail(self, sentence):
-        """Runs on the loop: stop waiting for joins and deliveries."""
-        self.failure = self.failure or sentence
-        self.joined_changed.set()
-        self.all_delivered.set()
-
-    async def _confirm(self, stub, index):
-        """MarkRead up to the last seq received, as our clients do."""
-        try:
-            await stub.MarkRead(pb.MarkReadRequest(
-                client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
-                timeout=60, metadata=self.metadata)
-        except grpc.aio.AioRpcError:
-            pass  # leaving, or shed under load: the next one covers it
-        self.confirming[index] = False
-        self.tasks.discard(asyncio.current_task())
+    async def _sender(self, stubs, sender):
+        """As fast as one member can: each Send once the last is answered."""
+        for number in range(sender, self.messages, self.senders):
+            await self._send(stubs, number)
 
     async def _send(self, stubs, number):
         sender = number % self.senders
@@ -277,14 +263,90 @@ class Bench:
             self._show(f"sent {number + 1}/{self.messages}, delivered "
                        f"{len(self.latencies_ms):,}/{self.expected:,}")
 
-    async def _sender(self, stubs, sender):
-        for number in range(sender, self.messages, self.senders):
-            await self._send(stubs, number)
+    async def _idle_cpu(self):
+        """Server CPU seconds over 5 s with everyone online and nothing
+        to do, after the last MarkReads: it should be 0."""
+        self.stop_confirming = True
+        for timer in self.timers:
+            timer.cancel()
+        await asyncio.gather(*self.tasks)
+        await asyncio.sleep(1)
+        before = self.server.cpu_s()
+        await asyncio.sleep(5)
+        return self.server.cpu_s() - before
+
+    async def _member(self, stubs, index):
+        """One member's Join stream, until the run cancels it."""
+        call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
+                                                name=self.ids[index]),
+                                 metadata=self.metadata)
+        try:
+            async for event in call:
+                self._arrived(stubs[index], index, event)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:  # not by us
+                self._fail(self._why_lost(index, error))
+
+    def _arrived(self, stub, index, event):
+        """Note each message's latency and number, and plan a MarkRead."""
+        now = self.last_event = time.perf_counter()  # one for the event
+        for message in event.messages:
+            number, sent_at = message.text.split()[1:3]
+            self.latencies_ms.append((now - float(sent_at)) * 1000)
+            self.received[index].append(int(number))
+            self.seqs[index].append(message.seq)
+        if event.messages:
+            self.last_arrival = now
+            if len(self.latencies_ms) >= self.expected:
+                self.all_delivered.set()
+            self._plan_receipt(stub, index)
+        if event.HasField("caught_up"):
+            self.caught_up.add(index)
+            self.joined_changed.set()
+
+    def _plan_receipt(self, stub, index):
+        """As chat.py's default client (ThrottledReadReceipts): one
+        MarkRead 2.5 to 7.5 s (at random) after a message arrives, for
+        everything received by then."""
+        if self.confirming[index] or self.stop_confirming:
+            return
+        self.confirming[index] = True
+        self.timers.append(asyncio.get_running_loop().call_later(
+            random.uniform(2.5, 7.5), lambda: self.tasks.add(
+                asyncio.create_task(self._confirm(stub, index)))))
+
+    async def _confirm(self, stub, index):
+        """MarkRead up to the last seq received."""
+        try:
+            await stub.MarkRead(pb.MarkReadRequest(
+                client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
+                timeout=60, metadata=self.metadata)
+        except grpc.aio.AioRpcError:
+            pass  # leaving, or shed under load: the next one covers it
+        self.confirming[index] = False
+        self.tasks.discard(asyncio.current_task())
+
+    def _why_lost(self, index, error):
+        """A sentence for a member's stream that ended."""
+        if index in self.caught_up:
+            return (f"member {self.ids[index]} lost its stream: "
+                    f"{error.details()}")
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return join_refusal(Refused(error.code(), error.details()),
+                                self.target)
+        return (f"the server refused member {self.ids[index]}: "
+                f"{error.details()}")
+
+    def _fail(self, sentence):
+        """Stop waiting for joins and deliveries."""
+        self.failure = self.failure or sentence
+        self.joined_changed.set()
+        self.all_delivered.set()
 
     def _show(self, text):
         """Progress, on one line of stderr that keeps being rewritten."""
         if self.progress:
-            print(f"\r{self.target}: {text}   ", end="", file=sys.stderr,
+            print(f"\r{self.label}: {text}   ", end="", file=sys.stderr,
                   flush=True)
             self.shown = True
 
@@ -301,43 +363,135 @@ class Bench:
         return lost, duplicated, reordered
 
 
-def bench_one(args, command, label, script=chat.__file__):
+def chat_server(db, *flags):
+    """The command line of a chat.py server for the bench: any free port,
+    flood control off (one sender as fast as it can is no flood here)."""
+    return ["server", *flags, "--port", "0", "--rate", "0", "--db", db,
+            "--log-level", "WARNING"]
+
+
+def servers_to_measure(args, tmp):
+    """(label, script, command) for each server, in the order they run
+    and are shown; command None means --server, already running."""
+    servers = []
+    if args.baseline:
+        servers.append(("baseline", __file__, ["baseline", "--port", "0"]))
+    if args.plain:
+        servers.append(("Part I", chat.__file__, chat_server(
+            os.path.join(tmp, "plain.db"), "--plain")))
+    if args.server:
+        servers.append((args.server, None, None))
+    else:
+        servers.append(("Part II", chat.__file__, chat_server(
+            os.path.join(tmp, "bench.db"))))
+    return servers
+
+
+def start_server(label, script, command, tmp):
+    """Start a server and wait for its "listening on" line. If it does not
+    start, say why in one sentence: the last line of its stderr."""
+    with open(os.path.join(tmp, "stderr"), "w+") as stderr:
+        try:
+            return MeasuredServer(command, stderr, script)
+        except RuntimeError:
+            stderr.seek(0)
+            why = (stderr.read().strip().splitlines() or ["no reason"])[-1]
+            raise BenchFailed(f"the {label} server did not start: "
+                              f"{why}") from None
+
+
+async def bench_all(args, tmp):
+    """Run the load against each server in turn; return their figures.
+    One event loop for all: the Join calls cancelled at the end of a run
+    can complete after asyncio.run() has closed that run's loop, and
+    grpc.aio then prints a traceback for each ("Event loop is closed")."""
+    return [await bench_one(args, *server, tmp)
+            for server in servers_to_measure(args, tmp)]
+
+
+async def bench_one(args, label, script, command, tmp):
     """Run the load against one server; return a dict of figures."""
-    server = ServerProcess(command, script=script) if command else None
-    target = server.address if server else args.server
-    bench = None
+    server = start_server(label, script, command, tmp) if command else None
+    bench = Bench(label, server.address if server else args.server, server,
+                  args, progress=not args.json)
     try:
         cpu_before = server.cpu_s() if server else 0.0
-        bench = Bench(target, server, args.clients, args.messages, args.rate,
-                      args.senders, progress=not args.json)
-        join_s, deliver_s = asyncio.run(bench.run())
-        lost, duplicated, reordered = bench.check()
-        latencies = sorted(bench.latencies_ms)
-        result = {
-            "server": label, "clients": args.clients,
-            "messages": args.messages, "rate": args.rate,
-            "senders": args.senders, "join_s": round(join_s, 2),
-            "deliveries": len(latencies),
-            "deliveries_per_s": round(len(latencies) / deliver_s)
-            if deliver_s > 0 else 0,
-            "latency_ms": {name: percentile(latencies, q)
-                           for name, q in (("p50", .5), ("p90", .9),
-                                           ("p99", .99), ("max", 1.0))},
-            "lost": lost, "duplicated": duplicated, "reordered": reordered,
-            "send_retries": bench.retries,
-        }
+        join_s, deliver_s = await bench.run()
+        result = figures(args, label, bench, join_s, deliver_s)
         if server:
-            result["server_cpu_s"] = round(server.cpu_s() - cpu_before, 2)
-            result["server_peak_rss_mb"] = server.peak_rss_mb()
-            result["server_ready_s"] = round(server.ready_s, 3)
-            result["server_idle_cpu_percent"] = round(
-                bench.idle_cpu_s / 5 * 100, 1)
+            result.update(server_figures(server, bench, cpu_before))
         return result
     finally:
         if server:
             server.stop()
-        if bench and bench.shown:
+        if bench.shown:
             print(file=sys.stderr)  # end the progress line
+
+
+def figures(args, label, bench, join_s, deliver_s):
+    """What the clients measured."""
+    lost, duplicated, reordered = bench.check()
+    latencies = sorted(bench.latencies_ms)
+    return {
+        "server": label, "clients": args.clients, "messages": args.messages,
+        "rate": args.rate, "senders": args.senders,
+        "join_s": round(join_s, 2), "deliveries": len(latencies),
+        "deliveries_per_s": round(len(latencies) / deliver_s)
+        if deliver_s > 0 else 0,
+        "latency_ms": {name: percentile(latencies, q)
+                       for name, q in (("p50", .5), ("p90", .9),
+                                       ("p99", .99), ("max", 1.0))},
+        "lost": lost, "duplicated": duplicated, "reordered": reordered,
+        "send_retries": bench.retries,
+    }
+
+
+def server_figures(server, bench, cpu_before):
+    """What /proc says about a server we started."""
+    return {"server_cpu_s": round(server.cpu_s() - cpu_before, 2),
+            "server_peak_rss_mb": server.peak_rss_mb(),
+            "server_ready_s": round(server.ready_s, 3),
+            "server_idle_cpu_percent": round(bench.idle_cpu_s / 5 * 100, 1)}
+
+
+# The figures, in the order shown: (label, key, key inside it, whether it
+# gets a ratio to the baseline's).
+ROWS = [("join time s", "join_s", None, True),
+        ("deliveries/s", "deliveries_per_s", None, True),
+        *[(f"latency {q} ms", "latency_ms", q, True)
+          for q in ("p50", "p90", "p99", "max")],
+        ("server CPU s", "server_cpu_s", None, True),
+        ("server peak RSS MB", "server_peak_rss_mb", None, True),
+        ("server idle CPU %", "server_idle_cpu_percent", None, False),
+        ("server ready in s", "server_ready_s", None, False),
+        ("send retries", "send_retries", None, False),
+        *[(key, key, None, False)
+          for key in ("lost", "duplicated", "reordered")]]
+
+
+def figure(run, key, inner):
+    """run[key], or run[key][inner]; None if the run has no such figure."""
+    value = run.get(key)
+    return value.get(inner) if inner and value else value
+
+
+def name(key, inner):
+    return f"{key}.{inner}" if inner else key
+
+
+def add_ratios(runs):
+    """Give every run after the baseline "vs_baseline": its figures divided
+    by the baseline's, e.g. "latency_ms.p99": 1.2 for a p99 20 % longer."""
+    base = runs[0]
+    for run in runs[1:]:
+        run["vs_baseline"] = {
+            name(key, inner): _ratio(figure(run, key, inner),
+                                     figure(base, key, inner))
+            for _, key, inner, ratio in ROWS if ratio}
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a and b else None
 
 
 def bench_problem(args):
@@ -350,6 +504,8 @@ def bench_problem(args):
         return "--senders must be from 1 to --clients"
     if args.rate < 0:
         return "--rate must be 0 (as fast as possible) or more"
+    if args.plain and args.server:
+        return "--plain starts a server of its own: leave out --server"
     return None
 
 
@@ -357,73 +513,44 @@ def run_bench(args):
     if problem := bench_problem(args):
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        command = None if args.server else [
-            "server", "--port", "0", "--rate", "0", "--log-level", "WARNING",
-            "--db", os.path.join(tmp, "bench.db")]
         try:
-            runs.append(bench_one(args, command, "chat.py"))
-            if args.baseline:
-                runs.append(bench_one(args, ["baseline", "--port", "0"],
-                                      "baseline", script=__file__))
-        except (BenchFailed, RuntimeError) as error:
+            runs = asyncio.run(bench_all(args, tmp))
+        except BenchFailed as error:
             print(f"bench: {error}", file=sys.stderr)
             return 1
     if args.baseline:
-        ours, bare = runs
-        runs.append({"server": "ratio chat.py/baseline", **{
-            "join_s": _ratio(ours["join_s"], bare["join_s"]),
-            "deliveries_per_s": _ratio(ours["deliveries_per_s"],
-                                       bare["deliveries_per_s"]),
-            "latency_ms": {name: _ratio(ours["latency_ms"][name],
-                                        bare["latency_ms"][name])
-                           for name in ours["latency_ms"]},
-            "server_cpu_s": _ratio(ours.get("server_cpu_s"),
-                                   bare.get("server_cpu_s"))}})
+        add_ratios(runs)
     if args.json:
         print(json.dumps(runs, indent=2))
     else:
-        for run in runs:
-            print_run(run)
-    broken = runs[0]["lost"] or runs[0]["duplicated"] or runs[0]["reordered"]
-    return 1 if broken else 0
+        print_runs(runs)
+    return 1 if any(run["lost"] or run["duplicated"] or run["reordered"]
+                    for run in runs) else 0
 
 
-def _ratio(a, b):
-    return round(a / b, 2) if a and b else None
+def print_runs(runs):
+    """The runs side by side, one column each; after a figure, its ratio
+    to the baseline's in brackets."""
+    first = runs[0]
+    print(f"{first['clients']} clients, {first['messages']} messages at "
+          f"{first['rate'] or 'max'}/s from {first['senders']} sender(s)")
+    print((f"{'':<20}" + "".join(f"{run['server']:<22}"
+                                 for run in runs)).rstrip())
+    for label, key, inner, _ in ROWS:
+        cells = [cell(run, key, inner) for run in runs]
+        if any(cells):
+            print((f"{label:<20}" + "".join(f"{c or '-':<22}"
+                                            for c in cells)).rstrip())
 
 
-def print_run(run):
-    latency = run["latency_ms"]
-    print(f"== {run['server']}")
-    if "clients" not in run:  # the line of ratios
-        def ratio(value):
-            return "n/a" if value is None else f"{value}x"
-        print(f"   join time {ratio(run['join_s'])}, deliveries/s "
-              f"{ratio(run['deliveries_per_s'])}, latency p50 "
-              f"{ratio(latency['p50'])} p90 {ratio(latency['p90'])} p99 "
-              f"{ratio(latency['p99'])}, server CPU "
-              f"{ratio(run['server_cpu_s'])}")
-        return
-    print(f"   {run['clients']} clients, {run['messages']} messages at "
-          f"{run['rate'] or 'max'}/s from {run['senders']} sender(s)")
-    print(f"   join time          {run['join_s']} s")
-    print(f"   deliveries/s       {run['deliveries_per_s']}")
-    if latency["p50"] is None:
-        print("   latency ms         none: nothing was delivered")
-    else:
-        print(f"   latency ms         p50 {latency['p50']}  p90 "
-              f"{latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
-    for key, label in (("server_cpu_s", "server CPU s"),
-                       ("server_peak_rss_mb", "server peak RSS MB"),
-                       ("server_idle_cpu_percent", "server idle CPU %"),
-                       ("server_ready_s", "server ready in s")):
-        if run.get(key) is not None:
-            print(f"   {label:<18} {run[key]}")
-    print(f"   lost {run['lost']}, duplicated {run['duplicated']}, "
-          f"reordered {run['reordered']} (of {run['deliveries']:,} "
-          "deliveries)")
+def cell(run, key, inner):
+    """One figure as text, with its ratio to the baseline if there is one."""
+    value = figure(run, key, inner)
+    if value is None:
+        return ""
+    ratio = run.get("vs_baseline", {}).get(name(key, inner))
+    return f"{value:,}" if ratio is None else f"{value:,} ({ratio}x)"
 
 
 def build_parser():
@@ -448,7 +575,10 @@ def build_parser():
                         "%(default)s)")
     parser.add_argument("--baseline", action="store_true",
                         help="also run the load against the bare baseline "
-                        "server and show ratios")
+                        "server, first, and show ratios to it")
+    parser.add_argument("--plain", action="store_true",
+                        help="also run it against `chat.py server --plain` "
+                        "(Part I alone), before the default server")
     parser.add_argument("--json", action="store_true",
                         help="print the figures as JSON")
     return parser

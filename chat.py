@@ -2018,7 +2018,8 @@ class TerminalClient:
 # touch widgets. _tkinter does pass calls from other threads over to it, but
 # then the other thread waits until the main thread gets round to them, and
 # before or after the mainloop such a call fails with "main thread is not in
-# main loop". So nothing in gRPC's or our threads touches Tk:
+# main loop". gRPC's threads and ours would stall, or fail while the window
+# closes. So nothing but the main thread touches Tk:
 #
 #   receive thread (ChatClient)        main thread (Tk mainloop)
 #   ---------------------------        --------------------------
@@ -2026,14 +2027,16 @@ class TerminalClient:
 #     inbox.put(item)                  (createfilehandler); when it is
 #     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
 #
-# It is the trick grpc.aio uses to wake its event loop (section 6), where
-# the byte goes over a socketpair. Nothing runs while nothing happens; no
-# timer polls the queue. (Windows has no Tk file handlers; there, and only
-# there, the window checks the queue every 100 ms instead.) Ctrl-C in the
-# terminal comes in through a pipe of the same kind (quit_on_signals).
-# Sends go the other way, to a sender thread through `outbox`, because
-# ChatClient.send() blocks for a round trip, or for as long as the server
-# is away, and the window must never freeze.
+# Tk's mainloop sleeps in select() on its connection to the display and on
+# every file given to createfilehandler, so a byte in the pipe wakes it as
+# a key press would. It is the trick grpc.aio uses to wake its event loop
+# (section 6), where the byte goes over a socketpair. Nothing runs while
+# nothing happens; no timer polls the queue. (Windows has no Tk file
+# handlers; there, and only there, the window checks the queue every
+# 100 ms instead.) Ctrl-C in the terminal comes in through a pipe of the
+# same kind (quit_on_signals). Sends go the other way, to a sender thread
+# through `outbox`, because ChatClient.send() blocks for a round trip, or
+# for as long as the server is away, and the window must never freeze.
 #
 # Test hook: with CHAT_TRACE=1 in the environment, the window also prints
 # what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
@@ -2069,13 +2072,17 @@ def shown_time(timestamp):
     return f"{when:%Y-%m-%d %H:%M}"
 
 
-def gui_unavailable():
-    """Why the window cannot open here, or None if it can."""
+def open_root():
+    """Tk's root window, and None; or None, and why no window can open
+    here (DISPLAY may be set and still lead nowhere)."""
     if tk is None:
-        return "tkinter is not installed"
+        return None, "tkinter is not installed"
     if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        return "no display (DISPLAY is not set)"
-    return None
+        return None, "no display (DISPLAY is not set)"
+    try:
+        return tk.Tk(className="chat"), None
+    except tk.TclError as error:
+        return None, f"cannot open a window ({error})"
 
 
 def duration(seconds):
@@ -2191,9 +2198,11 @@ class ChatWindow:
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
         self.below = 0             # new messages below the view's bottom
-        self.inbox = queue.Queue()
-        self.outbox = queue.Queue()
-        self._wake_write = None  # the pipe's write end, where there is one
+        self.inbox = queue.Queue()   # worker threads -> main thread
+        self.outbox = queue.Queue()  # main thread -> sender thread
+        # The wake pipe (see the top of this section). Its write end does
+        # not block: when the pipe is full, a wake-up is waiting anyway.
+        self._wake_write = None
         if hasattr(root.tk, "createfilehandler"):
             self._wake_read, self._wake_write = os.pipe()
             os.set_blocking(self._wake_write, False)
@@ -2218,14 +2227,31 @@ class ChatWindow:
     # -- layout --
 
     def _build(self):
-        root = self.root
-        root.columnconfigure(0, weight=1)
-        root.rowconfigure(0, weight=1)
-        outer = ttk.Frame(root, padding=6)
+        """Lay out the window: the view of messages with its scrollbar,
+        the member list to its right, the message box and the status line
+        below. Tk's grid puts each in a row and column of `outer`; weight=1
+        marks what grows when the window does."""
+        self.root.columnconfigure(0, weight=1)
+        self.root.rowconfigure(0, weight=1)
+        outer = ttk.Frame(self.root, padding=6)
         outer.grid(sticky="nsew")
         outer.columnconfigure(0, weight=1)
         outer.rowconfigure(0, weight=1)
+        self._build_view(outer)
+        self._build_members(outer)
+        self._build_compose(outer)
+        self._build_status(outer)
+        self.root.bind("<FocusIn>", self._on_focus)
+        self.root.bind("<FocusOut>", self._on_focus)
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.root.bind("<Control-q>", lambda _event: self.close())
+        self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
+        self._set_title()
+        self.entry.focus_set()
 
+    def _build_view(self, outer):
+        """The messages: a read-only Text widget (state="disabled"; _append
+        enables it for a moment to add to it)."""
         self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
                             height=20, padx=6, pady=4, relief="flat",
                             highlightthickness=0, cursor="arrow",
@@ -2235,29 +2261,31 @@ class ChatWindow:
         self.view.grid(row=0, column=0, sticky="nsew")
         self.scroll.grid(row=0, column=1, sticky="ns")
         # Shown over the view's bottom while new messages wait below it.
-        self.jump = ttk.Button(outer, command=self._jump_to_end)
+        self.jump = ttk.Button(outer, command=lambda: self.view.see("end"))
+        self._style_view()
+
+    def _style_view(self):
+        """The view's tags: named styles that _append gives to its text."""
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
         italic.configure(slant="italic")
+        tag = self.view.tag_configure
         # Every line of a message after its first is indented: "line" does
         # it for lines that wrap, "more" for the lines after a newline.
-        self.view.tag_configure("line", lmargin2=24)
-        self.view.tag_configure("more", lmargin1=24)
-        self.view.tag_configure("time", foreground=COLORS["time"],
-                                font="TkSmallCaptionFont")
-        self.view.tag_configure("own", foreground=COLORS["own"], font=bold)
+        tag("line", lmargin2=24)
+        tag("more", lmargin1=24)
+        tag("time", foreground=COLORS["time"], font="TkSmallCaptionFont")
+        tag("own", foreground=COLORS["own"], font=bold)
         for index, color in enumerate(SENDER_COLORS):
-            self.view.tag_configure(f"sender{index}", foreground=color,
-                                    font=bold)
-        self.view.tag_configure("read", foreground=COLORS["read"])
-        self.view.tag_configure("notice", foreground=COLORS["notice"],
-                                font=italic)
-        self.view.tag_configure("divider", foreground=COLORS["divider"],
-                                justify="center")
-        self.view.tag_configure("failed", foreground=COLORS["failed"])
-        self.view.tag_configure("sending", foreground=COLORS["time"])
+            tag(f"sender{index}", foreground=color, font=bold)
+        tag("read", foreground=COLORS["read"])
+        tag("notice", foreground=COLORS["notice"], font=italic)
+        tag("divider", foreground=COLORS["divider"], justify="center")
+        tag("failed", foreground=COLORS["failed"])
+        tag("sending", foreground=COLORS["time"])
 
+    def _build_members(self, outer):
         side = ttk.Frame(outer, padding=(8, 0, 0, 0))
         side.grid(row=0, column=2, sticky="ns")
         ttk.Label(side, text="Members").grid(sticky="w")
@@ -2267,6 +2295,8 @@ class ChatWindow:
         self.members.grid(sticky="ns")
         side.rowconfigure(1, weight=1)
 
+    def _build_compose(self, outer):
+        """The message box: Enter sends, Shift+Enter starts a new line."""
         compose = ttk.Frame(outer, padding=(0, 6, 0, 0))
         compose.grid(row=1, column=0, columnspan=3, sticky="ew")
         compose.columnconfigure(0, weight=1)
@@ -2277,9 +2307,12 @@ class ChatWindow:
             row=0, column=1, sticky="ns", padx=(6, 0))
         self.entry.bind("<Return>", self._on_return)
         self.entry.bind("<KP_Enter>", self._on_return)
+        # Without a binding of its own, Shift+Enter would match <Return>
+        # (a pattern without modifiers matches any) and send.
         self.entry.bind("<Shift-Return>", self._on_shift_return)
         self.entry.bind("<Control-a>", select_all)
 
+    def _build_status(self, outer):
         # width=1: a long sentence must not widen the window; it wraps at
         # the width the window gives it (set on every resize).
         self.status = ttk.Label(outer, anchor="w", width=1,
@@ -2288,13 +2321,6 @@ class ChatWindow:
                          pady=(4, 0))
         self.status.bind("<Configure>", lambda event: self.status.configure(
             wraplength=event.width))
-        root.bind("<FocusIn>", self._on_focus)
-        root.bind("<FocusOut>", self._on_focus)
-        root.protocol("WM_DELETE_WINDOW", self.close)
-        root.bind("<Control-q>", lambda _event: self.close())
-        root.bind("<<Quit>>", lambda _event: self.close(ask=False))
-        self._set_title()
-        self.entry.focus_set()
 
     # -- typing and sending --
 
@@ -2374,7 +2400,9 @@ class ChatWindow:
         self.root.after(ms, self._drain_every, ms)
 
     def _drain(self, _fd=None, _mask=None):
-        """Runs on the main thread when the pipe is readable."""
+        """Runs on the main thread when the pipe is readable: read every
+        byte waiting and empty the inbox, so a burst of events costs one
+        wake-up and one pass here."""
         if self._wake_write is not None:
             os.read(self._wake_read, 4096)
         while True:
@@ -2400,8 +2428,9 @@ class ChatWindow:
                 trace("scrolled to divider")
         for notice in notices:
             self._notice(notice)
-        for member in event.presence:
-            self._set_member(member)
+        if event.presence:
+            self.roster.update((each.id, each) for each in event.presence)
+            self._draw_members()
 
     def _show_welcome(self, welcome):
         self.away = False
@@ -2414,14 +2443,20 @@ class ChatWindow:
         for message in welcome.recent:
             self._show_message(message, read=True)
         if welcome.unread:
-            self._append([(f"\u2500\u2500\u2500\u2500  {welcome.unread} new "
-                           f"message{'s' if welcome.unread > 1 else ''}  "
-                           "\u2500\u2500\u2500\u2500", "divider")])
+            rule = "\u2500" * 4
+            self._append([(f"{rule}  {plural(welcome.unread, 'new message')}"
+                           f"  {rule}", "divider")])
+            # A mark is a place in the text that moves as text is added
+            # before it. Left gravity: what is added at the mark goes after
+            # it, so the mark stays on the divider; CaughtUp scrolls there.
             self.view.mark_set("divider", "end-1l linestart")
             self.view.mark_gravity("divider", "left")
             trace("divider", welcome.unread)
 
     def _show_message(self, message, read=False):
+        """One line of the view: where bob sees alice's "hi", as
+        "14:02:07  alice: hi" with her name in her colour; grey if read
+        (the history above the divider)."""
         own = message.sender_id == self.chat.client_id
         style = ("read",) if read else ()
         shown = self._append([
@@ -2451,9 +2486,6 @@ class ChatWindow:
         if self.below and float(last) >= 0.999:
             self.below = 0
             self.jump.place_forget()
-
-    def _jump_to_end(self):
-        self.view.see("end")
 
     def _notice(self, text):
         self._append([(text, "notice")])
@@ -2518,10 +2550,6 @@ class ChatWindow:
             text=text,
             foreground=COLORS["failed" if problem else "notice"])
         trace("status", text)
-
-    def _set_member(self, member):
-        self.roster[member.id] = member
-        self._draw_members()
 
     def _draw_members(self):
         """The member list: online ones first, then by name. While the
@@ -2650,19 +2678,15 @@ def remembered_name(args, password):
                  if member.id == args.client_id), args.client_id)
 
 
-def run_window(args):
-    """Open the window. Returns (exit status, None), or (None, why no
-    window can open here)."""
-    try:
-        root = tk.Tk(className="chat")
-    except tk.TclError as error:
-        return None, f"cannot open a window ({error})"
+def run_window(args, root):
+    """Ask for a name if --name did not give one, then run the chat window
+    in root until it closes. Returns the exit status."""
     quit_on_signals(root)
     password = os.environ.get("CHAT_PASSWORD") or None
     name = args.name or ask_name(root, remembered_name(args, password))
     if name is None:
         root.destroy()
-        return 0, None
+        return 0
     if args.geometry:  # the chat window's, not the name dialog's
         root.geometry(args.geometry)
     window = ChatWindow(root, args.server, args.client_id, name, password,
@@ -2674,8 +2698,8 @@ def run_window(args):
     if window.pending:
         print(f"chat: {plural(window.pending, 'message')} not sent",
               file=sys.stderr)
-        return 1, None
-    return window.exit_status, None
+        return 1
+    return window.exit_status
 
 
 # Part II (client): read receipts for a thousand members ----------------------
@@ -2760,18 +2784,17 @@ PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
 COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
 
 
-def valid_id(text):
-    """--id: the same rule the server checks."""
-    if problem := id_problem(text):
-        raise argparse.ArgumentTypeError(problem)
-    return text
+def checked(problem):
+    """An argparse type that refuses text for which problem(text) gives a
+    sentence: the rule the server checks, checked here first."""
+    def parse(text):
+        if why := problem(text):
+            raise argparse.ArgumentTypeError(why)
+        return text
+    return parse
 
 
-def display_name(text):
-    """--name: the same rule the server checks."""
-    if problem := name_problem(text):
-        raise argparse.ArgumentTypeError(problem)
-    return text
+valid_id, display_name = checked(id_problem), checked(name_problem)
 
 
 def member_list(text):
@@ -2841,9 +2864,9 @@ def build_parser():
                         "0: no limit)")
     server.add_argument("--keepalive", default=30,
                         type=number(float, "more than 0", lambda n: n > 0),
-                        help="seconds between pings to each client; one "
-                        "that does not answer is dropped (default: "
-                        "%(default)s)")
+                        help="seconds of silence from a client before the "
+                        "server pings it; one that does not answer is "
+                        "dropped (default: %(default)s)")
     server.add_argument("--tls-cert", metavar="FILE",
                         help="PEM certificate: serve TLS instead of "
                         "plaintext (needs --tls-key)")
@@ -2906,12 +2929,10 @@ def run_client(args):
     if args.tls_ca:
         check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
-        fallback = gui_unavailable()
-        if fallback is None:
-            status, fallback = run_window(args)
-            if fallback is None:
-                return status
-        print(f"chat: {fallback}; using the terminal client", file=sys.stderr)
+        root, why_not = open_root()
+        if root is not None:
+            return run_window(args, root)
+        print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
     # A message with characters the terminal cannot show must not crash us.
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id, args.name or "",
@@ -2927,33 +2948,18 @@ def client_receipts(args):
 
 class ServerProcess:
     """`python chat.py server ...` as a child process (or another script's
-    server, e.g. bench.py's baseline): its address, CPU and memory. Used by
-    the demo and by bench.py."""
+    server, e.g. bench.py's baseline), once it listens: the demo's server,
+    and bench.py's."""
 
     def __init__(self, command, stderr=subprocess.DEVNULL, script=__file__):
-        started = time.perf_counter()
         self.popen = subprocess.Popen(
             [sys.executable, os.path.abspath(script), *command],
             stdout=subprocess.PIPE, stderr=stderr, text=True)
         line = self.popen.stdout.readline()  # "listening on HOST:PORT"
-        self.ready_s = time.perf_counter() - started
         if not line.startswith("listening on "):
             self.stop()
             raise RuntimeError(f"{command[0]} did not start")
         self.address = line.split()[-1]
-
-    def cpu_s(self):
-        """User + system CPU seconds so far, from /proc."""
-        with open(f"/proc/{self.popen.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mb(self):
-        with open(f"/proc/{self.popen.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return None
 
     def stop(self):
         self.popen.terminate()
@@ -2963,15 +2969,11 @@ class ServerProcess:
 def run_demo(args):
     """Start a server that keeps nothing (:memory:) and three windows;
     stop the server when the last window closes, or at Ctrl-C."""
-    reason = gui_unavailable()
-    if reason is None:
-        try:  # DISPLAY may be set and still lead nowhere
-            tk.Tk().destroy()
-        except tk.TclError as error:
-            reason = f"cannot open a window ({error})"
-    if reason:
-        print(f"chat: the demo needs windows, but {reason}", file=sys.stderr)
+    root, why_not = open_root()  # a test: can windows open here?
+    if root is None:
+        print(f"chat: the demo needs windows, but {why_not}", file=sys.stderr)
         return 1
+    root.destroy()
     # Ctrl-C in the terminal reaches the server, the windows and us alike;
     # `kill` (SIGTERM) reaches only us. Either way we raise
     # KeyboardInterrupt, and the `finally` below closes the windows (with
@@ -2984,16 +2986,7 @@ def run_demo(args):
                                 "WARNING"], stderr=None)
         print(f"demo: server at {server.address}, pid {server.popen.pid}",
               file=sys.stderr)
-        for number, name in enumerate(["alice", "bob", "chad"]):
-            # stdin is not theirs: three clients must not share a terminal.
-            windows.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "client",
-                 "--id", str(number + 1), "--name", name,
-                 "--server", server.address,
-                 "--geometry", f"420x520+{10 + 430 * number}+10"],
-                stdin=subprocess.DEVNULL))
-            print(f"demo: window for {name}, pid {windows[-1].pid}",
-                  file=sys.stderr)
+        open_demo_windows(server.address, windows)
         print("demo: close the three windows (or press Ctrl-C) to stop",
               file=sys.stderr)
         for window in windows:
@@ -3005,15 +2998,34 @@ def run_demo(args):
         print("\ndemo: stopping", file=sys.stderr)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # we are on our way
-        for window in windows:
-            if window.poll() is None:
-                window.terminate()
-        for window in windows:
-            window.wait()
-        if server:
-            server.stop()
+        stop_demo(server, windows)
     print("demo: stopped", file=sys.stderr)
     return status
+
+
+def open_demo_windows(address, windows):
+    """A client window each for alice, bob and chad, side by side; each
+    goes into `windows` as it starts, for stop_demo to find."""
+    for number, name in enumerate(["alice", "bob", "chad"]):
+        # stdin is not theirs: three clients must not share a terminal.
+        windows.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "client",
+             "--id", str(number + 1), "--name", name, "--server", address,
+             "--geometry", f"420x520+{10 + 430 * number}+10"],
+            stdin=subprocess.DEVNULL))
+        print(f"demo: window for {name}, pid {windows[-1].pid}",
+              file=sys.stderr)
+
+
+def stop_demo(server, windows):
+    """Close the windows still open (SIGTERM), then stop the server."""
+    for window in windows:
+        if window.poll() is None:
+            window.terminate()
+    for window in windows:
+        window.wait()
+    if server:
+        server.stop()
 
 
 def main(argv=None):
