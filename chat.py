@@ -1,42 +1,78 @@
 """chat.py: a group chat over gRPC, in one file you can read top to bottom.
 
 One server process holds one chat room. A fixed group of members (ids 1, 2, 3
-with --members 1,2,3) each run a client process. The running example, used in
-every section below, in the tests and in README:
+with --members 1,2,3) each run a client process. The running example, used
+where the message passes in each section, in the tests and in README:
 
-    alice (id 1) sends "hi" while bob (id 2) is offline. Later bob comes
-    online and gets "hi", because he has not read it yet. alice does not get
-    her own "hi" back. A stranger (id 9) is refused and gets nothing.
+    alice (id 1) sends "hi" while bob (id 2) is offline; it is stored as
+    seq 7. Later bob comes online and gets "hi", because he has not read it
+    yet. alice does not get her own "hi" back. A stranger (id 9) is refused
+    and gets nothing.
 
-The path of alice's "hi", which is also the order of this file:
+The path of alice's "hi", hop by hop, with each hop's section:
 
-    alice's process                     server process                   bob's process
-    ---------------                     --------------                   -------------
-    TerminalClient / stdin              ChatRoomServicer.Send            (offline)
-      ChatClient.send --- Send ------->   Store.append  (SQLite commit,
-                     <-- SendReply ---      "hi" gets seq 7)
-                         (seq=7)          Hub.publish -> next round: one
-                                            queue per online member (not
-                                            alice's)
-                                                                         ChatClient._receive
-                                        ChatRoomServicer.Join <--- Join ---  (bob comes online)
-                                          Welcome, replay of seq 7 -------->  prints "alice: hi"
-                                          CaughtUp, then live events ----->
-                                        ChatRoomServicer.MarkRead <-- MarkRead(up_to_seq=7)
-                                          Store.mark_read: 7 is read now
+  alice   TerminalClient._read           the typed line goes to an outbox  8
+          TerminalClient._send_messages  one message at a time             8
+          ChatClient.send                a blocking unary call: Send ----> 7
+  server  parsed_as                      the request parsed, or refused    6
+          ChatRoomServicer.Send          checks; then                      5
+          Store.append                   committed: "hi" is seq 7          3
+          Hub.publish                    into each online member's queue;  4
+                                         bob is offline: he has none
+          SendReply(seq=7) <---- returns from alice's ChatClient.send      7
+  bob     ChatClient._join               comes online: Join -------------> 7
+  server  ChatRoomServicer.Join          _admit, _go_online, then _replay  5
+                                         writes "hi" and CaughtUp
+  bob     ChatClient._read               the receive thread gets "hi"      7
+          TerminalClient.on_event        prints "[14:02:07] alice: hi"     8
+          ReadReceipts.received          MarkRead(up_to_seq=7) ----------> 7
+  server  ChatRoomServicer.MarkRead      Store.mark_read: 7 is read now    5
 
-Sections, in the order "hi" travels:
+Had bob been online, Hub.publish would have put "hi" in his Session's
+queue, and his Join's live loop would have written it to his stream.
+
+The sections are in bottom-up order, not in the order of the path: the
+server from its storage outwards (3 to 6), then the client from the network
+up to the screen (7 to 9). Follow the path by its section numbers.
+
+Part I, the chat (a complete chat that keeps every promise in README):
 
     1. The vocabulary      chat.proto, loaded when the program starts
     2. The rules           limits and input checks shared by both sides
     3. The store           SQLite: history, read positions, retry ids
-    4. The hub             who is online, and fan-out to their queues
+    4. The hub             who is online; a queue per member; fan-out
     5. The servicer        the four RPCs: Join, Send, MarkRead, ListMembers
-    6. Serving             the grpc.aio server and its completion queue
+    6. Serving             the grpc.aio server, its completion queue, start-up
     7. The client          channel, stub, the receive thread, read receipts
     8. The terminal client stdin -> Send, Join stream -> stdout
     9. The window          the Tk client: threads and Tk, without polling
+
+Part II, for a thousand members: each measured optimization as a small
+subclass of a Part I class, in the way socketserver's ThreadingMixIn
+changes its server. The server and the client use them by default;
+`--plain` runs Part I alone.
+
    10. main(argv)          the command line, and the demo
+
+Where each gRPC lesson is taught:
+
+    channels and their states          section 7's top; open_channel
+    stubs and multicallables           section 7's top; ChatClient.__init__
+    completion queues and tags         section 6's top
+    the blocking call's own queue      section 7's top; ChatClient.send
+    the channel's spin thread          section 7's top; ReadReceipts
+    .future() and done-callbacks       ReadReceipts (_start, _watch, _done)
+    the aio poller and the event loop  section 6's top
+    streaming writes, flow control     ChatRoomServicer.Join; Session.close
+    status codes and abort             section 5's top; _refuse
+    metadata (the room password)       ChatClient.__init__; _check_password
+    deadlines and wait_for_ready       ChatClient.send; ChatClient._join
+    keepalive, on both sides           server_options; CLIENT_OPTIONS
+    cancellation                       ChatRoomServicer.Join; ChatClient.close
+    TLS                                tls_credentials; open_channel
+    Tk and threads                     section 9's top; ChatWindow._post
+    serializing once, raw bytes        section 4's top; chat_room_handlers
+    batching writes (Part II)          CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of open streams. The client uses grpc's threaded API (blocking
