@@ -424,14 +424,13 @@ class Hub:
                 if client_id not in skip]
 
     def deliver(self, data, sessions):
-        full = []
         for session in sessions:
             try:
                 session.queue.put_nowait(data)
             except asyncio.QueueFull:
-                full.append(session)
-        for session in full:  # after the loop: too_slow() changes online
-            self.too_slow(session)
+                # Soon, not now: too_slow() takes the member offline and
+                # tells the others, a publish of its own.
+                asyncio.get_running_loop().call_soon(self.too_slow, session)
 
 
 # 5. The servicer ---------------------------------------------------------------
@@ -732,6 +731,8 @@ class ChatRoomServicer:
         self.hub.publish(to_event(stored), skip={stored.sender_id})
 
     def _too_slow(self, session):
+        if session.closing:
+            return  # its queue was found full more than once
         log.warning("%s (%s) fell %d events behind; disconnecting it",
                     session.name, session.client_id, QUEUE_LIMIT)
         self._disconnect(session, grpc.StatusCode.RESOURCE_EXHAUSTED,
