@@ -131,6 +131,8 @@ class Process:
 class ChatTestCase(unittest.TestCase):
     """Starts servers and clients in a temporary directory, ends them all."""
 
+    plain = False  # True: start_server runs Part I alone (server --plain)
+
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
@@ -141,10 +143,12 @@ class ChatTestCase(unittest.TestCase):
         self.addCleanup(process.stop)
         return process
 
-    def start_server(self, *args, port=0, db=None):
+    def start_server(self, *args, port=0, db=None, env=None):
         """Start a server; return it with .address set to "HOST:PORT"."""
+        if self.plain:
+            args = ("--plain", *args)
         server = self.start("server", "--port", str(port),
-                            "--db", db or self.db, *args)
+                            "--db", db or self.db, *args, env=env)
         line = server.wait_for(r"^listening on ", stream="stdout")
         server.address = line.split()[-1]
         return server
@@ -1025,10 +1029,7 @@ class FaultTest(ChatTestCase):
 
     def test_room_password(self):
         env = {"CHAT_PASSWORD": "correct horse"}
-        server = self.start("server", "--port", "0", "--db", self.db,
-                            "--members", "1,2", env=env)
-        server.address = server.wait_for("^listening on ",
-                                         stream="stdout").split()[-1]
+        server = self.start_server("--members", "1,2", env=env)
         for given in ({}, {"CHAT_PASSWORD": "swordfish"}):
             refused = self.start("client", "--no-gui", "--id", "1",
                                  "--server", server.address, env=given)
@@ -1058,6 +1059,32 @@ class FaultTest(ChatTestCase):
         self.assertIn("UNAUTHENTICATED", log)
         self.assertNotIn("correct horse", log)
         self.assertNotIn("swordfish", log)
+
+
+# The same promises, kept by Part I alone (`server --plain`).
+
+class JoinAndUnreadPlainTest(JoinAndUnreadTest):
+    plain = True
+
+
+class SendAndFanOutPlainTest(SendAndFanOutTest):
+    plain = True
+
+
+class WhoMayJoinPlainTest(WhoMayJoinTest):
+    plain = True
+
+
+class CrashAndRestartPlainTest(CrashAndRestartTest):
+    plain = True
+
+
+class BadInputPlainTest(BadInputTest):
+    plain = True
+
+
+class FaultPlainTest(FaultTest):
+    plain = True
 
 
 class TerminalClientTest(ChatTestCase):
@@ -1645,6 +1672,8 @@ class WindowViewTest(XvfbTestCase):
 
     def test_status_counts_while_away_and_the_clock_stops_when_back(self):
         window = self.window
+        # Known members, whether or not the Welcome has arrived yet.
+        window._set_member(pb.Member(id="2", name="bob", online=True))
         window._show_state("reconnecting", "the server is shutting down.",
                            time.monotonic() - 15.5)
         self.assertEqual(window.status.cget("text"), "Reconnecting: the "
