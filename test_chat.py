@@ -1672,8 +1672,6 @@ class WindowViewTest(XvfbTestCase):
 
     def test_status_counts_while_away_and_the_clock_stops_when_back(self):
         window = self.window
-        # Known members, whether or not the Welcome has arrived yet.
-        window._set_member(pb.Member(id="2", name="bob", online=True))
         window._show_state("reconnecting", "the server is shutting down.",
                            time.monotonic() - 15.5)
         self.assertEqual(window.status.cget("text"), "Reconnecting: the "
