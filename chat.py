@@ -2632,62 +2632,6 @@ def run_window(args, root):
     return window.exit_status
 
 
-# Part II (client): read receipts for a thousand members ----------------------
-
-
-class ThrottledReadReceipts(ReadReceipts):
-    """ReadReceipts that confirm about once every 5 seconds, not after each
-    batch of messages.
-
-    What it buys: in a room of 1,000 members, Part I's receipts are up to
-    one MarkRead per member for each message: at 20 messages a second, up
-    to 20,000 calls a second for the server. These are 200 small calls a
-    second, however busy the room is (README's Performance section has
-    what that is worth). The price: if the client dies, the messages of its
-    last few seconds count as unread and are shown again by its next run.
-    None is lost.
-    """
-
-    INTERVAL = 5.0  # seconds between MarkReads, on average
-
-    @classmethod
-    def pause(cls):
-        """INTERVAL, give or take half. Every client gets a message at
-        about the same moment: with a fixed pause, all 1,000 would confirm
-        it together too and stall the server. Random pauses spread them."""
-        return cls.INTERVAL * (0.5 + random.random())
-
-    def __init__(self, stub, client_id, metadata):
-        super().__init__(stub, client_id, metadata)
-        self._timer = None     # plans the next MarkRead
-        self._leaving = False  # flush() was called: confirm at once
-
-    def _start(self):
-        """Instead of a MarkRead now, plan one for after a pause (unless
-        one is planned already, or we are leaving). Hold the lock."""
-        if self._leaving:
-            return super()._start()
-        if self._timer is None and self._received > self._confirmed:
-            self._timer = threading.Timer(self.pause(), self._due)
-            self._timer.daemon = True
-            self._timer.start()
-        return None
-
-    def _due(self):
-        """Runs on the timer's thread when the pause is over."""
-        with self._changed:
-            self._timer = None
-            call = super()._start()
-        self._watch(call)
-
-    def flush(self, timeout):
-        with self._changed:
-            self._leaving = True
-            if self._timer is not None:
-                self._timer.cancel()
-        super().flush(timeout)
-
-
 # Part II: for a thousand members --------------------------------------------
 #
 # Part I is the whole chat, and keeps every promise. What follows lets one
@@ -2951,6 +2895,62 @@ class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
 
 
 PART_TWO = (BatchedReadsStore, ThousandMemberServicer)  # for serve()
+
+
+# Part II, the client: read receipts for a thousand members -----------------
+
+
+class ThrottledReadReceipts(ReadReceipts):
+    """ReadReceipts that confirm about once every 5 seconds, not after each
+    batch of messages.
+
+    What it buys: in a room of 1,000 members, Part I's receipts are up to
+    one MarkRead per member for each message: at 20 messages a second, up
+    to 20,000 calls a second for the server. These are 200 small calls a
+    second, however busy the room is (README's Performance section has
+    what that is worth). The price: if the client dies, the messages of its
+    last few seconds count as unread and are shown again by its next run.
+    None is lost.
+    """
+
+    INTERVAL = 5.0  # seconds between MarkReads, on average
+
+    @classmethod
+    def pause(cls):
+        """INTERVAL, give or take half. Every client gets a message at
+        about the same moment: with a fixed pause, all 1,000 would confirm
+        it together too and stall the server. Random pauses spread them."""
+        return cls.INTERVAL * (0.5 + random.random())
+
+    def __init__(self, stub, client_id, metadata):
+        super().__init__(stub, client_id, metadata)
+        self._timer = None     # plans the next MarkRead
+        self._leaving = False  # flush() was called: confirm at once
+
+    def _start(self):
+        """Instead of a MarkRead now, plan one for after a pause (unless
+        one is planned already, or we are leaving). Hold the lock."""
+        if self._leaving:
+            return super()._start()
+        if self._timer is None and self._received > self._confirmed:
+            self._timer = threading.Timer(self.pause(), self._due)
+            self._timer.daemon = True
+            self._timer.start()
+        return None
+
+    def _due(self):
+        """Runs on the timer's thread when the pause is over."""
+        with self._changed:
+            self._timer = None
+            call = super()._start()
+        self._watch(call)
+
+    def flush(self, timeout):
+        with self._changed:
+            self._leaving = True
+            if self._timer is not None:
+                self._timer.cancel()
+        super().flush(timeout)
 
 
 # 10. main(argv) --------------------------------------------------------------
