@@ -118,6 +118,14 @@ from google.protobuf.message import DecodeError  # noqa: E402
 log = logging.getLogger("chat")
 
 
+# Part I: the chat ==========================================================
+#
+# Every section in its plainest correct form: a reader who stops at Part II
+# holds a complete chat that keeps every promise in README. Code that is
+# there only because a promise needs it against careless or hostile clients
+# says "Hardening".
+
+
 # 1. The vocabulary ---------------------------------------------------------
 #
 # protos_and_services() runs protoc inside this process (it needs the
@@ -2632,7 +2640,7 @@ def run_window(args, root):
     return window.exit_status
 
 
-# Part II: for a thousand members --------------------------------------------
+# Part II: for a thousand members ==========================================
 #
 # Part I is the whole chat, and keeps every promise. What follows lets one
 # server keep up with a thousand members online. Each optimization is a
