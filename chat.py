@@ -29,7 +29,11 @@ The path of alice's "hi", hop by hop, with each hop's section:
   server  ChatRoomServicer.MarkRead      Store.mark_read: 7 is read now    5
 
 Had bob been online, Hub.publish would have put "hi" in his Session's
-queue, and his Join's live loop would have written it to his stream.
+queue, and his Join's live loop would have written it to his stream. This
+is Part I's path (`--plain`). By default Part II changes three hops:
+RoundsHub.publish hands "hi" out at the hub's next round,
+ThrottledReadReceipts sends the MarkRead 2.5 to 7.5 s later, and
+BatchedReadsStore saves the read position within a second.
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -49,24 +53,26 @@ Part I, the chat (a complete chat that keeps every promise in README):
 
 Part II, for a thousand members: each measured optimization as a small
 subclass of a Part I class, in the way socketserver's ThreadingMixIn
-changes its server. The server and the client use them by default;
-`--plain` runs Part I alone.
+changes its server: CoalescingSession, RoundsHub, BatchedReadsStore and
+BatchedPresence for the server, then ThrottledReadReceipts for the client.
+They are used by default; `server --plain` and `client --plain` run Part I
+alone.
 
    10. main(argv)          the command line, and the demo
 
 Where each gRPC lesson is taught:
 
     channels and their states          section 7's top; open_channel
-    stubs and multicallables           section 7's top; ChatClient.__init__
+    stubs and multicallables           section 7's top
     completion queues and tags         section 6's top
-    the blocking call's own queue      section 7's top; ChatClient.send
+    the blocking call's own queue      section 7's top
     the channel's spin thread          section 7's top; ReadReceipts
     .future() and done-callbacks       ReadReceipts (_start, _watch, _done)
     the aio poller and the event loop  section 6's top
     streaming writes, flow control     ChatRoomServicer.Join; Session.close
-    status codes and abort             section 5's top; _refuse
+    status codes and abort             section 5's top; _refuse; RETRY
     metadata (the room password)       ChatClient.__init__; _check_password
-    deadlines and wait_for_ready       ChatClient.send; ChatClient._join
+    deadlines and wait_for_ready       SEND_TIMEOUT; ChatClient._join, _read
     keepalive, on both sides           server_options; CLIENT_OPTIONS
     cancellation                       ChatRoomServicer.Join; ChatClient.close
     TLS                                tls_credentials; open_channel
@@ -105,11 +111,12 @@ import time
 import uuid
 
 # gRPC's core (C++) writes its own log lines to stderr, e.g. "E1127
-# 12:00:00.000 ... ssl_transport_security.cc:1569] Invalid private key."
+# 12:00:00.000 ... ssl_transport_security.cc] Invalid private key."
 # What matters to a user reaches us as an exception or a status code, which
 # we turn into a sentence, so core stays quiet unless you set GRPC_VERBOSITY
 # yourself (GRPC_VERBOSITY=error shows its errors again). Core reads the
-# variable once, when grpc is imported: hence this line before the import.
+# variable early, once: setting it after `import grpc` has no effect (tried
+# with grpcio 1.85), hence this line before the import.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
@@ -169,10 +176,11 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 # while a megabyte of junk is cut off by gRPC itself. gRPC's default is 4 MiB.
 MAX_REQUEST_BYTES = 256 * 1024
 
-# How many events may wait in one member's queue on the server. A member
-# whose client stops reading falls behind; past this many, the server takes
-# it offline and drops its queue (it catches up from its read position when
-# it comes back) instead of letting the queue, and the server's memory, grow.
+# Hardening: how many events may wait in one member's queue on the server.
+# A member whose client stops reading falls behind; past this many, the
+# server takes it offline and drops its queue (it catches up from its read
+# position when it comes back) instead of letting the queue, and the
+# server's memory, grow.
 QUEUE_LIMIT = 1000
 
 
@@ -226,9 +234,11 @@ def text_problem(text):
 # synchronous=NORMAL it would survive the kill but not the power cut.)
 #
 # The store is called straight from the event loop, with no thread in
-# between: each call is a fraction of a millisecond on a local disk, and
-# running them in order on one thread is what keeps "commit, then fan out"
-# in seq order without any locks.
+# between. A read takes a fraction of a millisecond; a commit waits for its
+# fsync (about a millisecond on an SSD, more on a spinning disk), and the
+# loop waits with it. That is the price of the plainest design: running the
+# calls in order on one thread is what keeps "commit, then fan out" in seq
+# order without any locks.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -478,7 +488,7 @@ class Hub:
                 asyncio.get_running_loop().call_soon(self.too_slow, session)
 
 
-# 5. The servicer ---------------------------------------------------------------
+# 5. The servicer -----------------------------------------------------------
 #
 # One method per RPC in chat.proto, named as there. Each runs as a coroutine
 # on the event loop. A refusal is `await context.abort(code, sentence)`,
@@ -492,7 +502,8 @@ class Hub:
 
 
 class TokenBucket:
-    """Allows `rate` events a second on average, and bursts of `burst`."""
+    """Hardening (flood control): allows `rate` events a second on
+    average, and bursts of `burst`."""
 
     def __init__(self, rate, burst):
         self.rate, self.burst = rate, burst
@@ -570,7 +581,8 @@ class ChatRoomServicer:
         except asyncio.CancelledError:
             # On the server, a cancelled call means the client left (it
             # cancelled, closed its channel, or its connection dropped), or
-            # Session.close ended this stream. In the second case the client
+            # server.stop() ran out of grace, or Session.close ended this
+            # stream. In the second case the client
             # is still there and deserves to know why. task.cancel() raises
             # CancelledError once; having caught it, the handler may still
             # await: abort() sends the status and raises to end the handler.
@@ -711,7 +723,8 @@ class ChatRoomServicer:
     # -- helpers --
 
     async def _check_password(self, context):
-        """Refuse a call without the room's password (UNAUTHENTICATED)."""
+        """Hardening: refuse a call without the room's password
+        (UNAUTHENTICATED)."""
         if self.password is None:
             return
         given = dict(context.invocation_metadata()).get(PASSWORD_KEY, "")
@@ -776,6 +789,7 @@ class ChatRoomServicer:
         self.hub.publish(to_event(stored), skip={stored.sender_id})
 
     def _too_slow(self, session):
+        """Hardening: a member whose queue is full (QUEUE_LIMIT) goes."""
         if session.closing:
             return  # its queue was found full more than once
         log.warning("%s (%s) fell %d events behind; disconnecting it",
@@ -812,12 +826,12 @@ class ChatRoomServicer:
 # core posts an event {tag, success} to a completion queue (CQ). grpc.aio
 # keeps one CQ for the whole process:
 #
-#     core's threads (C++)      poller thread (Python, GIL released)     event loop
-#     --------------------      -------------------------------------     ----------
-#     read sockets,       -->   grpc_completion_queue_next() -> event -->  socketpair
-#     finish batches            writes 1 byte to wake the loop             readable:
-#                                                                          tag's Future
-#                                                                          .set_result()
+#   core's threads (C++)   poller thread (GIL released)   event loop
+#   --------------------   ----------------------------   ----------------
+#   read sockets,     -->  grpc_completion_queue_next()   socketpair
+#   finish batches         -> event; writes 1 byte  --->  readable: the
+#                          to wake the loop               tag's Future
+#                                                         .set_result()
 #
 # Every `await` on a gRPC operation (context.write, reading a request, ...)
 # starts a batch whose tag wraps an asyncio Future, and then awaits that
@@ -847,8 +861,8 @@ def server_options(keepalive):
     in which it received nothing from it; ours ping every 20 s (section 7),
     so the server pings one only once it has vanished. A ping unanswered
     within grpc.http2.ping_timeout_ms closes the connection, ending the
-    Join stream. In grpcio 1.85 the timer of grpc.keepalive_timeout_ms is
-    never armed, so ping_timeout_ms is the deadline that counts;
+    Join stream. grpc.keepalive_timeout_ms alone does not drop a silent
+    peer: ping_timeout_ms is the deadline that counts, and
     keepalive_timeout_ms becomes the socket's TCP_USER_TIMEOUT, which
     closes a connection whose sent bytes stay unacknowledged that long.
     """
@@ -870,7 +884,7 @@ def server_options(keepalive):
         # hold while the client has no call open (else: 2 hours). The client
         # keeps a second, separate counter, max_pings_without_data (pings it
         # sent with no data): section 7 sets it to 0 so that ours keeps
-        # pinging.
+        # pinging every 20 s instead of once a minute.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # grpcio sets SO_REUSEPORT by default, so a second server on our
@@ -881,15 +895,15 @@ def server_options(keepalive):
 
 
 def chat_room_handlers(servicer):
-    """Our RPCs as gRPC method handlers, by method name: what the generated
-    services.add_ChatRoomServicer_to_server() sets up, written out by hand
-    for two changes:
+    """Our RPCs as gRPC method handlers, by method name: the registered
+    part of what the generated services.add_ChatRoomServicer_to_server()
+    sets up, written out by hand for two changes:
       * Join has no response serializer. The hub serializes each event once
         (section 4), and gRPC then sends those bytes as they are.
       * Hardening: no method has a request deserializer; each gets the raw
-        bytes and parses them itself (parsed_as). Given a request that does not parse
-        (say, a string field that is not UTF-8), gRPC's own deserializer
-        would log a traceback and answer UNKNOWN. We answer
+        bytes and parses them itself (parsed_as). Given a request that does
+        not parse (say, a string field that is not UTF-8), gRPC's own
+        deserializer would log a traceback and answer UNKNOWN. We answer
         INVALID_ARGUMENT, with a sentence.
     """
     return {
@@ -958,7 +972,7 @@ def check_tls_files(cert_flag, cert, key=None):
 
 
 def tls_credentials(args):
-    """The server's certificate and private key, for TLS."""
+    """Hardening: the server's certificate and private key, for TLS."""
     check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
     with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
@@ -1062,7 +1076,8 @@ async def serve(args):
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
     server = grpc.aio.server(options=server_options(args.keepalive))
-    # Registered methods, as the generated code registers them: core knows
+    # Registered methods (the generated code adds the same handlers as
+    # generic ones too; we need only these): core knows
     # their names in advance, and grpc.aio keeps one request for a new call
     # pending per registered method (plus one for all unregistered ones), so
     # a Send does not wait in line behind MarkReads for its turn to get in.
@@ -1101,7 +1116,7 @@ async def shut_down(server, servicer):
     await server.stop(grace=3)
 
 
-# 7. The client -----------------------------------------------------------------
+# 7. The client -------------------------------------------------------------
 #
 # A channel is a virtual connection to a target: a name such as
 # "localhost:50051", which may resolve to several addresses. The channel
@@ -1184,14 +1199,15 @@ def open_channel(target, tls_ca=None):
 # Status codes after which the client tries again rather than gives up.
 #   UNAVAILABLE: the server is down or restarting, or the network dropped.
 #   RESOURCE_EXHAUSTED on a running stream: we fell behind; the server
-#     closed our stream and we catch up from where we are.
+#     closed our stream and we catch up from where we are. On a Send: too
+#     fast for the server's --rate; wait, then resend the same message_id.
 #   DEADLINE_EXCEEDED on a Send: no answer in time, so we cannot know if it
 #     was stored; the retry carries the same message_id, so at most one copy.
 #   FAILED_PRECONDITION on a Send: "not online": the server restarted and our
 #     Join has not been redone yet.
-#   CANCELLED: here, on the client, not by us (we check for that first), so
-#     a busy server shed the call: a gRPC server that cannot accept calls as
-#     fast as they come cancels some. (On the server, CANCELLED means the
+#   CANCELLED: here, on the client, not by us (we check for that first): in
+#     practice a server that could not accept the call in time (seen with
+#     thousands of Joins at once). (On the server, CANCELLED means the
 #     opposite side: the client left.)
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -1219,7 +1235,7 @@ class ReadReceipts:
     one MarkRead is on its way; when it completes, _done() sends the next
     if more arrived meanwhile. One that fails (the server is away) is
     simply redone after the next message; and every Join records its
-    after_seq as read on the server anyway (joined()).
+    after_seq as read on the server anyway (ChatRoomServicer._read_up_to).
     """
 
     def __init__(self, stub, client_id, metadata):
@@ -1235,8 +1251,9 @@ class ReadReceipts:
 
     def joined(self, read_seq):
         """At each Welcome: the server now holds read_seq as our read
-        position. Normally that is the Join's own after_seq; it is lower
-        only if the server lost its history, whose seqs then start over."""
+        position. On the first Join that is the position the server stored;
+        on a resumed one, the Join's own after_seq, or lower if the server
+        lost its history, whose seqs then start over."""
         with self._changed:
             self._received = self._confirmed = read_seq
 
@@ -1600,7 +1617,7 @@ class Backoff:
         return wait
 
 
-# 8. The terminal client --------------------------------------------------------
+# 8. The terminal client ----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
 #   stdin   each line is one message; "/quit" or end of input leaves once
@@ -1610,8 +1627,8 @@ class Backoff:
 #   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
-#           refuses the join or cannot be reached, or when Ctrl-C leaves
-#           messages unsent.
+#           refuses the join, cannot be reached or closes the session, or
+#           when Ctrl-C leaves messages unsent.
 # Three threads: the stdin thread reads lines, runs commands at once and
 # queues messages; the main thread sends the messages, in order, each one
 # once the last is stored; ChatClient's receive thread prints what arrives.
@@ -1950,10 +1967,11 @@ class TerminalClient:
         print(text, file=sys.stderr, flush=True)
 
 
-# 9. The window -------------------------------------------------------------------
+# 9. The window -------------------------------------------------------------
 #
 # Tk's rule: only the thread that runs the mainloop (the main thread) may
-# touch widgets. _tkinter does pass calls from other threads over to it, but
+# touch widgets. _tkinter (with a threaded Tcl, as in almost every build)
+# does pass calls from other threads over to it, but
 # then the other thread waits until the main thread gets round to them, and
 # before or after the mainloop such a call fails with "main thread is not in
 # main loop". gRPC's threads and ours would stall, or fail while the window
@@ -1965,19 +1983,19 @@ class TerminalClient:
 #     inbox.put(item)                  (createfilehandler); when it is
 #     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
 #
-# Tk's mainloop sleeps in select() on its connection to the display and on
-# every file given to createfilehandler, so a byte in the pipe wakes it as
-# a key press would. It is the trick grpc.aio uses to wake its event loop
-# (section 6), where the byte goes over a socketpair. Nothing runs while
-# nothing happens; no timer polls the queue. (Windows has no Tk file
-# handlers; there, and only there, the window checks the queue every
+# Tcl watches (select()) its connection to the display and every file given
+# to createfilehandler while the mainloop waits, so a byte in the pipe
+# wakes it as a key press would. It is the trick grpc.aio uses to wake its
+# event loop (section 6), where the byte goes over a socketpair. Nothing
+# runs while nothing happens; no timer polls the queue. (Windows has no Tk
+# file handlers; there, and only there, the window checks the queue every
 # 100 ms instead.) Ctrl-C in the terminal comes in through a pipe of the
 # same kind (quit_on_signals). Sends go the other way, to a sender thread
 # through `outbox`, because ChatClient.send() blocks for a round trip, or
 # for as long as the server is away, and the window must never freeze.
 #
 # Test hook: with CHAT_TRACE=1 in the environment, the window also prints
-# what it shows to stderr ("tk: message bob: hi", "tk: status ..."), so
+# what it shows to stderr ("tk: message alice: hi new", "tk: status ..."), so
 # test_chat.py can check what a user would see.
 
 try:
@@ -2659,9 +2677,9 @@ class CoalescingSession(Session):
     """Each write carries every event waiting in the queue, up to MAX_BATCH,
     not one: a write costs the loop about as much for ten messages as for
     one (a gRPC batch, its completion, an HTTP/2 frame, a sendmsg()).
-    With RoundsHub, ten senders as fast as they can reach 1,000 members
-    faster than the baseline, up to 8 times as fast, where Part I keeps
-    pace with it (bench.py --senders 10 --rate 0; README has the runs)."""
+    With RoundsHub, ten senders at full speed reach 1,000 members faster
+    than the bare baseline, where Part I only keeps pace with it (bench.py
+    --senders 10 --rate 0; README's Performance section has the runs)."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
 
