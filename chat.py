@@ -322,7 +322,8 @@ class Store:
         self.names[client_id] = name
 
     def append(self, sender_id, sender_name, text, message_id):
-        """Store a message; return (Stored, is_new).
+        """Store a message; return (Stored, is_new). (alice's "hi" is
+        committed here and gets its seq, 7.)
 
         A retried Send carries the message_id of the first attempt. If that
         attempt was stored, return the stored row and is_new=False, so the
@@ -923,7 +924,8 @@ def chat_room_handlers(servicer):
 
 def parsed_as(request_class, method):
     """Wrap an RPC method so that it receives raw bytes, parses them as
-    request_class, and refuses bytes that do not parse."""
+    request_class, and refuses bytes that do not parse. (alice's Send of
+    "hi" arrives here as bytes, and reaches ChatRoomServicer.Send parsed.)"""
     async def handler(raw, context):
         try:
             request = request_class.FromString(raw)
