@@ -52,7 +52,7 @@ Part I, the chat (a complete chat that keeps every promise in README):
     9. The window          the Tk client: threads and Tk, without polling
 
 Part II, for a thousand members: each measured optimization as a small
-subclass of a Part I class, in the way socketserver's ThreadingMixIn
+subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
 changes its server: CoalescingSession, RoundsHub, BatchedReadsStore and
 BatchedPresence for the server, then ThrottledReadReceipts for the client.
 They are used by default; `server --plain` and `client --plain` run Part I
@@ -2668,7 +2668,7 @@ def run_window(args, root):
 #
 # Part I is the whole chat, and keeps every promise. What follows lets one
 # server keep up with a thousand members online. Each optimization is a
-# small subclass of a Part I class, the way socketserver's ThreadingMixIn
+# small subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
 # changes its TCPServer, and opens with what it buys. `python chat.py
 # server` uses them all; `server --plain` runs Part I alone, and the tests
 # run every promise against both. README's Performance section compares the
@@ -3116,7 +3116,8 @@ def build_parser():
                         type=valid_id, help="your member id: 1 to 32 "
                         "letters, digits, _ . or -, e.g. 1")
     client.add_argument("--name", type=display_name,
-                        help="display name (default: your id)")
+                        help="display name (default: the name the server "
+                        "remembers for your id, else the id)")
     client.add_argument("--server", default="127.0.0.1:50051",
                         metavar="HOST:PORT", type=server_address,
                         help="HOST:PORT of the chat server "
