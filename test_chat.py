@@ -153,9 +153,10 @@ class ChatTestCase(unittest.TestCase):
         server.address = line.split()[-1]
         return server
 
-    def start_client(self, server, client_id, name, expect_join=True):
+    def start_client(self, server, client_id, name, *flags,
+                     expect_join=True):
         client = self.start("client", "--no-gui", "--server", server.address,
-                            "--id", client_id, "--name", name)
+                            "--id", client_id, "--name", name, *flags)
         if expect_join:
             client.wait_for(r"^connected to ")
         return client
@@ -175,6 +176,20 @@ class ChatTestCase(unittest.TestCase):
             if event.HasField("caught_up"):
                 return call
         self.fail("Join ended before CaughtUp")
+
+    def assertShutOut(self, stub, client_id, code):
+        """Every RPC from client_id is refused with code."""
+        join = pb.JoinRequest(client_id=client_id)
+        self.assertRefused(code, lambda timeout: list(
+            stub.Join(join, timeout=timeout)))
+        for call, request in (
+                (stub.Send, pb.SendRequest(client_id=client_id,
+                                           text="let me in")),
+                (stub.MarkRead, pb.MarkReadRequest(client_id=client_id,
+                                                   up_to_seq=1)),
+                (stub.ListMembers, pb.ListMembersRequest(
+                    client_id=client_id))):
+            self.assertRefused(code, call, request)
 
     def assertRefused(self, code, call, *args):
         with self.assertRaises(grpc.RpcError) as caught:
@@ -233,24 +248,16 @@ class JoinAndUnreadTest(ChatTestCase):
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice|1: hi", stream="stdout")
 
-    def start_plain_client(self, address, client_id, name):
-        """client --plain: Part I's read receipts, one MarkRead after each
-        batch of messages."""
-        client = self.start("client", "--no-gui", "--plain", "--server",
-                            address, "--id", client_id, "--name", name)
-        client.wait_for(r"^connected to ")
-        return client
-
     def test_plain_client_confirms_what_it_read(self):
         server = self.start_server("--members", "1,2")
         alice = self.start_client(server, "1", "alice")
-        bob = self.start_plain_client(server.address, "2", "bob")
+        bob = self.start_client(server, "2", "bob", "--plain")
         alice.type("hi", "how are you?")
         bob.wait_for("alice: how are you?", stream="stdout")
         self.assertEqual(bob.finish(), 0)  # once its last MarkRead is in
         alice.type("are you there?")
         self.assertEqual(alice.finish(), 0)
-        bob = self.start_plain_client(server.address, "2", "bob")
+        bob = self.start_client(server, "2", "bob", "--plain")
         bob.wait_for(r"1 unread message;")
         self.assertEqual(bob.finish(), 0)
         self.assertEqual(texts(bob), ["alice: are you there?"])
@@ -261,7 +268,7 @@ class JoinAndUnreadTest(ChatTestCase):
         self.raw_join(stub, "1", "alice")
         proxy = Proxy(server.address)
         self.addCleanup(proxy.close)
-        bob = self.start_plain_client(proxy.address, "2", "bob")
+        bob = self.start_client(Named(proxy.address), "2", "bob", "--plain")
 
         def send(text):
             stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
@@ -274,7 +281,7 @@ class JoinAndUnreadTest(ChatTestCase):
         send("are you there?")
         bob.popen.kill()
         bob.wait()
-        bob = self.start_plain_client(server.address, "2", "bob")
+        bob = self.start_client(server, "2", "bob", "--plain")
         bob.wait_for(r"1 unread message;")
         bob.wait_for("alice: are you there?", stream="stdout")
         self.assertEqual(bob.finish(), 0)
@@ -488,17 +495,8 @@ class WhoMayJoinTest(ChatTestCase):
         self.assertEqual(eve.finish(), 1)
         self.assertEqual(eve.output(), [])
         self.assertRegex(eve.output("stderr")[-1], "not a member")
-        stub = self.stub(server)
-        join = stub.Join(pb.JoinRequest(client_id="9"))
-        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
-                           lambda timeout: list(join))
-        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, stub.Send,
-                           pb.SendRequest(client_id="9", text="let me in"))
-        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, stub.MarkRead,
-                           pb.MarkReadRequest(client_id="9", up_to_seq=1))
-        self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
-                           stub.ListMembers,
-                           pb.ListMembersRequest(client_id="9"))
+        self.assertShutOut(self.stub(server), "9",
+                           grpc.StatusCode.PERMISSION_DENIED)
 
     def test_full_room_refuses_until_someone_leaves(self):
         server = self.start_server("--max-clients", "2")
@@ -562,21 +560,6 @@ class WhoMayJoinTest(ChatTestCase):
             self.assertEqual(server.wait(), 0)
             return self.start_server(*args)
 
-        def assertShutOut(client_id):
-            stub = self.stub(server)
-            join = stub.Join(pb.JoinRequest(client_id=client_id))
-            self.assertRefused(grpc.StatusCode.PERMISSION_DENIED,
-                               lambda timeout: list(join))
-            for call, request in (
-                    (stub.Send, pb.SendRequest(client_id=client_id,
-                                               text="let me in")),
-                    (stub.MarkRead, pb.MarkReadRequest(client_id=client_id,
-                                                       up_to_seq=1)),
-                    (stub.ListMembers, pb.ListMembersRequest(
-                        client_id=client_id))):
-                self.assertRefused(grpc.StatusCode.PERMISSION_DENIED, call,
-                                   request)
-
         server = self.start_server()  # open room
         server.wait_for("open room: any id may join")
         stub = self.stub(server)
@@ -584,7 +567,8 @@ class WhoMayJoinTest(ChatTestCase):
         stub.Send(pb.SendRequest(client_id="9", text="hi"), timeout=WAIT)
         server = restart("--members", "1,2,3")
         server.wait_for("only ids 1, 2, 3 may join")
-        assertShutOut("9")
+        self.assertShutOut(self.stub(server), "9",
+                           grpc.StatusCode.PERMISSION_DENIED)
         alice = self.start_client(server, "1", "alice")
         alice.wait_for("eve: hi", stream="stdout")
         listed = self.stub(server).ListMembers(
@@ -593,7 +577,8 @@ class WhoMayJoinTest(ChatTestCase):
                          [("1", "alice"), ("2", "2"), ("3", "3")])
         self.assertEqual(alice.finish(), 0)
         server = restart("--members", "1,2")
-        assertShutOut("3")
+        self.assertShutOut(self.stub(server), "3",
+                           grpc.StatusCode.PERMISSION_DENIED)
 
 
 class CrashAndRestartTest(ChatTestCase):
@@ -1037,14 +1022,7 @@ class FaultTest(ChatTestCase):
             self.assertRegex(refused.output("stderr")[-1],
                              "UNAUTHENTICATED|password")
         stub = self.stub(server)
-        for call, request in (
-                (stub.Send, pb.SendRequest(client_id="1", text="hi")),
-                (stub.MarkRead, pb.MarkReadRequest(client_id="1")),
-                (stub.ListMembers, pb.ListMembersRequest(client_id="1"))):
-            self.assertRefused(grpc.StatusCode.UNAUTHENTICATED, call, request)
-        join = stub.Join(pb.JoinRequest(client_id="1"))
-        self.assertRefused(grpc.StatusCode.UNAUTHENTICATED,
-                           lambda timeout: list(join))
+        self.assertShutOut(stub, "1", grpc.StatusCode.UNAUTHENTICATED)
         alice = self.start("client", "--no-gui", "--id", "1", "--name",
                            "alice", "--server", server.address, env=env)
         bob = self.start("client", "--no-gui", "--id", "2", "--name", "bob",
