@@ -24,14 +24,14 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import tempfile
 import time
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
-from chat import (PASSWORD_KEY, RETRY, Refused, ServerProcess, join_refusal,
-                  listen, pb, server_options, services, until_stopped)
+from chat import (RETRY, Refused, ServerProcess, ThrottledReadReceipts,
+                  join_refusal, listen, password_metadata, pb,
+                  server_options, services, until_stopped)
 
 import grpc  # noqa: E402  (after chat, see above)
 
@@ -158,8 +158,7 @@ class Bench:
         self.expected = self.messages * (self.clients - 1)
         self.failure = None  # why a member's stream ended, if one did
         self.shown = False   # a progress line is on stderr
-        password = os.environ.get("CHAT_PASSWORD")
-        self.metadata = ((PASSWORD_KEY, password),) if password else ()
+        self.metadata = password_metadata(os.environ.get("CHAT_PASSWORD"))
 
     async def run(self):
         """Join everyone, send, wait for every delivery; then, if we
@@ -283,9 +282,13 @@ class Bench:
         try:
             async for event in call:
                 self._arrived(stubs[index], index, event)
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:  # not by us
-                self._fail(self._why_lost(index, error))
+            error = None  # the server ended it with OK
+        except grpc.aio.AioRpcError as rpc_error:
+            error = rpc_error
+        # Our own cancel raises CancelledError, not AioRpcError, and does not
+        # get here: any end of the stream that gets here is a failure. (A
+        # CANCELLED from the server is one too: it shed the call.)
+        self._fail(self._why_lost(index, error))
 
     def _arrived(self, stub, index, event):
         """Note each message's latency and number, and plan a MarkRead."""
@@ -312,7 +315,7 @@ class Bench:
             return
         self.confirming[index] = True
         self.timers.append(asyncio.get_running_loop().call_later(
-            random.uniform(2.5, 7.5), lambda: self.tasks.add(
+            ThrottledReadReceipts.pause(), lambda: self.tasks.add(
                 asyncio.create_task(self._confirm(stub, index)))))
 
     async def _confirm(self, stub, index):
@@ -327,10 +330,11 @@ class Bench:
         self.tasks.discard(asyncio.current_task())
 
     def _why_lost(self, index, error):
-        """A sentence for a member's stream that ended."""
-        if index in self.caught_up:
-            return (f"member {self.ids[index]} lost its stream: "
-                    f"{error.details()}")
+        """A sentence for a member's stream that ended (error None: with
+        OK)."""
+        if error is None or index in self.caught_up:
+            why = error.details() if error else "the server ended it"
+            return f"member {self.ids[index]} lost its stream: {why}"
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             return join_refusal(Refused(error.code(), error.details()),
                                 self.target)

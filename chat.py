@@ -164,6 +164,11 @@ MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
 # variable CHAT_PASSWORD, never from the command line, where `ps` shows it.
 PASSWORD_KEY = "chat-password"
 
+
+def password_metadata(password):
+    """The call metadata that carries the room password (none without one)."""
+    return ((PASSWORD_KEY, password),) if password else ()
+
 # Flood control: each member may send RATE messages a second on average,
 # and bursts of twice that (server --rate; 0 turns it off).
 RATE = 20
@@ -1344,7 +1349,7 @@ class ChatClient:
         self.stub = services.ChatRoomStub(self.channel)
         # Call metadata: key/value pairs sent with a call, like HTTP headers
         # (keys must be lowercase). Every call carries the room password.
-        self.metadata = ((PASSWORD_KEY, password),) if password else ()
+        self.metadata = password_metadata(password)
         self.receipts = receipts(self.stub, client_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
         self.joined = False     # a Welcome came: later Joins resume
@@ -2631,7 +2636,7 @@ def remembered_name(args, password):
     try:
         members = services.ChatRoomStub(channel).ListMembers(
             pb.ListMembersRequest(client_id=args.client_id), timeout=1,
-            metadata=((PASSWORD_KEY, password),) if password else ()).members
+            metadata=password_metadata(password)).members
     except grpc.RpcError:
         members = []
     finally:
