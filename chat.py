@@ -110,13 +110,11 @@ import threading
 import time
 import uuid
 
-# gRPC's core (C++) writes its own log lines to stderr, e.g. "E1127
-# 12:00:00.000 ... ssl_transport_security.cc] Invalid private key."
-# What matters to a user reaches us as an exception or a status code, which
-# we turn into a sentence, so core stays quiet unless you set GRPC_VERBOSITY
-# yourself (GRPC_VERBOSITY=error shows its errors again). Core reads the
-# variable early, once: setting it after `import grpc` has no effect (tried
-# with grpcio 1.85), hence this line before the import.
+# gRPC's core (C++) logs to stderr on its own ("E1127 12:00:00.000 ...
+# Invalid private key."). What matters to a user reaches us as an exception
+# or a status code, which we turn into a sentence, so core stays quiet unless
+# you set GRPC_VERBOSITY (=error shows its errors). Core reads it once,
+# early: after `import grpc` it is too late, hence this line before it.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
@@ -128,31 +126,31 @@ log = logging.getLogger("chat")
 # Part I: the chat ==========================================================
 #
 # Every section in its plainest correct form: a reader who stops at Part II
-# holds a complete chat that keeps every promise in README. Code that is
-# there only because a promise needs it against careless or hostile clients
-# says "Hardening".
+# holds a complete chat that keeps every promise in README. Code there only
+# because a promise needs it against careless or hostile clients says
+# "Hardening": the room password, flood control (TokenBucket), the queue
+# limit (_too_slow), requests that do not parse and TLS (section 6), and
+# keepalive (server_options).
 
 
 # 1. The vocabulary ---------------------------------------------------------
 #
-# protos_and_services() runs protoc inside this process (it needs the
-# grpcio-tools package) and returns two modules, the same ones that
-# `python -m grpc_tools.protoc` would write to chat_pb2.py and
-# chat_pb2_grpc.py:
+# protos_and_services() runs protoc inside this process (it needs
+# grpcio-tools) and returns the two modules that `python -m grpc_tools.protoc`
+# would write to chat_pb2.py and chat_pb2_grpc.py:
 #   pb        the message classes: pb.JoinRequest, pb.Event, ...
-#   services  the service glue, built on pb's classes: ChatRoomStub
-#             (client side) and add_ChatRoomServicer_to_server (server side).
-# The path is looked up relative to each entry of sys.path. When you run
-# `python chat.py`, sys.path[0] is the folder that holds chat.py, so this
-# works from any working directory.
+#   services  ChatRoomStub (client side), add_ChatRoomServicer_to_server
+#             (server side).
+# The path is looked up on sys.path, whose first entry is chat.py's folder,
+# so this works from any working directory.
 pb, services = grpc.protos_and_services("chat.proto")
 
 
 # 2. The rules ----------------------------------------------------------------
 #
-# Both sides use these checks: the server to refuse bad input with
-# INVALID_ARGUMENT and a sentence, the clients to explain a refusal before
-# they even send. The server is the one that counts: a client can be anything.
+# Both sides use these checks: the server refuses bad input with
+# INVALID_ARGUMENT and a sentence, a client explains it before sending. Only
+# the server's check counts: a client can be anything.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
@@ -174,18 +172,16 @@ def password_metadata(password):
 RATE = 20
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
-# The largest request the server will even read. gRPC checks this before our
-# code runs and answers RESOURCE_EXHAUSTED ("Received message larger than
-# max"). It is far above MAX_TEXT_CHARS (4,000 characters are at most 16 KB
-# of UTF-8), so an oversized message still gets our own, clearer sentence,
-# while a megabyte of junk is cut off by gRPC itself. gRPC's default is 4 MiB.
+# The largest request the server reads at all (gRPC's default: 4 MiB). gRPC
+# refuses a bigger one before our code runs, with RESOURCE_EXHAUSTED
+# "Received message larger than max". Far above MAX_TEXT_CHARS (at most
+# 16 KB of UTF-8), so an oversized message still gets our clearer sentence.
 MAX_REQUEST_BYTES = 256 * 1024
 
 # Hardening: how many events may wait in one member's queue on the server.
-# A member whose client stops reading falls behind; past this many, the
-# server takes it offline and drops its queue (it catches up from its read
-# position when it comes back) instead of letting the queue, and the
-# server's memory, grow.
+# Past this many (its client stopped reading), the member is taken offline
+# and its queue dropped, so the server's memory cannot grow without bound;
+# it catches up from its read position when it comes back.
 QUEUE_LIMIT = 1000
 
 
@@ -227,23 +223,21 @@ def text_problem(text):
 # 3. The store ----------------------------------------------------------------
 #
 # Everything that must survive a restart lives in one SQLite file:
-#   messages  the history; the INTEGER PRIMARY KEY is the seq, so SQLite hands
-#             out the room's single total order for free.
+#   messages  the history; its INTEGER PRIMARY KEY is the seq, so SQLite
+#             hands out the room's single total order.
 #   members   each member's last name and read position (read_seq).
 #
-# Durability: Send answers only after the INSERT has committed, MarkRead
-# only after the UPDATE has. WAL mode
-# appends each commit to chat.db-wal, and synchronous=FULL makes SQLite
-# fsync that file before the commit returns, so an acknowledged message
-# survives `kill -9` of the server and even a power cut. (With
-# synchronous=NORMAL it would survive the kill but not the power cut.)
+# Durability: Send answers only after its INSERT has committed, MarkRead
+# after its UPDATE. WAL mode appends each commit to chat.db-wal, and
+# synchronous=FULL fsyncs that file before the commit returns, so an
+# acknowledged message survives `kill -9` of the server and even a power
+# cut (NORMAL would survive only the kill).
 #
-# The store is called straight from the event loop, with no thread in
-# between. A read takes a fraction of a millisecond; a commit waits for its
-# fsync (about a millisecond on an SSD, more on a spinning disk), and the
-# loop waits with it. That is the price of the plainest design: running the
-# calls in order on one thread is what keeps "commit, then fan out" in seq
-# order without any locks.
+# The store is called straight from the event loop. A read takes a fraction
+# of a millisecond; a commit waits for its fsync (about 1 ms on an SSD, more
+# on a spinning disk), and the loop waits with it. That is the price of the
+# plainest design: calls run in order on one thread, which keeps "commit,
+# then fan out" in seq order without any locks.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -274,7 +268,6 @@ class Stored:
     sent_at_us: int
 
 
-# The columns to SELECT for a Stored, in the order Stored(*row) expects.
 STORED_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Stored))
 
 
@@ -303,13 +296,10 @@ class Store:
                 raise StoreLocked(f"{path} is in use by another chat server")
             raise
         self.db.execute("PRAGMA synchronous = FULL")
-        # Everyone who has ever joined: id -> the name it used last, in the
-        # order they first joined. Kept in memory too, because every Join
-        # lists the room's members with their names.
+        # Kept in memory too, as every Join needs them: everyone who ever
+        # joined (id -> last name, in order of first join), and the last seq.
         self.names = dict(self.db.execute(
             "SELECT id, name FROM members ORDER BY rowid"))
-        # The highest seq stored so far (0 for an empty room), kept here
-        # because Join and MarkRead need it all the time.
         self.last_seq = self.db.execute(
             "SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
 
@@ -335,12 +325,10 @@ class Store:
         caller neither stores nor fans out a second copy.
         """
         if message_id:
-            row = self.db.execute(
-                f"SELECT {STORED_COLUMNS} "
-                "FROM messages WHERE sender_id = ? AND message_id = ?",
-                (sender_id, message_id)).fetchone()
-            if row:
-                return Stored(*row), False
+            copies = self._select("sender_id = ? AND message_id = ?",
+                                  (sender_id, message_id))
+            if copies:
+                return copies[0], False
         sent_at_us = time.time_ns() // 1000
         cursor = self.db.execute(
             "INSERT INTO messages (sender_id, sender_name, text, sent_at_us, "
@@ -377,21 +365,21 @@ class Store:
 
     def recent(self, up_to_seq, limit):
         """The last limit messages up to up_to_seq, anyone's, oldest first."""
-        rows = self.db.execute(
-            f"SELECT {STORED_COLUMNS} "
-            "FROM messages WHERE seq <= ? ORDER BY seq DESC LIMIT ?",
-            (up_to_seq, limit)).fetchall()
-        return [Stored(*row) for row in reversed(rows)]
+        return self._select("seq <= ? ORDER BY seq DESC LIMIT ?",
+                            (up_to_seq, limit))[::-1]
 
     def messages_for(self, after_seq, up_to_seq, limit, skip_sender=None):
         """Up to limit messages in (after_seq, up_to_seq], oldest first,
         leaving out those of skip_sender (None: anyone's)."""
-        rows = self.db.execute(
-            f"SELECT {STORED_COLUMNS} "
-            "FROM messages WHERE seq > ? AND seq <= ? AND sender_id IS NOT ? "
-            "ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq, skip_sender, limit)).fetchall()
-        return [Stored(*row) for row in rows]
+        return self._select(
+            "seq > ? AND seq <= ? AND sender_id IS NOT ? ORDER BY seq LIMIT ?",
+            (after_seq, up_to_seq, skip_sender, limit))
+
+    def _select(self, where, parameters):
+        """The messages that match an SQL condition, as Stored rows."""
+        return [Stored(*row) for row in self.db.execute(
+            f"SELECT {STORED_COLUMNS} FROM messages WHERE {where}",
+            parameters)]
 
 
 # 4. The hub ------------------------------------------------------------------
@@ -500,11 +488,6 @@ class Hub:
 # on the event loop. A refusal is `await context.abort(code, sentence)`,
 # which raises, ends the handler, and sends the client that status code with
 # the sentence as its details.
-#
-# Some code is there only because a promise needs it against careless or
-# hostile clients; its docstrings and comments say "Hardening": the room
-# password, flood control (TokenBucket), the queue limit (_too_slow), the
-# answer to requests that do not parse and TLS (section 6), and keepalive.
 
 
 class TokenBucket:
