@@ -89,7 +89,7 @@ both of grpcio's APIs, and how each one waits for the network.
 
 import argparse
 import asyncio
-import dataclasses
+import collections
 import datetime
 import errno
 import getpass
@@ -125,12 +125,9 @@ log = logging.getLogger("chat")
 
 # Part I: the chat ==========================================================
 #
-# Every section in its plainest correct form: a reader who stops at Part II
-# holds a complete chat that keeps every promise in README. Code there only
-# because a promise needs it against careless or hostile clients says
-# "Hardening": the room password, flood control (TokenBucket), the queue
-# limit (_too_slow), requests that do not parse and TLS (section 6), and
-# keepalive (server_options).
+# Code there only because a promise needs it against careless or hostile
+# clients says "Hardening": the room password, flood control (TokenBucket),
+# the queue limit (_too_slow), bad requests and TLS (section 6), keepalive.
 
 
 # 1. The vocabulary ---------------------------------------------------------
@@ -157,9 +154,8 @@ MAX_NAME_CHARS = 32
 MAX_MESSAGE_ID_CHARS = 64
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
 
-# A room password, when the server has one, travels with every call as
-# call metadata under this key. Both sides read it from the environment
-# variable CHAT_PASSWORD, never from the command line, where `ps` shows it.
+# A room password travels with every call as call metadata under this key.
+# Both sides read it from CHAT_PASSWORD, never from argv, where `ps` shows it.
 PASSWORD_KEY = "chat-password"
 
 
@@ -172,16 +168,14 @@ def password_metadata(password):
 RATE = 20
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
-# The largest request the server reads at all (gRPC's default: 4 MiB). gRPC
-# refuses a bigger one before our code runs, with RESOURCE_EXHAUSTED
-# "Received message larger than max". Far above MAX_TEXT_CHARS (at most
-# 16 KB of UTF-8), so an oversized message still gets our clearer sentence.
+# The largest request the server reads at all; gRPC refuses a bigger one
+# (RESOURCE_EXHAUSTED) before our code runs. Far above MAX_TEXT_CHARS (at
+# most 16 KB of UTF-8), so too long a message still gets our own sentence.
 MAX_REQUEST_BYTES = 256 * 1024
 
-# Hardening: how many events may wait in one member's queue on the server.
-# Past this many (its client stopped reading), the member is taken offline
-# and its queue dropped, so the server's memory cannot grow without bound;
-# it catches up from its read position when it comes back.
+# Hardening: the most events that wait in one member's queue on the server.
+# Past it (its client stopped reading) the member is taken offline, so memory
+# cannot grow without bound; it catches up from its read position later.
 QUEUE_LIMIT = 1000
 
 
@@ -233,11 +227,9 @@ def text_problem(text):
 # acknowledged message survives `kill -9` of the server and even a power
 # cut (NORMAL would survive only the kill).
 #
-# The store is called straight from the event loop. A read takes a fraction
-# of a millisecond; a commit waits for its fsync (about 1 ms on an SSD, more
-# on a spinning disk), and the loop waits with it. That is the price of the
-# plainest design: calls run in order on one thread, which keeps "commit,
-# then fan out" in seq order without any locks.
+# The event loop calls the store directly, and waits for each commit's
+# fsync (about 1 ms on an SSD). That is the price of the plainest design:
+# calls in order on one thread keep "commit, then fan out" in seq order.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -258,21 +250,10 @@ CREATE TABLE IF NOT EXISTS members (
 """
 
 
-@dataclasses.dataclass
-class Stored:
-    """One row of the messages table."""
-    seq: int
-    sender_id: str
-    sender_name: str
-    text: str
-    sent_at_us: int
-
-
-STORED_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Stored))
-
-
-class StoreLocked(Exception):
-    """Another server process is using the database file."""
+# One row of the messages table.
+Stored = collections.namedtuple(
+    "Stored", "seq sender_id sender_name text sent_at_us")
+STORED_COLUMNS = ", ".join(Stored._fields)
 
 
 class Store:
@@ -283,18 +264,13 @@ class Store:
         # isolation_level=None: no hidden BEGIN; each statement commits by
         # itself, which is exactly the "stored before acknowledged" we want.
         self.db = sqlite3.connect(path, isolation_level=None, timeout=0.1)
-        # EXCLUSIVE locking keeps the file locked for as long as this server
-        # runs, so a second server on the same file fails at start instead of
-        # handing out the same seq twice. (It also lets WAL mode work without
-        # its shared-memory index.) The OS drops the lock if we are killed.
+        # EXCLUSIVE locking keeps the file locked while this server runs,
+        # so a second server on it fails at start ("database is locked")
+        # instead of handing out the same seq twice. (It also lets WAL work
+        # without its shared-memory index.) The OS drops the lock if we die.
         self.db.execute("PRAGMA locking_mode = EXCLUSIVE")
-        try:
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.OperationalError as error:
-            if "locked" in str(error):
-                raise StoreLocked(f"{path} is in use by another chat server")
-            raise
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA synchronous = FULL")
         # Kept in memory too, as every Join needs them: everyone who ever
         # joined (id -> last name, in order of first join), and the last seq.
@@ -318,12 +294,8 @@ class Store:
 
     def append(self, sender_id, sender_name, text, message_id):
         """Store a message; return (Stored, is_new). (alice's "hi" is
-        committed here and gets its seq, 7.)
-
-        A retried Send carries the message_id of the first attempt. If that
-        attempt was stored, return the stored row and is_new=False, so the
-        caller neither stores nor fans out a second copy.
-        """
+        committed here as seq 7.) A retried Send (same message_id) of a
+        stored one gets that row and is_new=False: no second copy."""
         if message_id:
             copies = self._select("sender_id = ? AND message_id = ?",
                                   (sender_id, message_id))
@@ -384,24 +356,17 @@ class Store:
 
 # 4. The hub ------------------------------------------------------------------
 #
-# The hub knows who is online and hands each new event to them. It does not
-# write to the network itself. grpc.aio allows only one write at a time per
-# stream, and a broadcaster that awaited each member's write in turn would
-# stall everyone behind the slowest reader. So each online member gets a
-# Session with its own bounded asyncio.Queue, and that member's own Join
-# handler drains the queue into its stream (section 5). The hub only does
-# put_nowait(): it never waits, and a full queue means that member is too
-# far behind.
+# The hub knows who is online and hands each new event to them. grpc.aio
+# allows one write at a time per stream, and a broadcaster that awaited each
+# member's write in turn would stall everyone behind the slowest reader. So
+# each online member gets a Session with its own bounded asyncio.Queue, which
+# its own Join handler drains into its stream (section 5). The hub only does
+# put_nowait(): it never waits; a full queue means that member is too far
+# behind. All of it runs on the loop's thread, so no locks are needed.
 #
-# Events reach the hub already serialized, once, and every queue gets the
-# same bytes: with 1,000 members online that is one SerializeToString() per
-# message instead of 1,000. (Join is registered without a response
-# serializer in section 6, so gRPC sends these bytes as they are.)
-#
-# alice's "hi": Send publishes it; if bob is online, it lands in his queue
-# at once, and his Join handler writes it to his stream.
-#
-# Everything here runs on the event loop thread, so no locks are needed.
+# Events come serialized: one SerializeToString() per message, not one per
+# member (section 6). alice's "hi": Send publishes it; if bob is online, it
+# lands in his queue at once, and his Join handler writes it out.
 
 
 class Session:
@@ -424,16 +389,11 @@ class Session:
     def close(self, code, details):
         """End this stream with a status. Runs on the loop, from any task.
 
-        Cancelling raises CancelledError in the Join handler at whatever it
-        is awaiting: the next event, or a write to a client that stopped
-        reading. The handler then sends (code, details) to the client.
-
-        That status travels behind what the stream already carries. HTTP/2
-        flow control lets the server send up to the client's receive window
-        (a few MB) that the client has not read; those bytes wait in the
-        client's process, and the server holds only the one write that flow
-        control stopped. So a client that stopped reading gets the status
-        only when it reads again.
+        The cancel raises CancelledError in the Join handler at its current
+        await, and the handler sends (code, details). The status goes behind
+        what the client has not read: flow control lets up to its HTTP/2
+        receive window (a few MB) through, to wait in the client's process,
+        so a client that stopped reading gets the status when it reads again.
         """
         if self.closing is None:
             self.closing = (code, details)
@@ -519,11 +479,6 @@ def to_message(stored):
     return message
 
 
-def to_event(stored):
-    """A stored row as a serialized Event of one message."""
-    return pb.Event(messages=[to_message(stored)]).SerializeToString()
-
-
 class ChatRoomServicer:
     """The chat room's RPCs. Runs on the event loop; owns the store and hub.
     Part II swaps in a faster hub and sessions through the class attributes,
@@ -556,29 +511,27 @@ class ChatRoomServicer:
         session, welcome, replay = self._go_online(request, name)
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
-        # We write to the stream ourselves (`await context.write`) rather
-        # than `yield` from an async generator: when this task is cancelled
-        # during a write, CancelledError is raised here, in our code, where
-        # we can still send a status. With `yield`, a cancel that arrives
-        # while grpc is writing a yielded event is raised inside grpc's own
-        # loop around the generator, and the client gets no status at all.
+        # We write ourselves (`await context.write`) rather than `yield`:
+        # a cancel during a write then raises CancelledError here, where we
+        # can still send a status. With `yield`, a cancel while grpc writes
+        # a yielded event is raised in grpc's own loop around the
+        # generator, and the client gets no status at all.
         try:
             await context.write(welcome.SerializeToString())
-            # This coroutine's frame lives as long as the stream, and with
-            # it every local: 1,000 open streams would keep 1,000 Welcomes,
-            # each listing the whole group (about 50 MB at 1,000 members).
+            # The frame, and every local, lives as long as the stream: 1,000
+            # streams would keep 1,000 Welcomes, each listing the whole group
+            # (about 50 MB at 1,000 members).
             del welcome
             await self._replay(context, *replay)
             while True:  # live: bob's "hi" goes out here if he was online
                 await context.write(await session.next_write())
         except asyncio.CancelledError:
             # On the server, a cancelled call means the client left (it
-            # cancelled, closed its channel, or its connection dropped), or
-            # server.stop() ran out of grace, or Session.close ended this
-            # stream. In the second case the client
-            # is still there and deserves to know why. task.cancel() raises
-            # CancelledError once; having caught it, the handler may still
-            # await: abort() sends the status and raises to end the handler.
+            # cancelled, closed its channel, or its connection dropped),
+            # server.stop() ran out of grace, or Session.close ended the
+            # stream: then the client is still there and should hear why.
+            # Having caught CancelledError, the handler may still await:
+            # abort() sends the status and raises to end the handler.
             if session.closing:
                 await context.abort(*session.closing)
             raise
@@ -598,16 +551,15 @@ class ChatRoomServicer:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
         await self._check_seq(context, request.after_seq)
-        # The response headers go now, before anyone else can end this
-        # stream (Session.close). Otherwise the first write would carry
-        # them, and if that write were cancelled halfway, grpc.aio would not
-        # know they had gone: it would send them again with the status, core
+        # The response headers go now, before anyone can end this stream
+        # (Session.close). Else the first write carries them; if it were
+        # cancelled, grpc.aio would send them again with the status, core
         # would refuse that batch (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and
         # the client would get no status at all.
         await context.send_initial_metadata(())
-        # Checked after that await, in the same step as going online, so
-        # that two Joins cannot both take the last place, and no Join goes
-        # online after disconnect_everyone() has run.
+        # Checked after that await, in the step that goes online, so two
+        # Joins cannot both take the last place, and none goes online after
+        # disconnect_everyone().
         if self.closed_with:
             await self._refuse(context, *self.closed_with)
         if (self.max_clients and client_id not in self.hub.online
@@ -622,13 +574,10 @@ class ChatRoomServicer:
         """Put the member online; return its session, its Welcome, and what
         to replay: (after seq, up to seq, sender to leave out).
 
-        No await here, so nothing else runs on the loop meanwhile: the
-        session goes online (it gets every message published from then on)
-        in the same instant in which we read `head`, the last message
-        already stored. The replay covers up to head, the queue everything
-        after it: no gap, no overlap. (bob, back, gets alice's "hi" in the
-        replay.) The Welcome's member list is taken in the same instant,
-        so the presence changes queued from then on are all news to him.
+        No await here: the session goes online (gets every publish from now
+        on) in the same loop step that reads `head`, the last stored seq, and
+        the Welcome's member list. The replay covers up to head, the queue
+        what follows: no gap, no overlap. (bob, back, gets "hi" replayed.)
         """
         client_id = request.client_id
         self.store.remember(client_id, name)
@@ -649,10 +598,8 @@ class ChatRoomServicer:
             unread=self.store.count_unread(client_id, start, head),
             read_seq=start, members=self._members(),
             recent=[to_message(stored) for stored in recent]))
-        # A client that resumes already has the messages it sent itself, so
-        # its replay leaves them out. A new client process has not: its
-        # replay includes them (not counted as unread), or it would see
-        # replies to things it never said.
+        # A resuming client's replay leaves out its own messages (chat.proto,
+        # JoinRequest.resuming).
         resuming = request.resuming or request.after_seq > 0
         return session, welcome, (start, head, client_id if resuming else None)
 
@@ -684,7 +631,8 @@ class ChatRoomServicer:
         if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id is longer than {MAX_MESSAGE_ID_CHARS} characters.")
+                f"message_id is longer than {MAX_MESSAGE_ID_CHARS} "
+                "characters.")
         session = self.hub.online.get(client_id)
         if session is None:
             await self._refuse(
@@ -716,8 +664,7 @@ class ChatRoomServicer:
     # -- helpers --
 
     async def _check_password(self, context):
-        """Hardening: refuse a call without the room's password
-        (UNAUTHENTICATED)."""
+        """Hardening: refuse a call without the room's password."""
         if self.password is None:
             return
         given = dict(context.invocation_metadata()).get(PASSWORD_KEY, "")
@@ -738,8 +685,9 @@ class ChatRoomServicer:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
         if self.group is not None and client_id not in self.group:
-            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                               f"id {client_id} is not a member of this group.")
+            await self._refuse(
+                context, grpc.StatusCode.PERMISSION_DENIED,
+                f"id {client_id} is not a member of this group.")
 
     async def _check_seq(self, context, seq):
         if seq > MAX_SEQ:
@@ -748,8 +696,7 @@ class ChatRoomServicer:
 
     async def _check_rate(self, context, client_id):
         """Hardening (flood control): refuse a Send beyond the member's
-        --rate with RESOURCE_EXHAUSTED, so one member cannot flood the
-        room."""
+        --rate, so that no one can flood the room."""
         if client_id not in self.buckets:
             self.buckets[client_id] = TokenBucket(self.rate, 2 * self.rate)
         if self.rate and not self.buckets[client_id].take():
@@ -779,23 +726,21 @@ class ChatRoomServicer:
 
     def _fan_out(self, stored):
         """Hand a new message to everyone online but its sender."""
-        self.hub.publish(to_event(stored), skip={stored.sender_id})
+        event = pb.Event(messages=[to_message(stored)])
+        self.hub.publish(event.SerializeToString(), skip={stored.sender_id})
 
     def _too_slow(self, session):
-        """Hardening: a member whose queue is full (QUEUE_LIMIT) goes."""
+        """Hardening: a member whose queue is full (QUEUE_LIMIT) goes now,
+        and the others are told it left."""
         if session.closing:
             return  # its queue was found full more than once
         log.warning("%s (%s) fell %d events behind; disconnecting it",
                     session.name, session.client_id, QUEUE_LIMIT)
-        self._disconnect(session, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"your client fell more than {QUEUE_LIMIT} events "
-                         "behind; reconnect to catch up.")
-
-    def _disconnect(self, session, code, details):
-        """Close one member's stream now, and tell the others it left."""
         if self.hub.remove(session):
             self._announce(session, online=False)
-        session.close(code, details)
+        session.close(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"your client fell more than {QUEUE_LIMIT} events "
+                      "behind; reconnect to catch up.")
 
     async def disconnect_everyone(self, code, details, timeout):
         """Close every stream with a status, and refuse Joins from now on
@@ -813,11 +758,11 @@ class ChatRoomServicer:
 
 # 6. Serving ------------------------------------------------------------------
 #
-# How grpc.aio waits for the network. gRPC's core is C++ behind a C API. You
+# How grpc.aio waits for the network. gRPC's core is C++ behind a C API: you
 # give it a batch of operations for one call (send these headers, send this
-# message, receive a message, ...) and a tag. When the whole batch is done,
-# core posts an event {tag, success} to a completion queue (CQ). grpc.aio
-# keeps one CQ for the whole process:
+# message, receive a message, ...) and a tag, and when the whole batch is
+# done, core posts an event {tag, success} to a completion queue (CQ).
+# grpc.aio keeps one CQ for the whole process:
 #
 #   core's threads (C++)   poller thread (GIL released)   event loop
 #   --------------------   ----------------------------   ----------------
@@ -827,37 +772,33 @@ class ChatRoomServicer:
 #                                                         .set_result()
 #
 # Every `await` on a gRPC operation (context.write, reading a request, ...)
-# starts a batch whose tag wraps an asyncio Future, and then awaits that
-# Future. (A new call arriving is announced the same way, through the same
-# queue.) The poller thread turns CQ events into Future results on the loop.
-# So 1,000 open streams cost 1,000 suspended coroutines and their queues,
-# not 1,000 threads.
+# starts a batch whose tag wraps an asyncio Future, and awaits that Future;
+# a new call arriving comes through the same queue. So 1,000 open streams
+# cost 1,000 suspended coroutines and their queues, not 1,000 threads.
 #
-# Socket reads happen on core's own threads (the EventEngine), which Python
-# never sees. Writes do not: starting a batch usually sends its bytes right
-# away, with sendmsg() in the thread that starts it; here that is the event
-# loop's thread, holding the GIL. So every context.write costs the loop a
-# system call, and a write that carries ten messages costs about what one
-# carrying one does (Part II makes use of that).
+# Socket reads happen on core's own threads (the EventEngine), unseen by
+# Python. Writes usually do not: starting a batch sends its bytes at once,
+# with sendmsg() on the thread that starts it, here the event loop's, GIL
+# held. So each context.write costs the loop a system call, about as much
+# for ten messages as for one (Part II makes use of that).
 #
-# (grpcio's other server, grpc.server() with a ThreadPoolExecutor, runs each
-# handler on a pool thread. A streaming handler holds its thread for the
-# whole life of the stream, so the pool size would be the maximum number of
-# members online, and the ones over it would hang without an error.)
+# (grpcio's other server, grpc.server(), runs each handler on a thread of a
+# pool, and a streaming handler holds its thread for the stream's whole
+# life: the pool's size would cap the members online, and the ones over it
+# would hang without an error.)
 
 def server_options(keepalive):
     """Channel arguments for the server; keepalive is in seconds.
 
-    Hardening, keepalive: HTTP/2 PING frames notice a member whose network
-    vanished (no FIN, no RST: a laptop lid closed), which a quiet room would
-    never notice. The server pings a client only after `keepalive` seconds
-    in which it received nothing from it; ours ping every 20 s (section 7),
-    so the server pings one only once it has vanished. A ping unanswered
-    within grpc.http2.ping_timeout_ms closes the connection, ending the
-    Join stream. grpc.keepalive_timeout_ms alone does not drop a silent
-    peer: ping_timeout_ms is the deadline that counts, and
-    keepalive_timeout_ms becomes the socket's TCP_USER_TIMEOUT, which
-    closes a connection whose sent bytes stay unacknowledged that long.
+    Hardening, keepalive: HTTP/2 PINGs notice a member whose network
+    vanished without a FIN or RST (a laptop lid closed), which a quiet room
+    never would. A server pings a client only after `keepalive` seconds in
+    which it heard nothing from it; our clients ping every 20 s (section
+    7), so it pings only one that has vanished. A ping unanswered within
+    ping_timeout_ms closes the connection, ending the Join stream. That is
+    the deadline that counts: keepalive_timeout_ms alone drops no silent
+    peer; it becomes the socket's TCP_USER_TIMEOUT, which closes a
+    connection whose sent bytes stay unacknowledged that long.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -865,39 +806,31 @@ def server_options(keepalive):
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        # Pings from clients. The server counts a ping that comes sooner
-        # than min_ping_interval_without_data_ms after the last one as a
-        # "strike" ("without data": strikes are forgotten only when the
-        # server sends data, which a quiet room may not do for hours). After
-        # two strikes the next early ping closes the connection with GOAWAY
-        # "too_many_pings". The default interval is 5 minutes; chat.proto
-        # tells clients to ping at most every 20 s, and we allow half that,
-        # because a ping even 1 ms early is a strike and timers do fire
-        # early. keepalive_permit_without_calls=1 makes the same interval
-        # hold while the client has no call open (else: 2 hours). The client
-        # keeps a second, separate counter, max_pings_without_data (pings it
-        # sent with no data): section 7 sets it to 0 so that ours keeps
-        # pinging every 20 s instead of once a minute.
+        # A client ping sooner than this after the last is a "strike", and
+        # the third closes the connection (chat.proto's Join says more).
+        # The default is 5 minutes; chat.proto asks for 20 s at most, and we
+        # allow half that, as a ping even 1 ms early is a strike and timers
+        # fire early. permit_without_calls=1: the same while a client has
+        # no call open (else 2 hours).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # grpcio sets SO_REUSEPORT by default, so a second server on our
-        # port would start without an error, and the kernel would split new
-        # clients between the two rooms. Off, the second one's bind fails.
+        # grpcio sets SO_REUSEPORT, so a second server on our port would
+        # start without an error, and the kernel would split new clients
+        # between the two rooms. Off, the second one's bind fails.
         ("grpc.so_reuseport", 0),
     ]
 
 
 def chat_room_handlers(servicer):
-    """Our RPCs as gRPC method handlers, by method name: the registered
-    part of what the generated services.add_ChatRoomServicer_to_server()
-    sets up, written out by hand for two changes:
-      * Join has no response serializer. The hub serializes each event once
-        (section 4), and gRPC then sends those bytes as they are.
-      * Hardening: no method has a request deserializer; each gets the raw
-        bytes and parses them itself (parsed_as). Given a request that does
-        not parse (say, a string field that is not UTF-8), gRPC's own
-        deserializer would log a traceback and answer UNKNOWN. We answer
-        INVALID_ARGUMENT, with a sentence.
+    """Our RPCs as gRPC method handlers, by method name: what the generated
+    services.add_ChatRoomServicer_to_server() registers, by hand for two
+    changes:
+      * Join has no response serializer: the hub serializes each event once
+        (section 4), and gRPC sends those bytes as they are.
+      * Hardening: no request deserializers; each method parses its raw
+        bytes itself (parsed_as). For bytes that do not parse (say, a
+        string that is not UTF-8) gRPC's own would log a traceback and
+        answer UNKNOWN; we answer INVALID_ARGUMENT, with a sentence.
     """
     return {
         "Join": grpc.unary_stream_rpc_method_handler(
@@ -996,14 +929,15 @@ def bind_problem(host, port):
         return f"--host {host}: no such name or address."
     for family, kind, protocol, _, address in addresses:
         error = bind_error(family, kind, protocol, address)
-        if error and error.errno == errno.EADDRINUSE:
+        if error is None:
+            continue
+        if error.errno == errno.EADDRINUSE:
             return (f"port {port} is already in use; stop what listens "
                     "there, or choose another --port.")
-        if error and error.errno == errno.EADDRNOTAVAIL:
+        if error.errno == errno.EADDRNOTAVAIL:
             return (f"--host {host} is not an address of this machine; "
                     "0.0.0.0 means all of them.")
-        if error:
-            return f"cannot listen on {host}:{port} ({error.strerror})."
+        return f"cannot listen on {host}:{port} ({error.strerror})."
     return (f"cannot listen on {host}:{port}; GRPC_VERBOSITY=error shows "
             "gRPC's reason.")
 
@@ -1024,6 +958,9 @@ def bind_error(family, kind, protocol, address):
 def db_problem(path, error):
     """Why SQLite could not open --db path (it raised error), in a sentence."""
     folder = os.path.dirname(os.path.abspath(path))
+    if "locked" in str(error):
+        return (f"--db {path} is in use by another chat server; stop it "
+                "first, or use another --db.")
     if os.path.isdir(path):
         return (f"--db {path} is a folder; name a file in it, e.g. "
                 f"{os.path.join(path, 'chat.db')}.")
@@ -1052,8 +989,6 @@ async def until_stopped():
 def open_store(store_class, path):
     try:
         return store_class(path)
-    except StoreLocked as error:
-        raise StartUpError(f"{error}; stop it first, or use another --db.")
     except sqlite3.Error as error:
         raise StartUpError(db_problem(path, error))
 
@@ -1062,6 +997,8 @@ async def serve(args):
     """Run the server until SIGINT or SIGTERM. Returns the exit status;
     raises StartUpError if it cannot start."""
     credentials = tls_credentials(args) if args.tls_cert else None
+    server = grpc.aio.server(options=server_options(args.keepalive))
+    port = listen(server, args.host, args.port, credentials)
     # Part I alone (--plain), or with Part II's subclasses (end of the file).
     store_class, servicer_class = ((Store, ChatRoomServicer) if args.plain
                                    else PART_TWO)
@@ -1069,19 +1006,12 @@ async def serve(args):
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
-    server = grpc.aio.server(options=server_options(args.keepalive))
-    # Registered methods (the generated code adds the same handlers as
-    # generic ones too; we need only these): core knows
-    # their names in advance, and grpc.aio keeps one request for a new call
-    # pending per registered method (plus one for all unregistered ones), so
-    # a Send does not wait in line behind MarkReads for its turn to get in.
+    # Registered methods (the generated code also adds them as generic ones;
+    # we need only these): grpc.aio keeps a request for a new call pending
+    # per registered method, plus one for all generic ones, so a Send does
+    # not wait in line behind MarkReads to get in.
     server.add_registered_method_handlers("chat.ChatRoom",
                                           chat_room_handlers(servicer))
-    try:
-        port = listen(server, args.host, args.port, credentials)
-    except StartUpError:
-        store.close()
-        raise
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
     log.info("%s; %s; history in %s; %s; %s",
@@ -2654,25 +2584,23 @@ def run_window(args, root):
 
 # Part II: for a thousand members ==========================================
 #
-# Part I is the whole chat, and keeps every promise. What follows lets one
-# server keep up with a thousand members online. Each optimization is a
-# small subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
-# changes its TCPServer, and opens with what it buys. `python chat.py
-# server` uses them all; `server --plain` runs Part I alone, and the tests
-# run every promise against both. README's Performance section compares the
-# bare grpc.aio baseline (bench.py), Part I and Part II.
+# Part I is the whole chat. What follows lets one server keep up with a
+# thousand members online: each optimization is a small subclass (or mixin)
+# of a Part I class, as socketserver's ThreadingMixIn changes its TCPServer,
+# and opens with what it buys. `server` uses them all, `server --plain` none;
+# the tests run every promise against both, and README's Performance section
+# compares both with bench.py's bare grpc.aio baseline.
 #
 # They all spare the event loop's thread, which runs every handler step and
-# every write's sendmsg() (section 6): with 1,000 members it is the
-# bottleneck, and a write or a commit saved is time for the next message.
+# every write's sendmsg() (section 6): with 1,000 members, the bottleneck.
 
 
 class CoalescingSession(Session):
     """Each write carries every event waiting in the queue, up to MAX_BATCH,
-    not one: a write costs the loop about as much for ten messages as for
-    one (a gRPC batch, its completion, an HTTP/2 frame, a sendmsg()).
-    With RoundsHub, ten senders at full speed reach 1,000 members faster
-    than the bare baseline, where Part I only keeps pace with it (bench.py
+    not one: a write (a gRPC batch, its completion, an HTTP/2 frame, a
+    sendmsg()) costs about as much for ten messages as for one. With
+    RoundsHub, ten senders at full speed reach 1,000 members faster than
+    the bare baseline, where Part I only keeps pace with it (bench.py
     --senders 10 --rate 0; README's Performance section has the runs)."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
@@ -2682,18 +2610,16 @@ class CoalescingSession(Session):
         self.held = None  # an event taken from the queue, to write next
 
     async def next_write(self):
-        """The next event in the queue (waits for one), joined with the
-        events of the same kind queued right behind it.
+        """The next event (waits for one), joined with the events of the
+        same kind queued right behind it.
 
-        Each chat message waits in the queue as a serialized Event with one
-        element in its `messages` list (a presence change: in `presence`).
-        The bytes of such Events, joined, are one Event with all their
-        elements (chat.proto says why). Only runs of one kind are joined,
-        so that messages and presence changes keep their order. The kind
-        shows in the first byte: a serialized field starts with its key,
-        (field number << 3) | wire type, so an Event with only `messages`
-        (field 2, wire type 2, "length-delimited") starts with 0x12, one
-        with only `presence` (field 4) with 0x22.
+        Each waits as a serialized Event with one element in `messages` (or
+        in `presence`), and such Events' bytes, joined, are one Event with
+        all their elements (chat.proto says why). Only runs of one kind are
+        joined, so messages and presence changes keep their order. The
+        first byte is the field's key, (field number << 3) | wire type:
+        0x12 for `messages` (field 2, wire type 2, length-delimited), 0x22
+        for `presence` (field 4).
         """
         first = self.held or await self.queue.get()
         self.held = None
@@ -2709,24 +2635,21 @@ class CoalescingSession(Session):
 
 class RoundsHub(Hub):
     """Fan-out in rounds, with rests while the room is busy, so that
-    CoalescingSession finds many messages to put in one write. Either of
-    the two alone buys little: a write carries several messages only when
-    they wait together in the queue.
+    CoalescingSession finds many messages to put in one write (alone,
+    either buys little).
 
     A round puts everything published since the last one into the queues,
     which wakes the writers. While the room is busy, the hub then rests
-    REST times as long as the round took, and what is published during the
-    round and the rest goes out in the next round: one write per member for
-    all of it. The busier the room, the more each write carries, so the
-    loop does less per message instead of falling further behind. The rest
-    also frees the loop for the Sends waiting to get in: grpc.aio takes new
-    calls of a method one at a time, a few passes of the loop each.
+    REST times as long as the round took, and what comes meanwhile goes
+    out in the next round, one write per member. The busier the room, the
+    more each write carries, so the loop does less per message instead of
+    falling behind. The rest also lets in the waiting Sends: grpc.aio takes
+    new calls of a method one at a time, a few passes of the loop each.
 
-    Busy means that a round found more than one event waiting, that an
-    event came while a round's writers were starting, or that one had to
-    wait for a rest; the room counts as busy for BUSY_FOR seconds after the
-    last such sign. A quiet room never rests: a message's
-    round runs at the next pass of the loop.
+    Busy: a round found more than one event waiting, an event came while a
+    round's writers were starting, or one had to wait for a rest; each
+    such sign counts for BUSY_FOR seconds. A quiet room never rests: a
+    message's round runs at the next pass of the loop.
     """
 
     REST = 0.5      # while busy, rest this many times as long as the round
@@ -2776,9 +2699,8 @@ class RoundsHub(Hub):
                 self.deliver(data, sessions)
         finally:
             # put_nowait() woke the writers; the loop runs their steps (each
-            # starts its write) before this callback, in the order
-            # scheduled. Until then next_round stays set, so what is
-            # published meanwhile waits for the rest too.
+            # starts its write) before this callback, scheduled after them.
+            # Until then next_round stays set: what comes meanwhile waits.
             loop.call_soon(self._rest, started)
 
     def _rest(self, started):
@@ -2895,9 +2817,8 @@ class BatchedPresence:
             return
         changes, self.presence = self.presence, []
         joiners, self.presence_joiners = self.presence_joiners, []
-        # One Event per change, joined: their bytes are one Event with all
-        # the changes (chat.proto says why), and any tail of them is one
-        # too. So a trimmed copy costs a join of bytes, not a serialization.
+        # One Event per change, joined (CoalescingSession.next_write): any
+        # tail of them is one Event too, so a trimmed copy costs a join.
         parts = [pb.Event(presence=[member]).SerializeToString()
                  for member in changes]
         self.hub.publish(b"".join(parts),
