@@ -153,20 +153,11 @@ MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
 MAX_MESSAGE_ID_CHARS = 64
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
-
-# A room password travels with every call as call metadata under this key.
-# Both sides read it from CHAT_PASSWORD, never from argv, where `ps` shows it.
-PASSWORD_KEY = "chat-password"
-
-
-def password_metadata(password):
-    """The call metadata that carries the room password (none without one)."""
-    return ((PASSWORD_KEY, password),) if password else ()
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 # Flood control: each member may send RATE messages a second on average,
 # and bursts of twice that (server --rate; 0 turns it off).
 RATE = 20
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 # The largest request the server reads at all; gRPC refuses a bigger one
 # (RESOURCE_EXHAUSTED) before our code runs. Far above MAX_TEXT_CHARS (at
@@ -177,6 +168,15 @@ MAX_REQUEST_BYTES = 256 * 1024
 # Past it (its client stopped reading) the member is taken offline, so memory
 # cannot grow without bound; it catches up from its read position later.
 QUEUE_LIMIT = 1000
+
+# A room password travels with every call as call metadata under this key.
+# Both sides read it from CHAT_PASSWORD, never from argv, where `ps` shows it.
+PASSWORD_KEY = "chat-password"
+
+
+def password_metadata(password):
+    """The call metadata that carries the room password (none without one)."""
+    return ((PASSWORD_KEY, password),) if password else ()
 
 
 def id_problem(client_id):
@@ -782,10 +782,9 @@ class ChatRoomServicer:
 # held. So each context.write costs the loop a system call, about as much
 # for ten messages as for one (Part II makes use of that).
 #
-# (grpcio's other server, grpc.server(), runs each handler on a thread of a
-# pool, and a streaming handler holds its thread for the stream's whole
-# life: the pool's size would cap the members online, and the ones over it
-# would hang without an error.)
+# (grpcio's other server, grpc.server(), runs each handler on a pool thread,
+# which a stream holds for its whole life: the pool would cap the members
+# online, and the ones over it would hang without an error.)
 
 def server_options(keepalive):
     """Channel arguments for the server; keepalive is in seconds.
@@ -872,10 +871,9 @@ class StartUpError(Exception):
 
 def check_tls_files(cert_flag, cert, key=None):
     """Raise StartUpError, naming the flag, unless cert is a PEM certificate
-    and key, if given, its PEM private key. Given a bad file, gRPC says only
-    "Failed to bind to address" on the server, and fails every connection
-    attempt on the client; Python's ssl module reads the same files and
-    says what is wrong."""
+    and key, if given, its private key. (Given a bad file, gRPC says only
+    "Failed to bind to address", or fails every connection; Python's ssl
+    module says what is wrong.)"""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_verify_locations(cert)
@@ -2584,15 +2582,10 @@ def run_window(args, root):
 
 # Part II: for a thousand members ==========================================
 #
-# Part I is the whole chat. What follows lets one server keep up with a
-# thousand members online: each optimization is a small subclass (or mixin)
-# of a Part I class, as socketserver's ThreadingMixIn changes its TCPServer,
-# and opens with what it buys. `server` uses them all, `server --plain` none;
-# the tests run every promise against both, and README's Performance section
-# compares both with bench.py's bare grpc.aio baseline.
-#
-# They all spare the event loop's thread, which runs every handler step and
-# every write's sendmsg() (section 6): with 1,000 members, the bottleneck.
+# Each optimization is a subclass (or mixin) of a Part I class that opens
+# with what it buys; `server --plain` leaves them out. They all spare the
+# event loop's thread, which runs every handler step and every write's
+# sendmsg() (section 6): with 1,000 members it is the bottleneck.
 
 
 class CoalescingSession(Session):
@@ -2638,18 +2631,17 @@ class RoundsHub(Hub):
     CoalescingSession finds many messages to put in one write (alone,
     either buys little).
 
-    A round puts everything published since the last one into the queues,
-    which wakes the writers. While the room is busy, the hub then rests
-    REST times as long as the round took, and what comes meanwhile goes
-    out in the next round, one write per member. The busier the room, the
-    more each write carries, so the loop does less per message instead of
-    falling behind. The rest also lets in the waiting Sends: grpc.aio takes
-    new calls of a method one at a time, a few passes of the loop each.
+    A round puts everything published since the last into the queues,
+    waking the writers. While the room is busy, the hub then rests REST
+    times as long as the round took; what comes meanwhile goes out in the
+    next round, one write per member. The busier the room, the more a write
+    carries, instead of the loop falling behind; and the rest lets in the
+    waiting Sends (grpc.aio takes a method's new calls one at a time).
 
-    Busy: a round found more than one event waiting, an event came while a
-    round's writers were starting, or one had to wait for a rest; each
-    such sign counts for BUSY_FOR seconds. A quiet room never rests: a
-    message's round runs at the next pass of the loop.
+    Busy: a round found more than one event waiting, an event came while
+    its writers were starting, or one waited for a rest; each such sign
+    counts for BUSY_FOR seconds. A quiet room never rests: a message's
+    round runs at the next pass of the loop.
     """
 
     REST = 0.5      # while busy, rest this many times as long as the round
@@ -2721,11 +2713,8 @@ class BatchedReadsStore(Store):
     """Read positions saved together within SAVE_DELAY, in one commit. With
     1,000 members online, hundreds confirm something every second; each
     commit adds a 4 KB page to the WAL file, and every 1,000 pages a
-    checkpoint stalls the event loop.
-
-    The price: MarkReadReply tells a position held in memory. If the server
-    is killed before it saves, those members are shown the messages of
-    their last second again: shown twice, never lost.
+    checkpoint stalls the event loop. The price: a server killed before it
+    saves shows those members their last second again: twice, never lost.
     """
 
     SAVE_DELAY = 1.0  # seconds
@@ -2754,9 +2743,8 @@ class BatchedReadsStore(Store):
         if not self.unsaved:
             return
         reads, self.unsaved = self.unsaved, {}
-        # No fsync for this commit (synchronous=NORMAL): losing read
-        # positions in a power cut only shows some messages again. The next
-        # message's commit, with its fsync, makes them durable anyway.
+        # No fsync (synchronous=NORMAL): a power cut would only show some
+        # messages again, and the next message's fsync covers these too.
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("BEGIN")
         self.db.executemany(
@@ -2806,10 +2794,9 @@ class BatchedPresence:
         super()._fan_out(stored)
 
     def _send_presence(self):
-        """Publish the presence changes that wait: one Event, its bytes
-        made once for everyone who was online before they began; a member
-        that came online meanwhile gets only what its Welcome did not show
-        (not its own arrival, nor what came before it), or nothing."""
+        """Publish the presence changes that wait, made once for everyone
+        online before they began; a member that came online meanwhile gets
+        only what its Welcome did not show, if anything."""
         if self.presence_timer is not None:
             self.presence_timer.cancel()
             self.presence_timer = None
