@@ -511,11 +511,10 @@ class ChatRoomServicer:
         session, welcome, replay = self._go_online(request, name)
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
-        # We write ourselves (`await context.write`) rather than `yield`:
-        # a cancel during a write then raises CancelledError here, where we
-        # can still send a status. With `yield`, a cancel while grpc writes
-        # a yielded event is raised in grpc's own loop around the
-        # generator, and the client gets no status at all.
+        # We write ourselves rather than `yield`: a cancel during a write
+        # then raises CancelledError here, where we can still send a status.
+        # (With `yield`, it is raised inside grpc's loop around the
+        # generator, and the client gets no status at all.)
         try:
             await context.write(welcome.SerializeToString())
             # The frame, and every local, lives as long as the stream: 1,000
@@ -526,12 +525,11 @@ class ChatRoomServicer:
             while True:  # live: bob's "hi" goes out here if he was online
                 await context.write(await session.next_write())
         except asyncio.CancelledError:
-            # On the server, a cancelled call means the client left (it
-            # cancelled, closed its channel, or its connection dropped),
-            # server.stop() ran out of grace, or Session.close ended the
-            # stream: then the client is still there and should hear why.
-            # Having caught CancelledError, the handler may still await:
-            # abort() sends the status and raises to end the handler.
+            # On the server, a cancel means the client left (cancelled,
+            # closed its channel, or lost its connection), server.stop() ran
+            # out of grace, or Session.close ended the stream: then the
+            # client is still there and should hear why. Having caught the
+            # CancelledError we may still await: abort() sends the status.
             if session.closing:
                 await context.abort(*session.closing)
             raise
@@ -789,15 +787,14 @@ class ChatRoomServicer:
 def server_options(keepalive):
     """Channel arguments for the server; keepalive is in seconds.
 
-    Hardening, keepalive: HTTP/2 PINGs notice a member whose network
-    vanished without a FIN or RST (a laptop lid closed), which a quiet room
-    never would. A server pings a client only after `keepalive` seconds in
-    which it heard nothing from it; our clients ping every 20 s (section
-    7), so it pings only one that has vanished. A ping unanswered within
-    ping_timeout_ms closes the connection, ending the Join stream. That is
-    the deadline that counts: keepalive_timeout_ms alone drops no silent
-    peer; it becomes the socket's TCP_USER_TIMEOUT, which closes a
-    connection whose sent bytes stay unacknowledged that long.
+    Hardening, keepalive: HTTP/2 PINGs notice a client whose network
+    vanished without a FIN or RST (a laptop lid closed). The server pings
+    only after `keepalive` seconds of hearing nothing from a client, and
+    ours ping every 20 s (section 7), so it pings only vanished ones. A ping
+    unanswered within ping_timeout_ms closes the connection and its Join.
+    keepalive_timeout_ms alone drops no silent peer: it becomes the socket's
+    TCP_USER_TIMEOUT, which closes a connection whose sent bytes stay
+    unacknowledged that long.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -984,13 +981,6 @@ async def until_stopped():
     await stop.wait()
 
 
-def open_store(store_class, path):
-    try:
-        return store_class(path)
-    except sqlite3.Error as error:
-        raise StartUpError(db_problem(path, error))
-
-
 async def serve(args):
     """Run the server until SIGINT or SIGTERM. Returns the exit status;
     raises StartUpError if it cannot start."""
@@ -1000,7 +990,10 @@ async def serve(args):
     # Part I alone (--plain), or with Part II's subclasses (end of the file).
     store_class, servicer_class = ((Store, ChatRoomServicer) if args.plain
                                    else PART_TWO)
-    store = open_store(store_class, args.db)
+    try:
+        store = store_class(args.db)
+    except sqlite3.Error as error:
+        raise StartUpError(db_problem(args.db, error))
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
@@ -1018,7 +1011,6 @@ async def serve(args):
              if servicer.group else "open room: any id may join", args.db,
              "TLS" if credentials else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
-
     await until_stopped()
     await shut_down(server, servicer)
     store.close()
