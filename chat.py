@@ -138,8 +138,8 @@ log = logging.getLogger("chat")
 #   pb        the message classes: pb.JoinRequest, pb.Event, ...
 #   services  ChatRoomStub (client side), add_ChatRoomServicer_to_server
 #             (server side).
-# The path is looked up on sys.path, whose first entry is chat.py's folder,
-# so this works from any working directory.
+# The path is looked up on sys.path, and `python chat.py` puts chat.py's
+# folder first there, so this works from any working directory.
 pb, services = grpc.protos_and_services("chat.proto")
 
 
@@ -376,9 +376,8 @@ class Session:
         self.client_id = client_id
         self.name = name
         self.queue = asyncio.Queue(QUEUE_LIMIT)
-        # The task running this member's Join handler. grpc.aio runs every
-        # RPC in its own asyncio task; cancelling it is how the server ends
-        # one stream without touching the others.
+        # grpc.aio runs each RPC in its own asyncio task: cancelling this
+        # one (the member's Join) ends its stream and touches no other.
         self.task = asyncio.current_task()
         self.closing = None  # (code, details) once the server ends the stream
 
@@ -802,12 +801,11 @@ def server_options(keepalive):
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        # A client ping sooner than this after the last is a "strike", and
-        # the third closes the connection (chat.proto's Join says more).
-        # The default is 5 minutes; chat.proto asks for 20 s at most, and we
-        # allow half that, as a ping even 1 ms early is a strike and timers
-        # fire early. permit_without_calls=1: the same while a client has
-        # no call open (else 2 hours).
+        # A client ping sooner than this after the last is a "strike"; the
+        # third closes the connection (more in chat.proto's Join). Default:
+        # 5 minutes. chat.proto asks for 20 s at most; we allow half, as a
+        # ping 1 ms early is a strike too, and timers fire early.
+        # permit_without_calls=1: the same with no call open (else 2 hours).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # grpcio sets SO_REUSEPORT, so a second server on our port would
@@ -2589,10 +2587,7 @@ class CoalescingSession(Session):
     --senders 10 --rate 0; README's Performance section has the runs)."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
-
-    def __init__(self, client_id, name):
-        super().__init__(client_id, name)
-        self.held = None  # an event taken from the queue, to write next
+    held = None  # an event taken from the queue, to write next
 
     async def next_write(self):
         """The next event (waits for one), joined with the events of the
