@@ -1129,68 +1129,52 @@ async def shut_down(server, servicer):
 
 # 7. The client -------------------------------------------------------------
 #
-# A channel is a virtual connection to a target: a name such as
-# "localhost:50051", which may resolve to several addresses. The channel
-# opens the TCP connections it needs, reuses them, and shares them: in one
-# process, channels with the same target and options share one connection
-# (gRPC's subchannel pool). Creating a channel does no I/O: it starts IDLE
-# and connects on the first call. Its state then moves CONNECTING -> READY,
-# or to TRANSIENT_FAILURE if nothing listens; when the server goes away,
-# READY -> IDLE, and the next call connects again. Every call on a channel
-# (our Join stream, each Send, each MarkRead) is one HTTP/2 stream on the
-# same TCP connection: gRPC multiplexes them, so the stream that is waiting
-# for events never blocks a Send.
+# A channel is a virtual connection to a target, a name such as
+# "localhost:50051" that may resolve to several addresses. Creating one does
+# no I/O: it starts IDLE and connects on the first call (CONNECTING ->
+# READY, or TRANSIENT_FAILURE if nothing listens); when the server goes
+# away, it is IDLE again until the next call. In one process, channels with
+# the same target and options share one TCP connection (gRPC's subchannel
+# pool). Every call (our Join stream, each Send, each MarkRead) is one
+# HTTP/2 stream on it: gRPC multiplexes them, so the Join that waits for
+# events never blocks a Send.
 #
-# A stub (services.ChatRoomStub) holds no connection of its own. For each
-# RPC it keeps a "multicallable" that knows the method name and how to
-# (de)serialize: stub.Send is unary-unary (call it, get a SendReply), and
-# stub.Join is unary-stream (call it, get an iterator of Events).
-# stub.MarkRead.future(request) starts a unary call without waiting for it:
-# it returns a grpc.Future at once (ReadReceipts).
+# A stub (services.ChatRoomStub) holds no connection, only a
+# "multicallable" per RPC that knows the method's name and how to
+# (de)serialize: stub.Send(request) returns a SendReply, stub.Join(request)
+# an iterator of Events, and stub.MarkRead.future(request) a grpc.Future,
+# at once, without waiting for the call (ReadReceipts).
 #
-# How the threaded API waits for the network. Like grpc.aio, it waits on
-# completion queues (section 6), but with plain threads:
-#   * a blocking unary call (stub.Send(request)) makes a completion queue
-#     just for that call, and the calling thread waits on it itself, so no
-#     extra thread is involved;
-#   * streams and .future() calls share one completion queue per channel.
-#     The first one starts a "channel spin" thread that takes events off it
-#     and wakes whoever waits. Our receive thread, blocked in `for event in
-#     call`, is woken by that spin thread when the next Event arrives.
+# How the threaded API waits for the network: on completion queues, like
+# grpc.aio (section 6), but with plain threads.
+#   * A blocking unary call (stub.Send) makes a completion queue for itself,
+#     and the calling thread waits on it: no other thread is involved.
+#   * Streams and .future() calls share one queue per channel. The first
+#     one starts a "channel spin" thread that takes events off it and wakes
+#     whoever waits: our receive thread, blocked in `for event in call`, at
+#     each Event. future.add_done_callback(fn) runs fn on the spin thread,
+#     or at once on the calling thread if the call has completed already
+#     (on your UI's thread, if that is where you add it).
 # Both wait in slices (the receive thread 0.1 s, the spin thread 0.2 s), so
 # even an idle client wakes at least 15 times a second inside grpcio.
-# future.add_done_callback(fn) runs fn on the spin thread when the call
-# completes, or at once, on the calling thread, if it has completed
-# already: so on your UI's thread if that is where you add it. Our own
-# on_event callbacks run on our receive thread, never on the UI's.
 
-# Keepalive: the client pings the server every 20 s, even while the chat is
-# quiet, so a server that vanished without a word (no FIN, no RST) is
-# noticed within about 30 s: 20 s, plus 10 s for the answer. The server
-# hears these pings, so with a --keepalive over 20 s (30 by default) it
-# never pings our clients itself: a server pings only after that long
-# without hearing anything on the connection.
+# Keepalive, the client's side (server_options() in section 6 explains the
+# rest): ping every 20 s, even while the chat is quiet, so that a server
+# that vanished without a word (no FIN, no RST) is noticed within about
+# 30 s: 20 s, plus 10 s for the answer.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
-    # The deadline for the ping's answer that drops a silent connection is
-    # ping_timeout_ms. keepalive_timeout_ms becomes the socket's
-    # TCP_USER_TIMEOUT: sent bytes unacknowledged for that long close the
-    # connection too. (server_options() says more.)
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.ping_timeout_ms", 10_000),
-    # Two different counters limit pings. This is the client's own: after
-    # 2 pings with no data sent in between, it slows down to one ping a
-    # minute; 0 removes the limit (a quiet chat sends no data for hours).
-    # The server counts pings that come sooner than it allows ("strikes",
-    # server_options()) and hangs up after a few: it must allow one every
-    # 20 s.
+    ("grpc.http2.ping_timeout_ms", 10_000),  # the deadline for the answer
+    ("grpc.keepalive_timeout_ms", 10_000),  # becomes TCP_USER_TIMEOUT
+    # The client's own limit on pings, not the server's strikes: after 2
+    # pings with no data sent in between, one a minute. 0 lifts it (a quiet
+    # chat sends no data for hours).
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),  # also between two Joins
-    # After a connection fails, the channel waits before trying again:
-    # 1 s, then 1.6 times longer each time, with jitter, up to this cap
-    # (gRPC's default cap is 120 s, too long to wait for a restarted chat).
-    # (grpc.min_reconnect_backoff_ms is no backoff: it is the least time
-    # each connection attempt is given.)
+    # Between connection attempts the channel waits 1 s, then 1.6 times
+    # longer each time, with jitter, up to this cap (gRPC's default, 120 s,
+    # is too long to wait for a restarted chat). min_reconnect_backoff_ms,
+    # despite its name, is the time each attempt is given to connect.
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
@@ -1204,22 +1188,23 @@ def open_channel(target, tls_ca=None):
     if tls_ca is None:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
     with open(tls_ca, "rb") as pem:
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem.read())
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=pem.read())
     return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
-# Status codes after which the client tries again rather than gives up.
+
+# Status codes after which the client tries again rather than gives up:
 #   UNAVAILABLE: the server is down or restarting, or the network dropped.
-#   RESOURCE_EXHAUSTED on a running stream: we fell behind; the server
-#     closed our stream and we catch up from where we are. On a Send: too
-#     fast for the server's --rate; wait, then resend the same message_id.
-#   DEADLINE_EXCEEDED on a Send: no answer in time, so we cannot know if it
-#     was stored; the retry carries the same message_id, so at most one copy.
-#   FAILED_PRECONDITION on a Send: "not online": the server restarted and our
-#     Join has not been redone yet.
-#   CANCELLED: here, on the client, not by us (we check for that first): in
-#     practice a server that could not accept the call in time (seen with
-#     thousands of Joins at once). (On the server, CANCELLED means the
-#     opposite side: the client left.)
+#   RESOURCE_EXHAUSTED: on a stream, we fell behind and the server closed
+#     it: we catch up from where we are. On a Send: faster than the
+#     server's --rate allows; we wait, then resend the same message_id.
+#   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
+#     carries the same message_id, so at most one copy is stored.
+#   FAILED_PRECONDITION on a Send: "not online": the server restarted and
+#     our Join has not been redone yet.
+#   CANCELLED, not by us (we check for that first): in practice a server
+#     that could not accept the call in time (seen with thousands of Joins
+#     at once). (On the server, CANCELLED means the client left.)
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
@@ -1236,17 +1221,15 @@ class Refused(Exception):
 
 class ReadReceipts:
     """Tells the server with MarkRead which messages have arrived, so that
-    the next client run does not show them again as unread.
+    the next run of the client does not show them again as unread.
 
-    After each batch of messages, received() confirms everything up to the
-    highest seq so far (bob's client, once it has shown alice's "hi",
-    sends MarkRead(up_to_seq=7)): one MarkRead covers all before it too.
-    It starts the call with stub.MarkRead.future(...), which returns at
-    once, so the receive thread never waits for the round trip. At most
-    one MarkRead is on its way; when it completes, _done() sends the next
-    if more arrived meanwhile. One that fails (the server is away) is
-    simply redone after the next message; and every Join records its
-    after_seq as read on the server anyway (ChatRoomServicer._read_up_to).
+    After each batch, received() confirms all up to the highest seq so far
+    (bob's client, having shown alice's "hi", sends MarkRead(up_to_seq=7)).
+    stub.MarkRead.future() returns at once: the receive thread never waits
+    for the round trip. At most one MarkRead is on its way; _done() sends
+    the next if more arrived meanwhile. One that fails (the server is away)
+    is redone after the next message, and each Join records its after_seq
+    as read anyway (ChatRoomServicer._read_up_to).
     """
 
     def __init__(self, stub, client_id, metadata):
@@ -1261,10 +1244,9 @@ class ReadReceipts:
         self._stopped = False  # flush() is over: start no more
 
     def joined(self, read_seq):
-        """At each Welcome: the server now holds read_seq as our read
-        position. On the first Join that is the position the server stored;
-        on a resumed one, the Join's own after_seq, or lower if the server
-        lost its history, whose seqs then start over."""
+        """At each Welcome: read_seq is now our read position on the
+        server (on a resumed Join, our after_seq, or lower if the server
+        lost its history, whose seqs then start over)."""
         with self._changed:
             self._received = self._confirmed = read_seq
 
