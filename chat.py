@@ -1302,26 +1302,23 @@ class ReadReceipts:
 class ChatClient:
     """The client's side of the protocol, with no user interface.
 
-    It joins, keeps a receive thread reading the Join stream (reconnecting
-    when the stream breaks), sends messages and confirms what it received
-    with receipts, a ReadReceipts class (Part II's for a big room). The UI
-    (terminal or Tk) gives it two callbacks, both called on the receive
-    thread, never on the UI's own thread:
+    It joins, reads the Join stream on a receive thread (joining again when
+    the stream breaks), sends messages, and confirms what arrived with
+    `receipts` (ReadReceipts, or Part II's). The UI (terminal or Tk) gives
+    it two callbacks, both called on the receive thread, never the UI's:
       on_event(event, notices)  every pb.Event, in order, without repeats;
           notices are sentences for its presence changes ("bob joined",
           "bob left", "alice is now known as alice2")
-      on_status(state, text)  "online", "reconnecting" or "closed", and
-          one sentence for a person that says why; called again only when
-          either changes. While reconnecting, away_since is the
-          time.monotonic() at which we lost the server (else None).
-    An empty name asks the server for the name it remembers for our id;
-    either way, self.name is the one the server gave us, once we are in.
+      on_status(state, text)  "online", "reconnecting" or "closed", and a
+          sentence for a person that says why; only when either changes.
+    While reconnecting, away_since is the time.monotonic() at which we lost
+    the server (else None). An empty name asks the server for the name it
+    remembers for our id; once we are in, self.name is the one it gave us.
     """
 
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.target = target
         self.client_id = client_id
         self.name = name
         self.history = history  # already-read messages to ask for, once
@@ -1336,12 +1333,12 @@ class ChatClient:
         self.last_seq = 0       # highest seq received: where to resume from
         self.joined = False     # a Welcome came: later Joins resume
         self.roster = {}        # member id -> (name, online), as we know it
-        self.away_since = None  # time.monotonic() when the stream broke
+        self.away_since = None
+        self.refusal = None     # the Refused that closed us, if any
         self._state = "connecting"
         self._status = None     # the last (state, text) told to on_status
         self._gave_up = False   # the first Join had no answer in time
         self._delay = Backoff()  # between Joins; reset by each Welcome
-        self.refusal = None     # the Refused that closed us, if any
         self._changed = threading.Condition()
         self._call = None       # the current Join call, to cancel on close
         self._leaving = False
@@ -1354,15 +1351,10 @@ class ChatClient:
 
     def connect(self):
         """Join the room. Blocks until the replay of unread messages is over
-        (CaughtUp), or until we were in and lost the server again (then we
-        are reconnecting); raises Refused if the server refuses or cannot
-        be reached."""
+        (CaughtUp), or until we were in and lost the server again; raises
+        Refused if the server refuses or cannot be reached."""
         self.start()
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self._state != "connecting" or self._leaving)
-            if self._state == "closed":
-                raise self.refusal
+        self._wait_for("online", "reconnecting")
 
     def send(self, text):
         """Send one message; block until the server has stored it and
@@ -1375,7 +1367,7 @@ class ChatClient:
                                  message_id=uuid.uuid4().hex)
         delay = Backoff()
         while True:
-            self._wait_online()
+            self._wait_for("online")
             try:
                 return self.stub.Send(request, timeout=SEND_TIMEOUT,
                                       wait_for_ready=True,
@@ -1411,6 +1403,36 @@ class ChatClient:
         self.receipts.flush(timeout=0 if away else 5)
         self.channel.close()
 
+    @property
+    def closed(self):
+        """True once the server has ended the session for good."""
+        return self._state == "closed"
+
+    def _wait_for(self, *states):
+        """Block until the state is one of states; raise Refused if the
+        server has ended the session, or once close() is called."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._leaving
+                                   or self._state in states + ("closed",))
+            if self._state == "closed":
+                raise self.refusal
+            if self._leaving:
+                raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+
+    def _pause(self, seconds):
+        """Wait before trying again; close() cuts the wait short."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._leaving, seconds)
+
+    def _set_state(self, state, text=""):
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+            if self._status == (state, text):
+                return  # e.g. the same refusal of each rejoin
+            self._status = (state, text)
+        self.on_status(state, text)
+
     # -- the receive thread --
 
     def _receive(self):
@@ -1435,9 +1457,9 @@ class ChatClient:
         with self._changed:
             if self._leaving:
                 return None
-            # The first Join fails fast if the connection fails (nothing
+            # The first Join fails fast if the connection does (nothing
             # listens, TLS on one side only, ...), so that a user who typed
-            # the wrong address hears so at once. Later Joins use
+            # a wrong address hears so at once. Later Joins use
             # wait_for_ready: the call waits while the channel reconnects
             # (with gRPC's own backoff) instead of failing.
             self._call = self.stub.Join(request, wait_for_ready=self.joined,
@@ -1447,12 +1469,11 @@ class ChatClient:
     def _read(self, call):
         """Take each Event of the stream until it ends; return the RpcError
         that ended it, or None if the server ended it with OK."""
-        # A stream lives for hours, so it has no deadline (timeout=), which
-        # would end it. But the first Join must not wait long for a server
-        # that never answers: gRPC gives up on a connection after 20 s, and
-        # on a call to a server that is connected but hung, never. So a
-        # timer cancels the first Join if no Welcome came within
-        # CONNECT_TIMEOUT. (cancel() works from any thread.)
+        # A stream lives for hours, so it has no deadline (timeout=): that
+        # would end it. But gRPC gives up on connecting after 20 s, and on a
+        # server that is connected but hung, never. So a timer cancels the
+        # first Join if no Welcome came within CONNECT_TIMEOUT. (cancel()
+        # works from any thread.)
         no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
         if not self.joined:
             no_answer.start()
@@ -1466,6 +1487,11 @@ class ChatClient:
         finally:
             no_answer.cancel()
         return None
+
+    def _give_up(self, call):
+        """Runs on the timer thread: the first Join had no answer in time."""
+        self._gave_up = True
+        call.cancel()  # the receive thread wakes with CANCELLED
 
     def _take(self, event):
         """Keep what the event tells us, hand what is new in it to
@@ -1485,6 +1511,15 @@ class ChatClient:
         if event.messages:
             self.receipts.received(self.last_seq)
 
+    def _welcome(self, welcome):
+        self.joined = True
+        self._delay.reset()
+        self.roster = {m.id: (m.name, m.online) for m in welcome.members}
+        if self.client_id in self.roster:  # with the name it gave us
+            self.name = self.roster[self.client_id][0]
+        self.last_seq = welcome.read_seq
+        self.receipts.joined(welcome.read_seq)
+
     def _keep_new(self, messages):
         """Drop the messages we already have, from the front of the list;
         return how many are left. (Our server sends none twice, but the
@@ -1495,47 +1530,10 @@ class ChatClient:
             self.last_seq = fresh[-1].seq
         return len(fresh)
 
-    def _ended(self, error):
-        """The stream broke with error (None: ended with OK). Is this the
-        end (we are leaving, or the server turned us away), or do we join
-        again?"""
-        if self._leaving:
-            return True
-        if self._gave_up and not self.joined:
-            self._close(Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no answer within {CONNECT_TIMEOUT} s."))
-            return True
-        if error is not None and (not self.joined
-                                  or error.code() not in RETRY):
-            self._close(Refused(error.code(), error.details()))
-            return True
-        return False
-
-    def _give_up(self, call):
-        """Runs on the timer thread: the first Join had no answer in time."""
-        self._gave_up = True
-        call.cancel()  # the receive thread wakes with CANCELLED
-
-    def _welcome(self, welcome):
-        self.joined = True
-        self._delay.reset()
-        self.roster = {m.id: (m.name, m.online) for m in welcome.members}
-        # Our own entry has the name the server gave us: the one we asked
-        # for, or, if we sent none, the one it remembers for our id.
-        if self.client_id in self.roster:
-            self.name = self.roster[self.client_id][0]
-        self.last_seq = welcome.read_seq
-        self.receipts.joined(welcome.read_seq)
-
-    def _pause(self, seconds):
-        """Wait before trying again; close() cuts the wait short."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._leaving, seconds)
-
     def _news(self, presence):
-        """Keep only the presence changes that change something for us.
-        Our server sends only news, but a client cannot count on every
-        server doing so. Returns a sentence for each change that is left."""
+        """Drop the presence changes that change nothing for us (our server
+        sends none, but not every server need be ours); return a sentence
+        for each one left."""
         stale, notices = [], []
         for index, member in enumerate(presence):
             state = (member.name, member.online)
@@ -1552,40 +1550,29 @@ class ChatClient:
             del presence[index]
         return notices
 
-    def _set_state(self, state, text=""):
-        with self._changed:
-            self._state = state
-            self._changed.notify_all()
-            if self._status == (state, text):
-                return  # e.g. the same refusal of each rejoin
-            self._status = (state, text)
-        self.on_status(state, text)
-
-    def _close(self, refused):
-        with self._changed:
-            self.refusal = refused
-        self._set_state("closed", refused.details)
-
-    @property
-    def closed(self):
-        """True once the server has ended the session for good."""
-        return self._state == "closed"
-
-    def _wait_online(self):
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self._state in ("online", "closed") or self._leaving)
-            if self._state == "closed":
-                raise self.refusal
-            if self._leaving:
-                raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+    def _ended(self, error):
+        """The stream broke with error (None: ended with OK). Is this the
+        end (we are leaving, or the server turned us away), or do we join
+        again?"""
+        if self._leaving:
+            return True
+        if self._gave_up and not self.joined:
+            self.refusal = Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no answer within {CONNECT_TIMEOUT} s.")
+        elif error is not None and (not self.joined
+                                    or error.code() not in RETRY):
+            self.refusal = Refused(error.code(), error.details())
+        else:
+            return False
+        self._set_state("closed", self.refusal.details)
+        return True
 
 
 def why_lost(error):
     """One sentence for a Join stream that broke (error None: it ended with
-    OK). Our server's own details are sentences, ending with a period
-    ("the server is shutting down; your client will reconnect."); gRPC's
-    ("Socket closed", ...) are not, and mean the connection itself broke."""
+    OK). Our server's details are sentences ending with a period ("the
+    server is shutting down; your client will reconnect."); gRPC's ("Socket
+    closed", ...) are not, and mean that the connection itself broke."""
     if error is None:
         return "the server ended the stream."
     if error.details().endswith("."):
