@@ -1613,13 +1613,11 @@ class Backoff:
 # queues messages; the main thread sends the messages, in order, each one
 # once the last is stored; ChatClient's receive thread prints what arrives.
 
-
 # How a first Join fails when the connection does, and what we tell the
-# user. gRPC's details then end with the reason of its last connection
-# attempt, in words of its own that may change between versions: "failed
-# to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051:
-# Failed to connect to remote host: Connection refused". The first clue
-# found in them wins.
+# user. gRPC's details end with the reason of its last connection attempt,
+# in its own words, which may change between versions ("failed to connect
+# to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: Failed to
+# connect to remote host: Connection refused"): the first clue found wins.
 CONNECT_FAILURES = [
     ("Connection refused",
      "cannot reach the server at {target}: nothing listens on that port. "
@@ -1692,18 +1690,12 @@ def certificate_names(target, tls_ca):
                      for key, value in part if key == "commonName"]
 
 
-def local_time(message):
-    """When message was stored, as '14:02:07' on this computer's clock."""
-    sent_at = datetime.datetime.fromtimestamp(
-        message.sent_at.ToMicroseconds() / 1e6)
-    return f"{sent_at:%H:%M:%S}"
-
-
 def format_message(message):
-    """'[14:02:07] alice: hi' in local time. A newline inside a message is
-    shown as '\\n' so that each message stays on one line."""
+    """'[14:02:07] alice: hi', in this computer's time. A newline inside a
+    message shows as '\\n', so that each message stays on one line."""
+    sent_at = datetime.datetime.fromtimestamp(message.sent_at.seconds)
     text = message.text.replace("\n", "\\n")
-    return f"[{local_time(message)}] {message.sender_name}: {text}"
+    return f"[{sent_at:%H:%M:%S}] {message.sender_name}: {text}"
 
 
 def plural(count, noun):
