@@ -1711,7 +1711,6 @@ def quoted(line):
 class TerminalClient:
     """stdin/stdout/stderr front end for ChatClient."""
 
-    CLOSED = object()  # put in `outbox` when the server ends the session
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
@@ -1721,7 +1720,6 @@ class TerminalClient:
         self.receipts = receipts  # for ChatClient
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
-        self.joined_before = False  # set by the first Welcome
         self.unread = 0      # from the last Welcome
         # Messages typed, in order, for the main thread to send; None when
         # it is time to leave. Commands do not go here: they run at once.
@@ -1729,7 +1727,8 @@ class TerminalClient:
         self.lock = threading.Lock()  # for the next three
         self.unsent = 0      # messages typed and not yet stored or refused
         self.leaving = False  # /quit or end of input was read
-        self.away_timer = None  # says "still reconnecting" now and then
+        self.back = threading.Event()  # set while the server is not away
+        self.back.set()
 
     def _client(self, name, password):
         return ChatClient(self.target, self.client_id, name, self.on_event,
@@ -1749,7 +1748,7 @@ class TerminalClient:
         except KeyboardInterrupt:   # Ctrl-C: leave now, all sent or not
             pass
         with self.lock:
-            self._stop_away_notes()
+            self.back.set()  # no more away notes
             unsent = self.unsent
         if unsent:
             self.say(f"chat: {plural(unsent, 'message')} not sent")
@@ -1846,7 +1845,7 @@ class TerminalClient:
 
     def _send_messages(self):
         """Send each queued message, in order, until it is time to leave."""
-        while (text := self.outbox.get()) not in (None, self.CLOSED):
+        while (text := self.outbox.get()) is not None:
             try:
                 self.chat.send(text)  # blocks until stored
             except Refused as refused:
@@ -1885,54 +1884,42 @@ class TerminalClient:
         news = (f"{plural(welcome.unread, 'unread message')}; "
                 + (f"online: {', '.join(others)}" if others
                    else "nobody else online"))
-        if self.joined_before:
-            away = time.monotonic() - self.chat.away_since
-            self.say(f"reconnected to {self.target} after {away:.0f} s; "
-                     f"{news}")
+        if self.chat.away_since is not None:  # this Join is a rejoin
+            away = duration(time.monotonic() - self.chat.away_since)
+            self.say(f"reconnected to {self.target} after {away}; {news}")
         else:
             self.say(f"connected to {self.target} as {self.chat.name} "
                      f"(id {self.client_id}); {news}")
-        self.joined_before = True
 
     def on_status(self, state, text):
         with self.lock:
-            if state == "reconnecting":
-                self.say(f"connection lost: {text}")
-                if self.away_timer is None:
-                    self._plan_away_note(self.AWAY_NOTE)
-                self._tell_waiting()
+            if state != "reconnecting":
+                self.back.set()  # ends the away notes, if any
             else:
-                self._stop_away_notes()
-        if state == "closed" and self.joined_before:
+                self.say(f"connection lost: {text}")
+                self._tell_waiting()
+                if self.back.is_set():  # just lost: start the away notes
+                    self.back = threading.Event()
+                    threading.Thread(target=self._away_notes, daemon=True,
+                                     args=(self.back, self.chat.away_since),
+                                     name="away notes").start()
+        if state == "closed" and self.chat.joined:
             # The server ended our session for good (e.g. the same id joined
             # from elsewhere). Wake the main thread, which waits for a line.
             self.say(f"chat: the server closed the session: {text}")
-            self.outbox.put(self.CLOSED)
+            self.outbox.put(None)
 
-    # -- "still reconnecting", at growing intervals: 15 s, 30 s, 1 min... --
-
-    def _plan_away_note(self, seconds):
-        """Hold self.lock."""
-        self.away_timer = threading.Timer(seconds, self._away_note)
-        self.away_timer.daemon = True
-        self.away_timer.start()
-
-    def _away_note(self):
-        """Runs on the timer's own thread while the server is away."""
-        with self.lock:
-            since = self.chat.away_since
-            if (since is None
-                    or self.away_timer is not threading.current_thread()):
-                return  # fired just too late: back online, or a newer timer
-            away = time.monotonic() - since
-            self.say(f"server away for {away:.0f} s; still reconnecting")
-            self._plan_away_note(away)
-
-    def _stop_away_notes(self):
-        """Hold self.lock."""
-        if self.away_timer is not None:
-            self.away_timer.cancel()
-            self.away_timer = None
+    def _away_notes(self, back, since):
+        """Runs on a thread of its own until back is set: says "still
+        reconnecting" at growing intervals (15 s, 30 s, 1 min, ...)."""
+        wait = self.AWAY_NOTE
+        while not back.wait(wait):
+            with self.lock:
+                if back.is_set():
+                    return  # just now
+                wait = time.monotonic() - since
+                self.say(f"server away for {duration(wait)}; "
+                         "still reconnecting")
 
     @staticmethod
     def say(text):
