@@ -1335,10 +1335,9 @@ class ChatClient:
         self.roster = {}        # member id -> (name, online), as we know it
         self.away_since = None
         self.refusal = None     # the Refused that closed us, if any
-        self._state = "connecting"
-        self._status = None     # the last (state, text) told to on_status
+        self._state, self._why = "connecting", ""  # as told to on_status
         self._gave_up = False   # the first Join had no answer in time
-        self._delay = Backoff()  # between Joins; reset by each Welcome
+        self._delays = retry_delays()  # between Joins; new at a Welcome
         self._changed = threading.Condition()
         self._call = None       # the current Join call, to cancel on close
         self._leaving = False
@@ -1365,7 +1364,7 @@ class ChatClient:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         request = pb.SendRequest(client_id=self.client_id, text=text,
                                  message_id=uuid.uuid4().hex)
-        delay = Backoff()
+        delays = retry_delays()
         while True:
             self._wait_for("online")
             try:
@@ -1375,7 +1374,7 @@ class ChatClient:
             except grpc.RpcError as error:
                 if error.code() not in RETRY:
                     raise Refused(error.code(), error.details()) from None
-                self._pause(delay.next())
+                self._pause(next(delays))
 
     def list_members(self):
         """[pb.Member] for /who."""
@@ -1426,11 +1425,10 @@ class ChatClient:
 
     def _set_state(self, state, text=""):
         with self._changed:
-            self._state = state
-            self._changed.notify_all()
-            if self._status == (state, text):
+            if (self._state, self._why) == (state, text):
                 return  # e.g. the same refusal of each rejoin
-            self._status = (state, text)
+            self._state, self._why = state, text
+            self._changed.notify_all()
         self.on_status(state, text)
 
     # -- the receive thread --
@@ -1445,7 +1443,7 @@ class ChatClient:
             if self.away_since is None:
                 self.away_since = time.monotonic()
             self._set_state("reconnecting", why_lost(error))
-            self._pause(self._delay.next())
+            self._pause(next(self._delays))
 
     def _join(self):
         """Start a Join call and return it; None if we are leaving. (bob's
@@ -1513,7 +1511,7 @@ class ChatClient:
 
     def _welcome(self, welcome):
         self.joined = True
-        self._delay.reset()
+        self._delays = retry_delays()
         self.roster = {m.id: (m.name, m.online) for m in welcome.members}
         if self.client_id in self.roster:  # with the name it gave us
             self.name = self.roster[self.client_id][0]
@@ -1580,21 +1578,14 @@ def why_lost(error):
     return "the server or the network went away."
 
 
-class Backoff:
-    """Delays for retries: 0.5 s doubling to 8 s, each with +-20% jitter so
-    that many clients of a restarted server do not all retry at once."""
-
-    def __init__(self, first=0.5, cap=8.0):
-        self.first, self.cap = first, cap
-        self.reset()
-
-    def reset(self):
-        self._next = self.first
-
-    def next(self):
-        wait = self._next * (0.8 + 0.4 * random.random())
-        self._next = min(self._next * 2, self.cap)
-        return wait
+def retry_delays():
+    """Waits between retries, in seconds: 0.5, doubling up to 8, each with
+    +-20% jitter so that the clients of a restarted server do not all retry
+    at once."""
+    delay = 0.5
+    while True:
+        yield delay * (0.8 + 0.4 * random.random())
+        delay = min(delay * 2, 8.0)
 
 
 # 8. The terminal client ----------------------------------------------------
