@@ -1131,32 +1131,29 @@ async def shut_down(server, servicer):
 #
 # A channel is a virtual connection to a target, a name such as
 # "localhost:50051" that may resolve to several addresses. Creating one does
-# no I/O: it starts IDLE and connects on the first call (CONNECTING ->
-# READY, or TRANSIENT_FAILURE if nothing listens); when the server goes
-# away, it is IDLE again until the next call. In one process, channels with
-# the same target and options share one TCP connection (gRPC's subchannel
-# pool). Every call (our Join stream, each Send, each MarkRead) is one
-# HTTP/2 stream on it: gRPC multiplexes them, so the Join that waits for
-# events never blocks a Send.
+# no I/O: it is IDLE until the first call, then CONNECTING -> READY (or
+# TRANSIENT_FAILURE if nothing listens), and IDLE again once the server
+# goes away. In one process, channels with the same target and options
+# share one TCP connection (gRPC's subchannel pool), and each call (our Join
+# stream, each Send, each MarkRead) is one HTTP/2 stream on it: the Join
+# that waits for events never blocks a Send.
 #
 # A stub (services.ChatRoomStub) holds no connection, only a
 # "multicallable" per RPC that knows the method's name and how to
 # (de)serialize: stub.Send(request) returns a SendReply, stub.Join(request)
 # an iterator of Events, and stub.MarkRead.future(request) a grpc.Future,
-# at once, without waiting for the call (ReadReceipts).
+# at once (ReadReceipts).
 #
-# How the threaded API waits for the network: on completion queues, like
-# grpc.aio (section 6), but with plain threads.
-#   * A blocking unary call (stub.Send) makes a completion queue for itself,
-#     and the calling thread waits on it: no other thread is involved.
-#   * Streams and .future() calls share one queue per channel. The first
-#     one starts a "channel spin" thread that takes events off it and wakes
-#     whoever waits: our receive thread, blocked in `for event in call`, at
-#     each Event. future.add_done_callback(fn) runs fn on the spin thread,
-#     or at once on the calling thread if the call has completed already
-#     (on your UI's thread, if that is where you add it).
-# Both wait in slices (the receive thread 0.1 s, the spin thread 0.2 s), so
-# even an idle client wakes at least 15 times a second inside grpcio.
+# The threaded API waits on completion queues too (section 6), with plain
+# threads. A blocking unary call (stub.Send) makes a queue of its own, and
+# the calling thread waits on it. Streams and .future() calls share one
+# queue per channel: the first one starts a "channel spin" thread that
+# takes events off it and wakes the waiter (our receive thread, in `for
+# event in call`). future.add_done_callback(fn) runs fn on the spin thread,
+# or at once on the calling thread (your UI's?) if the call has completed
+# already. Both wait in slices (the receive thread 0.1 s, the spin thread
+# 0.2 s), so even an idle client wakes at least 15 times a second inside
+# grpcio.
 
 # Keepalive, the client's side (server_options() in section 6 explains the
 # rest): ping every 20 s, even while the chat is quiet, so that a server
@@ -1244,9 +1241,8 @@ class ReadReceipts:
         self._stopped = False  # flush() is over: start no more
 
     def joined(self, read_seq):
-        """At each Welcome: read_seq is now our read position on the
-        server (on a resumed Join, our after_seq, or lower if the server
-        lost its history, whose seqs then start over)."""
+        """At each Welcome: read_seq is our read position on the server
+        now (lower than ours if it lost its history and starts over)."""
         with self._changed:
             self._received = self._confirmed = read_seq
 
@@ -1591,18 +1587,17 @@ def retry_delays():
 # 8. The terminal client ----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
-#   stdin   each line is one message; "/quit" or end of input leaves once
-#           every message typed so far is stored. A line that starts with /
-#           is a command (/help lists them); "//" sends the rest of the
-#           line with one / removed.
-#   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
+#   stdin   one message a line. A line that starts with / is a command
+#           (/help lists them); "//" sends the rest with one / removed.
+#           "/quit" or end of input leaves once all typed so far is stored.
+#   stdout  chat messages only, one a line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
 #           refuses the join, cannot be reached or closes the session, or
 #           when Ctrl-C leaves messages unsent.
 # Three threads: the stdin thread reads lines, runs commands at once and
-# queues messages; the main thread sends the messages, in order, each one
-# once the last is stored; ChatClient's receive thread prints what arrives.
+# queues messages; the main thread sends them in order, each once the last
+# is stored; ChatClient's receive thread prints what arrives.
 
 # How a first Join fails when the connection does, and what we tell the
 # user. gRPC's details end with the reason of its last connection attempt,
