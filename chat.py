@@ -1150,10 +1150,10 @@ async def shut_down(server, servicer):
 # queue per channel: the first one starts a "channel spin" thread that
 # takes events off it and wakes the waiter (our receive thread, in `for
 # event in call`). future.add_done_callback(fn) runs fn on the spin thread,
-# or at once on the calling thread (your UI's?) if the call has completed
-# already. Both wait in slices (the receive thread 0.1 s, the spin thread
-# 0.2 s), so even an idle client wakes at least 15 times a second inside
-# grpcio.
+# or, if the call has completed already, at once on the calling thread
+# (maybe your UI's). Both wait in slices (the receive thread 0.1 s, the
+# spin thread 0.2 s), so even an idle client wakes at least 15 times a
+# second inside grpcio.
 
 # Keepalive, the client's side (server_options() in section 6 explains the
 # rest): ping every 20 s, even while the chat is quiet, so that a server
@@ -1330,7 +1330,7 @@ class ChatClient:
         self.joined = False     # a Welcome came: later Joins resume
         self.roster = {}        # member id -> (name, online), as we know it
         self.away_since = None
-        self.refusal = None     # the Refused that closed us, if any
+        self.refusal = None     # the Refused that ended the session
         self._state, self._why = "connecting", ""  # as told to on_status
         self._gave_up = False   # the first Join had no answer in time
         self._delays = retry_delays()  # between Joins; new at a Welcome
@@ -1397,11 +1397,6 @@ class ChatClient:
         away = self.away_since is not None
         self.receipts.flush(timeout=0 if away else 5)
         self.channel.close()
-
-    @property
-    def closed(self):
-        """True once the server has ended the session for good."""
-        return self._state == "closed"
 
     def _wait_for(self, *states):
         """Block until the state is one of states; raise Refused if the
@@ -1739,7 +1734,7 @@ class TerminalClient:
         if unsent:
             self.say(f"chat: {plural(unsent, 'message')} not sent")
         self.chat.close()
-        return 1 if self.chat.closed or unsent else 0
+        return 1 if self.chat.refusal or unsent else 0
 
     def _join(self, stdin):
         """Join the room. On a terminal, ask for the room password when
@@ -1835,7 +1830,7 @@ class TerminalClient:
             try:
                 self.chat.send(text)  # blocks until stored
             except Refused as refused:
-                if self.chat.closed:
+                if self.chat.refusal:  # the server closed the session
                     return
                 name = f"{quoted(text)}: " if text.strip() else ""
                 self.say(f"not sent: {name}{refused.details}")
