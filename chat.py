@@ -1696,7 +1696,6 @@ class TerminalClient:
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        """name "" asks the server for the name it remembers for us."""
         self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
         self.receipts = receipts  # for ChatClient
         self.chat = self._client(name, password)
