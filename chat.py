@@ -1030,68 +1030,49 @@ async def shut_down(server, servicer):
 
 # 7. The client -------------------------------------------------------------
 #
-# A channel is a virtual connection to a target: a name such as
-# "localhost:50051", which may resolve to several addresses. The channel
-# opens the TCP connections it needs, reuses them, and shares them: in one
-# process, channels with the same target and options share one connection
-# (gRPC's subchannel pool). Creating a channel does no I/O: it starts IDLE
-# and connects on the first call. Its state then moves CONNECTING -> READY,
-# or to TRANSIENT_FAILURE if nothing listens; when the server goes away,
-# READY -> IDLE, and the next call connects again. Every call on a channel
-# (our Join stream, each Send, each MarkRead) is one HTTP/2 stream on the
-# same TCP connection: gRPC multiplexes them, so the stream that is waiting
-# for events never blocks a Send.
+# A channel is a virtual connection to a target, a name such as
+# "localhost:50051" that may resolve to several addresses. Creating one does
+# no I/O: it is IDLE until the first call, then CONNECTING -> READY (or
+# TRANSIENT_FAILURE if nothing listens), and IDLE again once the server
+# goes away. In one process, channels with the same target and options
+# share one TCP connection (gRPC's subchannel pool), and each call (our Join
+# stream, each Send, each MarkRead) is one HTTP/2 stream on it: the Join
+# that waits for events never blocks a Send.
 #
-# A stub (services.ChatRoomStub) holds no connection of its own. For each
-# RPC it keeps a "multicallable" that knows the method name and how to
-# (de)serialize: stub.Send is unary-unary (call it, get a SendReply), and
-# stub.Join is unary-stream (call it, get an iterator of Events).
-# stub.MarkRead.future(request) starts a unary call without waiting for it:
-# it returns a grpc.Future at once (ReadReceipts).
+# A stub (services.ChatRoomStub) holds no connection, only a
+# "multicallable" per RPC that knows the method's name and how to
+# (de)serialize: stub.Send(request) returns a SendReply, stub.Join(request)
+# an iterator of Events, and stub.MarkRead.future(request) a grpc.Future,
+# at once (ReadReceipts).
 #
-# How the threaded API waits for the network. Like grpc.aio, it waits on
-# completion queues (section 6), but with plain threads:
-#   * a blocking unary call (stub.Send(request)) makes a completion queue
-#     just for that call, and the calling thread waits on it itself, so no
-#     extra thread is involved;
-#   * streams and .future() calls share one completion queue per channel.
-#     The first one starts a "channel spin" thread that takes events off it
-#     and wakes whoever waits. Our receive thread, blocked in `for event in
-#     call`, is woken by that spin thread when the next Event arrives.
-# Both wait in slices (the receive thread 0.1 s, the spin thread 0.2 s), so
-# even an idle client wakes at least 15 times a second inside grpcio.
-# future.add_done_callback(fn) runs fn on the spin thread when the call
-# completes, or at once, on the calling thread, if it has completed
-# already: so on your UI's thread if that is where you add it. Our own
-# on_event callbacks run on our receive thread, never on the UI's.
+# The threaded API waits on completion queues too (section 6), with plain
+# threads. A blocking unary call (stub.Send) makes a queue of its own, and
+# the calling thread waits on it. Streams and .future() calls share one
+# queue per channel: the first one starts a "channel spin" thread that
+# takes events off it and wakes the waiter (our receive thread, in `for
+# event in call`). future.add_done_callback(fn) runs fn on the spin thread,
+# or, if the call has completed already, at once on the calling thread
+# (maybe your UI's). Both wait in slices (the receive thread 0.1 s, the
+# spin thread 0.2 s), so even an idle client wakes at least 15 times a
+# second inside grpcio.
 
-# Keepalive: the client pings the server every 20 s, even while the chat is
-# quiet, so a server that vanished without a word (no FIN, no RST) is
-# noticed within about 30 s: 20 s, plus 10 s for the answer. The server
-# hears these pings, so with a --keepalive over 20 s (30 by default) it
-# never pings our clients itself: a server pings only after that long
-# without hearing anything on the connection.
+# Keepalive, the client's side (server_options() in section 6 explains the
+# rest): ping every 20 s, even while the chat is quiet, so that a server
+# that vanished without a word (no FIN, no RST) is noticed within about
+# 30 s: 20 s, plus 10 s for the answer.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
-    # The deadline for the ping's answer that drops a silent connection is
-    # ping_timeout_ms. keepalive_timeout_ms becomes the socket's
-    # TCP_USER_TIMEOUT: sent bytes unacknowledged for that long close the
-    # connection too. (server_options() says more.)
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.ping_timeout_ms", 10_000),
-    # Two different counters limit pings. This is the client's own: after
-    # 2 pings with no data sent in between, it slows down to one ping a
-    # minute; 0 removes the limit (a quiet chat sends no data for hours).
-    # The server counts pings that come sooner than it allows ("strikes",
-    # server_options()) and hangs up after a few: it must allow one every
-    # 20 s.
+    ("grpc.http2.ping_timeout_ms", 10_000),  # the deadline for the answer
+    ("grpc.keepalive_timeout_ms", 10_000),  # becomes TCP_USER_TIMEOUT
+    # The client's own limit on pings, not the server's strikes: after 2
+    # pings with no data sent in between, one a minute. 0 lifts it (a quiet
+    # chat sends no data for hours).
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),  # also between two Joins
-    # After a connection fails, the channel waits before trying again:
-    # 1 s, then 1.6 times longer each time, with jitter, up to this cap
-    # (gRPC's default cap is 120 s, too long to wait for a restarted chat).
-    # (grpc.min_reconnect_backoff_ms is no backoff: it is the least time
-    # each connection attempt is given.)
+    # Between connection attempts the channel waits 1 s, then 1.6 times
+    # longer each time, with jitter, up to this cap (gRPC's default, 120 s,
+    # is too long to wait for a restarted chat). min_reconnect_backoff_ms,
+    # despite its name, is the time each attempt is given to connect.
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
@@ -1105,22 +1086,23 @@ def open_channel(target, tls_ca=None):
     if tls_ca is None:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
     with open(tls_ca, "rb") as pem:
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem.read())
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=pem.read())
     return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
-# Status codes after which the client tries again rather than gives up.
+
+# Status codes after which the client tries again rather than gives up:
 #   UNAVAILABLE: the server is down or restarting, or the network dropped.
-#   RESOURCE_EXHAUSTED on a running stream: we fell behind; the server
-#     closed our stream and we catch up from where we are. On a Send: too
-#     fast for the server's --rate; wait, then resend the same message_id.
-#   DEADLINE_EXCEEDED on a Send: no answer in time, so we cannot know if it
-#     was stored; the retry carries the same message_id, so at most one copy.
-#   FAILED_PRECONDITION on a Send: "not online": the server restarted and our
-#     Join has not been redone yet.
-#   CANCELLED: here, on the client, not by us (we check for that first): in
-#     practice a server that could not accept the call in time (seen with
-#     thousands of Joins at once). (On the server, CANCELLED means the
-#     opposite side: the client left.)
+#   RESOURCE_EXHAUSTED: on a stream, we fell behind and the server closed
+#     it: we catch up from where we are. On a Send: faster than the
+#     server's --rate allows; we wait, then resend the same message_id.
+#   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
+#     carries the same message_id, so at most one copy is stored.
+#   FAILED_PRECONDITION on a Send: "not online": the server restarted and
+#     our Join has not been redone yet.
+#   CANCELLED, not by us (we check for that first): in practice a server
+#     that could not accept the call in time (seen with thousands of Joins
+#     at once). (On the server, CANCELLED means the client left.)
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
@@ -1137,17 +1119,15 @@ class Refused(Exception):
 
 class ReadReceipts:
     """Tells the server with MarkRead which messages have arrived, so that
-    the next client run does not show them again as unread.
+    the next run of the client does not show them again as unread.
 
-    After each batch of messages, received() confirms everything up to the
-    highest seq so far (bob's client, once it has shown alice's "hi",
-    sends MarkRead(up_to_seq=7)): one MarkRead covers all before it too.
-    It starts the call with stub.MarkRead.future(...), which returns at
-    once, so the receive thread never waits for the round trip. At most
-    one MarkRead is on its way; when it completes, _done() sends the next
-    if more arrived meanwhile. One that fails (the server is away) is
-    simply redone after the next message; and every Join records its
-    after_seq as read on the server anyway (ChatRoomServicer._read_up_to).
+    After each batch, received() confirms all up to the highest seq so far
+    (bob's client, having shown alice's "hi", sends MarkRead(up_to_seq=7)).
+    stub.MarkRead.future() returns at once: the receive thread never waits
+    for the round trip. At most one MarkRead is on its way; _done() sends
+    the next if more arrived meanwhile. One that fails (the server is away)
+    is redone after the next message, and each Join records its after_seq
+    as read anyway (ChatRoomServicer._read_up_to).
     """
 
     def __init__(self, stub, client_id, metadata):
@@ -1162,10 +1142,8 @@ class ReadReceipts:
         self._stopped = False  # flush() is over: start no more
 
     def joined(self, read_seq):
-        """At each Welcome: the server now holds read_seq as our read
-        position. On the first Join that is the position the server stored;
-        on a resumed one, the Join's own after_seq, or lower if the server
-        lost its history, whose seqs then start over."""
+        """At each Welcome: read_seq is our read position on the server
+        now (lower than ours if it lost its history and starts over)."""
         with self._changed:
             self._received = self._confirmed = read_seq
 
@@ -1221,26 +1199,23 @@ class ReadReceipts:
 class ChatClient:
     """The client's side of the protocol, with no user interface.
 
-    It joins, keeps a receive thread reading the Join stream (reconnecting
-    when the stream breaks), sends messages and confirms what it received
-    with receipts, a ReadReceipts class (Part II's for a big room). The UI
-    (terminal or Tk) gives it two callbacks, both called on the receive
-    thread, never on the UI's own thread:
+    It joins, reads the Join stream on a receive thread (joining again when
+    the stream breaks), sends messages, and confirms what arrived with
+    `receipts` (ReadReceipts, or Part II's). The UI (terminal or Tk) gives
+    it two callbacks, both called on the receive thread, never the UI's:
       on_event(event, notices)  every pb.Event, in order, without repeats;
           notices are sentences for its presence changes ("bob joined",
           "bob left", "alice is now known as alice2")
-      on_status(state, text)  "online", "reconnecting" or "closed", and
-          one sentence for a person that says why; called again only when
-          either changes. While reconnecting, away_since is the
-          time.monotonic() at which we lost the server (else None).
-    An empty name asks the server for the name it remembers for our id;
-    either way, self.name is the one the server gave us, once we are in.
+      on_status(state, text)  "online", "reconnecting" or "closed", and a
+          sentence for a person that says why; only when either changes.
+    While reconnecting, away_since is the time.monotonic() at which we lost
+    the server (else None). An empty name asks the server for the name it
+    remembers for our id; once we are in, self.name is the one it gave us.
     """
 
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.target = target
         self.client_id = client_id
         self.name = name
         self.history = history  # already-read messages to ask for, once
@@ -1255,12 +1230,11 @@ class ChatClient:
         self.last_seq = 0       # highest seq received: where to resume from
         self.joined = False     # a Welcome came: later Joins resume
         self.roster = {}        # member id -> (name, online), as we know it
-        self.away_since = None  # time.monotonic() when the stream broke
-        self._state = "connecting"
-        self._status = None     # the last (state, text) told to on_status
+        self.away_since = None
+        self.refusal = None     # the Refused that ended the session
+        self._state, self._why = "connecting", ""  # as told to on_status
         self._gave_up = False   # the first Join had no answer in time
-        self._delay = Backoff()  # between Joins; reset by each Welcome
-        self.refusal = None     # the Refused that closed us, if any
+        self._delays = retry_delays()  # between Joins; new at a Welcome
         self._changed = threading.Condition()
         self._call = None       # the current Join call, to cancel on close
         self._leaving = False
@@ -1273,15 +1247,10 @@ class ChatClient:
 
     def connect(self):
         """Join the room. Blocks until the replay of unread messages is over
-        (CaughtUp), or until we were in and lost the server again (then we
-        are reconnecting); raises Refused if the server refuses or cannot
-        be reached."""
+        (CaughtUp), or until we were in and lost the server again; raises
+        Refused if the server refuses or cannot be reached."""
         self.start()
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self._state != "connecting" or self._leaving)
-            if self._state == "closed":
-                raise self.refusal
+        self._wait_for("online", "reconnecting")
 
     def send(self, text):
         """Send one message; block until the server has stored it and
@@ -1292,9 +1261,9 @@ class ChatClient:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         request = pb.SendRequest(client_id=self.client_id, text=text,
                                  message_id=uuid.uuid4().hex)
-        delay = Backoff()
+        delays = retry_delays()
         while True:
-            self._wait_online()
+            self._wait_for("online")
             try:
                 return self.stub.Send(request, timeout=SEND_TIMEOUT,
                                       wait_for_ready=True,
@@ -1302,7 +1271,7 @@ class ChatClient:
             except grpc.RpcError as error:
                 if error.code() not in RETRY:
                     raise Refused(error.code(), error.details()) from None
-                self._pause(delay.next())
+                self._pause(next(delays))
 
     def list_members(self):
         """[pb.Member] for /who."""
@@ -1330,6 +1299,30 @@ class ChatClient:
         self.receipts.flush(timeout=0 if away else 5)
         self.channel.close()
 
+    def _wait_for(self, *states):
+        """Block until the state is one of states; raise Refused if the
+        server has ended the session, or once close() is called."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._leaving
+                                   or self._state in states + ("closed",))
+            if self._state == "closed":
+                raise self.refusal
+            if self._leaving:
+                raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+
+    def _pause(self, seconds):
+        """Wait before trying again; close() cuts the wait short."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._leaving, seconds)
+
+    def _set_state(self, state, text=""):
+        with self._changed:
+            if (self._state, self._why) == (state, text):
+                return  # e.g. the same refusal of each rejoin
+            self._state, self._why = state, text
+            self._changed.notify_all()
+        self.on_status(state, text)
+
     # -- the receive thread --
 
     def _receive(self):
@@ -1342,7 +1335,7 @@ class ChatClient:
             if self.away_since is None:
                 self.away_since = time.monotonic()
             self._set_state("reconnecting", why_lost(error))
-            self._pause(self._delay.next())
+            self._pause(next(self._delays))
 
     def _join(self):
         """Start a Join call and return it; None if we are leaving. (bob's
@@ -1354,9 +1347,9 @@ class ChatClient:
         with self._changed:
             if self._leaving:
                 return None
-            # The first Join fails fast if the connection fails (nothing
+            # The first Join fails fast if the connection does (nothing
             # listens, TLS on one side only, ...), so that a user who typed
-            # the wrong address hears so at once. Later Joins use
+            # a wrong address hears so at once. Later Joins use
             # wait_for_ready: the call waits while the channel reconnects
             # (with gRPC's own backoff) instead of failing.
             self._call = self.stub.Join(request, wait_for_ready=self.joined,
@@ -1366,12 +1359,11 @@ class ChatClient:
     def _read(self, call):
         """Take each Event of the stream until it ends; return the RpcError
         that ended it, or None if the server ended it with OK."""
-        # A stream lives for hours, so it has no deadline (timeout=), which
-        # would end it. But the first Join must not wait long for a server
-        # that never answers: gRPC gives up on a connection after 20 s, and
-        # on a call to a server that is connected but hung, never. So a
-        # timer cancels the first Join if no Welcome came within
-        # CONNECT_TIMEOUT. (cancel() works from any thread.)
+        # A stream lives for hours, so it has no deadline (timeout=): that
+        # would end it. But gRPC gives up on connecting after 20 s, and on a
+        # server that is connected but hung, never. So a timer cancels the
+        # first Join if no Welcome came within CONNECT_TIMEOUT. (cancel()
+        # works from any thread.)
         no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
         if not self.joined:
             no_answer.start()
@@ -1385,6 +1377,11 @@ class ChatClient:
         finally:
             no_answer.cancel()
         return None
+
+    def _give_up(self, call):
+        """Runs on the timer thread: the first Join had no answer in time."""
+        self._gave_up = True
+        call.cancel()  # the receive thread wakes with CANCELLED
 
     def _take(self, event):
         """Keep what the event tells us, hand what is new in it to
@@ -1404,6 +1401,15 @@ class ChatClient:
         if event.messages:
             self.receipts.received(self.last_seq)
 
+    def _welcome(self, welcome):
+        self.joined = True
+        self._delays = retry_delays()
+        self.roster = {m.id: (m.name, m.online) for m in welcome.members}
+        if self.client_id in self.roster:  # with the name it gave us
+            self.name = self.roster[self.client_id][0]
+        self.last_seq = welcome.read_seq
+        self.receipts.joined(welcome.read_seq)
+
     def _keep_new(self, messages):
         """Drop the messages we already have, from the front of the list;
         return how many are left. (Our server sends none twice, but the
@@ -1414,47 +1420,10 @@ class ChatClient:
             self.last_seq = fresh[-1].seq
         return len(fresh)
 
-    def _ended(self, error):
-        """The stream broke with error (None: ended with OK). Is this the
-        end (we are leaving, or the server turned us away), or do we join
-        again?"""
-        if self._leaving:
-            return True
-        if self._gave_up and not self.joined:
-            self._close(Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no answer within {CONNECT_TIMEOUT} s."))
-            return True
-        if error is not None and (not self.joined
-                                  or error.code() not in RETRY):
-            self._close(Refused(error.code(), error.details()))
-            return True
-        return False
-
-    def _give_up(self, call):
-        """Runs on the timer thread: the first Join had no answer in time."""
-        self._gave_up = True
-        call.cancel()  # the receive thread wakes with CANCELLED
-
-    def _welcome(self, welcome):
-        self.joined = True
-        self._delay.reset()
-        self.roster = {m.id: (m.name, m.online) for m in welcome.members}
-        # Our own entry has the name the server gave us: the one we asked
-        # for, or, if we sent none, the one it remembers for our id.
-        if self.client_id in self.roster:
-            self.name = self.roster[self.client_id][0]
-        self.last_seq = welcome.read_seq
-        self.receipts.joined(welcome.read_seq)
-
-    def _pause(self, seconds):
-        """Wait before trying again; close() cuts the wait short."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._leaving, seconds)
-
     def _news(self, presence):
-        """Keep only the presence changes that change something for us.
-        Our server sends only news, but a client cannot count on every
-        server doing so. Returns a sentence for each change that is left."""
+        """Drop the presence changes that change nothing for us (our server
+        sends none, but not every server need be ours); return a sentence
+        for each one left."""
         stale, notices = [], []
         for index, member in enumerate(presence):
             state = (member.name, member.online)
@@ -1471,40 +1440,29 @@ class ChatClient:
             del presence[index]
         return notices
 
-    def _set_state(self, state, text=""):
-        with self._changed:
-            self._state = state
-            self._changed.notify_all()
-            if self._status == (state, text):
-                return  # e.g. the same refusal of each rejoin
-            self._status = (state, text)
-        self.on_status(state, text)
-
-    def _close(self, refused):
-        with self._changed:
-            self.refusal = refused
-        self._set_state("closed", refused.details)
-
-    @property
-    def closed(self):
-        """True once the server has ended the session for good."""
-        return self._state == "closed"
-
-    def _wait_online(self):
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self._state in ("online", "closed") or self._leaving)
-            if self._state == "closed":
-                raise self.refusal
-            if self._leaving:
-                raise Refused(grpc.StatusCode.CANCELLED, "leaving the room.")
+    def _ended(self, error):
+        """The stream broke with error (None: ended with OK). Is this the
+        end (we are leaving, or the server turned us away), or do we join
+        again?"""
+        if self._leaving:
+            return True
+        if self._gave_up and not self.joined:
+            self.refusal = Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no answer within {CONNECT_TIMEOUT} s.")
+        elif error is not None and (not self.joined
+                                    or error.code() not in RETRY):
+            self.refusal = Refused(error.code(), error.details())
+        else:
+            return False
+        self._set_state("closed", self.refusal.details)
+        return True
 
 
 def why_lost(error):
     """One sentence for a Join stream that broke (error None: it ended with
-    OK). Our server's own details are sentences, ending with a period
-    ("the server is shutting down; your client will reconnect."); gRPC's
-    ("Socket closed", ...) are not, and mean the connection itself broke."""
+    OK). Our server's details are sentences ending with a period ("the
+    server is shutting down; your client will reconnect."); gRPC's ("Socket
+    closed", ...) are not, and mean that the connection itself broke."""
     if error is None:
         return "the server ended the stream."
     if error.details().endswith("."):
@@ -1512,46 +1470,36 @@ def why_lost(error):
     return "the server or the network went away."
 
 
-class Backoff:
-    """Delays for retries: 0.5 s doubling to 8 s, each with +-20% jitter so
-    that many clients of a restarted server do not all retry at once."""
-
-    def __init__(self, first=0.5, cap=8.0):
-        self.first, self.cap = first, cap
-        self.reset()
-
-    def reset(self):
-        self._next = self.first
-
-    def next(self):
-        wait = self._next * (0.8 + 0.4 * random.random())
-        self._next = min(self._next * 2, self.cap)
-        return wait
+def retry_delays():
+    """Waits between retries, in seconds: 0.5, doubling up to 8, each with
+    +-20% jitter so that the clients of a restarted server do not all retry
+    at once."""
+    delay = 0.5
+    while True:
+        yield delay * (0.8 + 0.4 * random.random())
+        delay = min(delay * 2, 8.0)
 
 
 # 8. The terminal client ----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
-#   stdin   each line is one message; "/quit" or end of input leaves once
-#           every message typed so far is stored. A line that starts with /
-#           is a command (/help lists them); "//" sends the rest of the
-#           line with one / removed.
-#   stdout  chat messages only, one per line: "[14:02:07] alice: hi".
+#   stdin   one message a line. A line that starts with / is a command
+#           (/help lists them); "//" sends the rest with one / removed.
+#           "/quit" or end of input leaves once all typed so far is stored.
+#   stdout  chat messages only, one a line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
 #           refuses the join, cannot be reached or closes the session, or
 #           when Ctrl-C leaves messages unsent.
 # Three threads: the stdin thread reads lines, runs commands at once and
-# queues messages; the main thread sends the messages, in order, each one
-# once the last is stored; ChatClient's receive thread prints what arrives.
-
+# queues messages; the main thread sends them in order, each once the last
+# is stored; ChatClient's receive thread prints what arrives.
 
 # How a first Join fails when the connection does, and what we tell the
-# user. gRPC's details then end with the reason of its last connection
-# attempt, in words of its own that may change between versions: "failed
-# to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051:
-# Failed to connect to remote host: Connection refused". The first clue
-# found in them wins.
+# user. gRPC's details end with the reason of its last connection attempt,
+# in its own words, which may change between versions ("failed to connect
+# to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: Failed to
+# connect to remote host: Connection refused"): the first clue found wins.
 CONNECT_FAILURES = [
     ("Connection refused",
      "cannot reach the server at {target}: nothing listens on that port. "
@@ -1624,18 +1572,12 @@ def certificate_names(target, tls_ca):
                      for key, value in part if key == "commonName"]
 
 
-def local_time(message):
-    """When message was stored, as '14:02:07' on this computer's clock."""
-    sent_at = datetime.datetime.fromtimestamp(
-        message.sent_at.ToMicroseconds() / 1e6)
-    return f"{sent_at:%H:%M:%S}"
-
-
 def format_message(message):
-    """'[14:02:07] alice: hi' in local time. A newline inside a message is
-    shown as '\\n' so that each message stays on one line."""
+    """'[14:02:07] alice: hi', in this computer's time. A newline inside a
+    message shows as '\\n', so that each message stays on one line."""
+    sent_at = datetime.datetime.fromtimestamp(message.sent_at.seconds)
     text = message.text.replace("\n", "\\n")
-    return f"[{local_time(message)}] {message.sender_name}: {text}"
+    return f"[{sent_at:%H:%M:%S}] {message.sender_name}: {text}"
 
 
 def plural(count, noun):
@@ -1651,17 +1593,14 @@ def quoted(line):
 class TerminalClient:
     """stdin/stdout/stderr front end for ChatClient."""
 
-    CLOSED = object()  # put in `outbox` when the server ends the session
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        """name "" asks the server for the name it remembers for us."""
         self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
         self.receipts = receipts  # for ChatClient
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
-        self.joined_before = False  # set by the first Welcome
         self.unread = 0      # from the last Welcome
         # Messages typed, in order, for the main thread to send; None when
         # it is time to leave. Commands do not go here: they run at once.
@@ -1669,7 +1608,8 @@ class TerminalClient:
         self.lock = threading.Lock()  # for the next three
         self.unsent = 0      # messages typed and not yet stored or refused
         self.leaving = False  # /quit or end of input was read
-        self.away_timer = None  # says "still reconnecting" now and then
+        self.back = threading.Event()  # set while the server is not away
+        self.back.set()
 
     def _client(self, name, password):
         return ChatClient(self.target, self.client_id, name, self.on_event,
@@ -1689,12 +1629,12 @@ class TerminalClient:
         except KeyboardInterrupt:   # Ctrl-C: leave now, all sent or not
             pass
         with self.lock:
-            self._stop_away_notes()
+            self.back.set()  # no more away notes
             unsent = self.unsent
         if unsent:
             self.say(f"chat: {plural(unsent, 'message')} not sent")
         self.chat.close()
-        return 1 if self.chat.closed or unsent else 0
+        return 1 if self.chat.refusal or unsent else 0
 
     def _join(self, stdin):
         """Join the room. On a terminal, ask for the room password when
@@ -1786,11 +1726,11 @@ class TerminalClient:
 
     def _send_messages(self):
         """Send each queued message, in order, until it is time to leave."""
-        while (text := self.outbox.get()) not in (None, self.CLOSED):
+        while (text := self.outbox.get()) is not None:
             try:
                 self.chat.send(text)  # blocks until stored
             except Refused as refused:
-                if self.chat.closed:
+                if self.chat.refusal:  # the server closed the session
                     return
                 name = f"{quoted(text)}: " if text.strip() else ""
                 self.say(f"not sent: {name}{refused.details}")
@@ -1825,54 +1765,42 @@ class TerminalClient:
         news = (f"{plural(welcome.unread, 'unread message')}; "
                 + (f"online: {', '.join(others)}" if others
                    else "nobody else online"))
-        if self.joined_before:
-            away = time.monotonic() - self.chat.away_since
-            self.say(f"reconnected to {self.target} after {away:.0f} s; "
-                     f"{news}")
+        if self.chat.away_since is not None:  # this Join is a rejoin
+            away = duration(time.monotonic() - self.chat.away_since)
+            self.say(f"reconnected to {self.target} after {away}; {news}")
         else:
             self.say(f"connected to {self.target} as {self.chat.name} "
                      f"(id {self.client_id}); {news}")
-        self.joined_before = True
 
     def on_status(self, state, text):
         with self.lock:
-            if state == "reconnecting":
-                self.say(f"connection lost: {text}")
-                if self.away_timer is None:
-                    self._plan_away_note(self.AWAY_NOTE)
-                self._tell_waiting()
+            if state != "reconnecting":
+                self.back.set()  # ends the away notes, if any
             else:
-                self._stop_away_notes()
-        if state == "closed" and self.joined_before:
+                self.say(f"connection lost: {text}")
+                self._tell_waiting()
+                if self.back.is_set():  # just lost: start the away notes
+                    self.back = threading.Event()
+                    threading.Thread(target=self._away_notes, daemon=True,
+                                     args=(self.back, self.chat.away_since),
+                                     name="away notes").start()
+        if state == "closed" and self.chat.joined:
             # The server ended our session for good (e.g. the same id joined
             # from elsewhere). Wake the main thread, which waits for a line.
             self.say(f"chat: the server closed the session: {text}")
-            self.outbox.put(self.CLOSED)
+            self.outbox.put(None)
 
-    # -- "still reconnecting", at growing intervals: 15 s, 30 s, 1 min... --
-
-    def _plan_away_note(self, seconds):
-        """Hold self.lock."""
-        self.away_timer = threading.Timer(seconds, self._away_note)
-        self.away_timer.daemon = True
-        self.away_timer.start()
-
-    def _away_note(self):
-        """Runs on the timer's own thread while the server is away."""
-        with self.lock:
-            since = self.chat.away_since
-            if (since is None
-                    or self.away_timer is not threading.current_thread()):
-                return  # fired just too late: back online, or a newer timer
-            away = time.monotonic() - since
-            self.say(f"server away for {away:.0f} s; still reconnecting")
-            self._plan_away_note(away)
-
-    def _stop_away_notes(self):
-        """Hold self.lock."""
-        if self.away_timer is not None:
-            self.away_timer.cancel()
-            self.away_timer = None
+    def _away_notes(self, back, since):
+        """Runs on a thread of its own until back is set: says "still
+        reconnecting" at growing intervals (15 s, 30 s, 1 min, ...)."""
+        wait = self.AWAY_NOTE
+        while not back.wait(wait):
+            with self.lock:
+                if back.is_set():
+                    return  # just now
+                wait = time.monotonic() - since
+                self.say(f"server away for {duration(wait)}; "
+                         "still reconnecting")
 
     @staticmethod
     def say(text):
@@ -2819,13 +2747,12 @@ class ThrottledReadReceipts(ReadReceipts):
     """ReadReceipts that confirm about once every 5 seconds, not after each
     batch of messages.
 
-    What it buys: in a room of 1,000 members, Part I's receipts are up to
-    one MarkRead per member for each message: at 20 messages a second, up
-    to 20,000 calls a second for the server. These are 200 small calls a
-    second, however busy the room is (README's Performance section has
-    what that is worth). The price: if the client dies, the messages of its
-    last few seconds count as unread and are shown again by its next run.
-    None is lost.
+    What it buys: in a room of 1,000 members at 20 messages a second, Part
+    I's receipts are up to 20,000 MarkReads a second (one per member and
+    message); these are 200, however busy the room is (README's Performance
+    section has what that is worth). The price: if the client dies, its
+    last few seconds of messages count as unread and show again on its next
+    run. None is lost.
     """
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
