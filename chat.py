@@ -2958,12 +2958,12 @@ class ThrottledReadReceipts(ReadReceipts):
 
 
 # 10. main(argv) --------------------------------------------------------------
-
-
+#
 # argparse types: each turns a flag's text into a value or refuses it with a
 # sentence. argparse then prints "argument --rate: must be 0 or more, not
 # '-5'" under the command's usage and exits with status 2, its sign of a
 # mistake on the command line.
+
 
 def number(kind, rule, ok):
     """An argparse type: an int or a float (kind) for which ok(value) holds;
@@ -3034,7 +3034,6 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="chat.py",
                                      description="A group chat over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     server = commands.add_parser(
         "server", help="run the chat server",
         description="Run the chat server: one room, until Ctrl-C.",
@@ -3078,7 +3077,6 @@ def build_parser():
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     server.set_defaults(func=run_server)
-
     client = commands.add_parser(
         "client", help="join the chat",
         description="Join the chat: a window, or the terminal client.",
@@ -3105,14 +3103,12 @@ def build_parser():
                         help="Part I only: confirm each batch of messages "
                         "at once, not every ~5 s")
     client.set_defaults(func=run_client)
-
     demo = commands.add_parser(
         "demo", help="a throwaway server and windows for alice, bob, chad",
         description="Start a server that keeps nothing (--db :memory:, "
         "members 1, 2 and 3) and a window for each of alice, bob and chad. "
         "It stops when the last window closes.")
     demo.set_defaults(func=run_demo)
-
     # argparse reports a flag it does not know with the top-level usage;
     # main() uses the command's own parser instead, which shows its flags.
     for command in commands.choices.values():
@@ -3150,9 +3146,8 @@ def client_receipts(args):
 
 
 class ServerProcess:
-    """`python chat.py server ...` as a child process (or another script's
-    server, e.g. bench.py's baseline), once it listens: the demo's server,
-    and bench.py's."""
+    """A chat server as a child process, once it listens: the demo's, and
+    bench.py's (which also starts its baseline server with it)."""
 
     def __init__(self, command, stderr=subprocess.DEVNULL, script=__file__):
         self.popen = subprocess.Popen(
@@ -3178,9 +3173,9 @@ def run_demo(args):
         return 1
     root.destroy()
     # Ctrl-C in the terminal reaches the server, the windows and us alike;
-    # `kill` (SIGTERM) reaches only us. Either way we raise
-    # KeyboardInterrupt, and the `finally` below closes the windows (with
-    # SIGTERM, which they take as Ctrl-C) and then stops the server.
+    # `kill` (SIGTERM) only us. Either way we raise KeyboardInterrupt, and
+    # `finally` closes the windows (with SIGTERM, which they take as
+    # Ctrl-C) and then stops the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server, windows, status = None, [], 0
     try:
@@ -3223,8 +3218,7 @@ def open_demo_windows(address, windows):
 def stop_demo(server, windows):
     """Close the windows still open (SIGTERM), then stop the server."""
     for window in windows:
-        if window.poll() is None:
-            window.terminate()
+        window.terminate()  # Popen signals no process that has ended
     for window in windows:
         window.wait()
     if server:
