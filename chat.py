@@ -1989,8 +1989,8 @@ class TerminalClient:
 #   receive thread (ChatClient)        main thread (Tk mainloop)
 #   ---------------------------        --------------------------
 #   on_event / on_status:              Tk watches the pipe's read end
-#     inbox.put(item)                  (createfilehandler); when it is
-#     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
+#     inbox.put((method, *args))       (createfilehandler); when it is
+#     write 1 byte to a pipe  ------>  readable: make each call in inbox
 #
 # While the mainloop waits, Tcl select()s on the display's connection and
 # on every file given to createfilehandler, so the byte wakes it as a key
@@ -2161,7 +2161,7 @@ class ChatWindow:
         self.roster = {}           # member id -> pb.Member, for the list
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
-        self.inbox = queue.Queue()   # worker threads -> main thread
+        self.inbox = queue.Queue()   # calls: worker threads -> main thread
         self.outbox = queue.Queue()  # main thread -> sender thread
         self._wake_read, self._wake_write = wake_pipe(root, self._drain)
         self._build()
@@ -2209,7 +2209,7 @@ class ChatWindow:
         self.status.bind("<Configure>", lambda event: self.status.configure(
             wraplength=event.width))
         for event in ("<FocusIn>", "<FocusOut>"):
-            self.root.bind(event, self._on_focus)
+            self.root.bind(event, self._set_title)
         self.root.protocol("WM_DELETE_WINDOW", self.close)
         self.root.bind("<Control-q>", lambda _event: self.close())
         self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
@@ -2297,9 +2297,9 @@ class ChatWindow:
         while True:
             tag, text = self.outbox.get()
             try:
-                self._post("sent", tag, self.chat.send(text))
+                self._post(self._sent, tag, self.chat.send(text))
             except Refused as refused:
-                self._post("failed", tag, refused.details)
+                self._post(self._failed, tag, refused.details)
 
     def _sent(self, tag, reply):
         """Stored: show the time the server gave it, which everyone sees."""
@@ -2316,16 +2316,17 @@ class ChatWindow:
 
     def _on_event(self, event, notices):
         """Runs on the receive thread: hand the event to the main thread."""
-        self._post("event", event, notices)
+        self._post(self._show_event, event, notices)
 
     def _on_status(self, state, text):
         """Runs on the receive thread: hand the state to the main thread,
         with the time the server went away (read here, where it is set)."""
-        self._post("status", state, text, self.chat.away_since)
+        self._post(self._show_state, state, text, self.chat.away_since)
 
-    def _post(self, *item):
-        """Runs on a worker thread: queue item and wake the main thread."""
-        self.inbox.put(item)
+    def _post(self, *call):
+        """Runs on a worker thread: queue a call of one of our methods, for
+        the main thread to make, and wake it."""
+        self.inbox.put(call)
         if self._wake_write is None:
             return  # Windows: _drain() looks every 100 ms
         try:
@@ -2343,11 +2344,10 @@ class ChatWindow:
             os.read(wake_read, 4096)
         while True:
             try:
-                kind, *args = self.inbox.get_nowait()
+                method, *args = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            {"event": self._show_event, "status": self._show_state,
-             "sent": self._sent, "failed": self._failed}[kind](*args)
+            method(*args)
 
     # -- showing what happens --
 
@@ -2357,11 +2357,10 @@ class ChatWindow:
         kind = event.WhichOneof("kind")
         if kind == "welcome":
             self._show_welcome(event.welcome)
-        elif kind == "caught_up":
-            if "divider" in self.view.mark_names():  # only after the Welcome
-                self.view.yview("divider")  # the first unread at the top
-                self.view.mark_unset("divider")
-                trace("scrolled to divider")
+        elif kind == "caught_up" and "divider" in self.view.mark_names():
+            self.view.yview("divider")  # the first unread at the top
+            self.view.mark_unset("divider")
+            trace("scrolled to divider")
         for notice in notices:
             self._notice(notice)
         if event.presence:
@@ -2535,19 +2534,16 @@ class ChatWindow:
         self.view.insert(first, text, (tags, tag, *indent) if text else ())
         self.view.configure(state="disabled")
 
-    # -- the title: name, room, and unread count while unfocused --
-
     def focused(self):
         # Tk's own name for the focus widget: it may be one that Python did
         # not create (a dialog's button), which focus_get() cannot look up.
         return str(self.root.tk.call("focus")) != ""
 
-    def _on_focus(self, _event):
+    def _set_title(self, _event=None):
+        """The title, "(2) alice - chat at HOST:PORT": 2 messages came while
+        the window was unfocused. Also runs when the focus comes or goes."""
         if self.focused():
             self.unseen = 0
-        self._set_title()
-
-    def _set_title(self):
         count = f"({self.unseen}) " if self.unseen else ""
         self.root.title(f"{count}{self.name} - chat at {self.target}")
 
