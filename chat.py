@@ -2141,7 +2141,7 @@ def ask_name(root, default):
 
 class ChatWindow:
     """The chat window. Every method runs on the Tk main thread, except the
-    two callbacks given to ChatClient and _send_loop, which say so."""
+    ones whose docstrings name another thread."""
 
     HISTORY = 20  # already-read messages shown above the unread ones
 
@@ -2994,8 +2994,7 @@ valid_id, display_name = checked(id_problem), checked(name_problem)
 
 def member_list(text):
     """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
-    ids = [valid_id(part.strip()) for part in text.split(",")
-           if part.strip()]
+    ids = [valid_id(part.strip()) for part in text.split(",") if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
     return list(dict.fromkeys(ids))  # without repeats, in the order given
