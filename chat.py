@@ -2062,8 +2062,8 @@ def trace(*parts):
 def wake_pipe(root, on_wake):
     """A pipe that wakes the mainloop (the top of this section): Tk calls
     on_wake(read_end) on the main thread when it is readable. Returns
-    (read_end, write_end), or (None, None) on Windows. The write end does
-    not block: when the pipe is full, a wake-up is waiting anyway."""
+    (read_end, write_end), the latter non-blocking; (None, None) on
+    Windows."""
     if not hasattr(root.tk, "createfilehandler"):
         return None, None
     read_end, write_end = os.pipe()
@@ -2494,13 +2494,12 @@ class ChatWindow:
                 return "away"
             return "online" if member.online else "offline"
         self.members.delete(0, "end")
-        for index, shown in enumerate(sorted(
-                self.roster.values(),
-                key=lambda m: (state(m) == "offline", m.name.lower()))):
-            you = " (you)" if shown.id == self.chat.client_id else ""
-            self.members.insert("end",
-                                f"{MARKS[state(shown)]} {shown.name}{you}")
-            self.members.itemconfigure(index, foreground=COLORS[state(shown)])
+        for member in sorted(self.roster.values(), key=lambda m: (
+                state(m) == "offline", m.name.lower())):
+            you = " (you)" if member.id == self.chat.client_id else ""
+            self.members.insert("end", f"{MARKS[state(member)]} "
+                                f"{member.name}{you}")
+            self.members.itemconfigure("end", foreground=COLORS[state(member)])
         trace("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):
