@@ -1810,33 +1810,27 @@ class TerminalClient:
 # 9. The window -------------------------------------------------------------
 #
 # Tk's rule: only the thread that runs the mainloop (the main thread) may
-# touch widgets. _tkinter (with a threaded Tcl, as in almost every build)
-# does pass calls from other threads over to it, but
-# then the other thread waits until the main thread gets round to them, and
-# before or after the mainloop such a call fails with "main thread is not in
-# main loop". gRPC's threads and ours would stall, or fail while the window
-# closes. So nothing but the main thread touches Tk:
+# touch widgets. A threaded Tcl (almost every build) passes other threads'
+# calls over to it, but the caller waits until the main thread gets round to
+# them, and outside the mainloop (say, while the window closes) the call
+# fails: "main thread is not in main loop". So only the main thread does:
 #
 #   receive thread (ChatClient)        main thread (Tk mainloop)
 #   ---------------------------        --------------------------
 #   on_event / on_status:              Tk watches the pipe's read end
-#     inbox.put(item)                  (createfilehandler); when it is
-#     write 1 byte to a pipe  ------>  readable: drain inbox, update widgets
+#     inbox.put((method, *args))       (createfilehandler); when it is
+#     write 1 byte to a pipe  ------>  readable: make each call in inbox
 #
-# Tcl watches (select()) its connection to the display and every file given
-# to createfilehandler while the mainloop waits, so a byte in the pipe
-# wakes it as a key press would. It is the trick grpc.aio uses to wake its
-# event loop (section 6), where the byte goes over a socketpair. Nothing
-# runs while nothing happens; no timer polls the queue. (Windows has no Tk
-# file handlers; there, and only there, the window checks the queue every
-# 100 ms instead.) Ctrl-C in the terminal comes in through a pipe of the
-# same kind (quit_on_signals). Sends go the other way, to a sender thread
-# through `outbox`, because ChatClient.send() blocks for a round trip, or
-# for as long as the server is away, and the window must never freeze.
+# While the mainloop waits, Tcl select()s on the display's connection and
+# on every file given to createfilehandler, so the byte wakes it as a key
+# press would: grpc.aio's trick (section 6), with a pipe for a socketpair.
+# No timer polls the queue (but on Windows, which has no Tk file handlers:
+# there the window looks every 100 ms). Ctrl-C comes in through a pipe too
+# (quit_on_signals). Sends go to a sender thread (`outbox`), as
+# ChatClient.send() blocks for a round trip, or while the server is away.
 #
-# Test hook: with CHAT_TRACE=1 in the environment, the window also prints
-# what it shows to stderr ("tk: message alice: hi new", "tk: status ..."), so
-# test_chat.py can check what a user would see.
+# Test hook: with CHAT_TRACE=1 the window also prints what it shows to
+# stderr ("tk: message alice: hi new"), for test_chat.py to check.
 
 try:
     import tkinter as tk
@@ -1844,18 +1838,17 @@ try:
 except ImportError:  # Python built without Tk
     tk = None
 
-COLORS = {"own": "#1c71d8", "time": "#9a9996",
-          "read": "#9a9996", "divider": "#e01b24", "notice": "#77767b",
-          "failed": "#e01b24", "online": "#26a269", "offline": "#9a9996",
-          "away": "#c0bfbc"}
-# Everyone else's name gets one of these, picked by id: the same in every
-# window, every time. Ids 1 to 7 get different ones; after that some share.
+COLORS = {"own": "#1c71d8", "time": "#9a9996", "read": "#9a9996",
+          "divider": "#e01b24", "notice": "#77767b", "failed": "#e01b24",
+          "online": "#26a269", "offline": "#9a9996", "away": "#c0bfbc"}
 SENDER_COLORS = ("#26a269", "#c64600", "#813d9c", "#0e7c86", "#865e3c",
-                 "#b5348a", "#5e5c64")
+                 "#b5348a", "#5e5c64")  # for names other than yours
+MARKS = {"online": "●", "offline": "○", "away": "◌"}  # in the member list
 
 
 def sender_tag(sender_id):
-    """The view's tag for a sender's name: "sender0", "sender1", ..."""
+    """The view's tag for a sender's name, "sender0" to "sender6": the same
+    colour for an id in every window, every time (ids 1 to 7 all differ)."""
     return f"sender{sum(sender_id.encode()) % len(SENDER_COLORS)}"
 
 
@@ -1895,31 +1888,38 @@ def trace(*parts):
         print("tk:", *parts, file=sys.stderr, flush=True)
 
 
+def wake_pipe(root, on_wake):
+    """A pipe that wakes the mainloop (the top of this section): Tk calls
+    on_wake(read_end) on the main thread when it is readable. Returns
+    (read_end, write_end), the latter non-blocking; (None, None) on
+    Windows."""
+    if not hasattr(root.tk, "createfilehandler"):
+        return None, None
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    root.tk.createfilehandler(read_end, tk.READABLE,
+                              lambda *_: on_wake(read_end))
+    return read_end, write_end
+
+
 def quit_on_signals(root):
     """Make Ctrl-C (SIGINT) and `kill` (SIGTERM) send root the virtual
     event <<Quit>>, at once; the name dialog and the window bind it.
 
     Python runs a signal handler only when the main thread runs Python
-    code, and while Tk's mainloop waits for events the main thread sits in
-    C: the handler would wait for the next mouse move. set_wakeup_fd makes
-    Python's own C-level handler write a byte to a pipe as well. Tk watches
-    that pipe like any other (createfilehandler), and reading it runs
-    Python code on the main thread, so the handler runs at once. The
-    handler only queues an event: it may run in the middle of any other
-    callback, which must not find the window gone under its feet."""
+    code, and while the mainloop waits, it sits in C. So set_wakeup_fd has
+    Python's C-level handler also write a byte to a wake pipe, whose reader
+    runs Python code, and so the handler. (On Windows: at the window's next
+    100 ms look.) The handler only queues an event: it may run in the
+    middle of another callback, which must not lose the window under it."""
     def handler(_signum, _frame):
         try:
             root.event_generate("<<Quit>>", when="tail")
         except tk.TclError:
             pass  # the window is gone already, and we are on our way out
-    # (Windows has no file handlers: there the handler waits until Tk next
-    # calls Python, at the latest at the window's 100 ms check.)
-    if hasattr(root.tk, "createfilehandler"):
-        read_end, write_end = os.pipe()
-        os.set_blocking(write_end, False)
+    _read_end, write_end = wake_pipe(root, lambda fd: os.read(fd, 512))
+    if write_end is not None:
         signal.set_wakeup_fd(write_end)
-        root.tk.createfilehandler(read_end, tk.READABLE,
-                                  lambda *_: os.read(read_end, 512))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
 
@@ -1949,9 +1949,8 @@ def ask_name(root, default):
     def accept(_event=None):
         text = name.get().strip()
         why = name_problem(text) or ("" if text else "Please type a name.")
-        if why:
-            problem.configure(text=why)
-        else:
+        problem.configure(text=why)
+        if not why:
             answer.set(text)
 
     ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
@@ -1971,42 +1970,32 @@ def ask_name(root, default):
 
 class ChatWindow:
     """The chat window. Every method runs on the Tk main thread, except the
-    two callbacks given to ChatClient and _send_loop, which say so."""
+    ones whose docstrings name another thread."""
 
     HISTORY = 20  # already-read messages shown above the unread ones
 
     def __init__(self, root, target, client_id, name, password=None,
                  tls_ca=None, receipts=ReadReceipts):
-        self.root = root
+        self.root, self.target, self.name = root, target, name
+        self.client_id, self.tls_ca = client_id, tls_ca
         self.receipts = receipts  # for ChatClient
-        self.target = target
-        self.client_id = client_id
-        self.name = name
-        self.tls_ca = tls_ca
         self.exit_status = 0
         self.joined = False
+        self.closed = False
+        self.asking = False        # the close dialog is open
         self.unseen = 0            # messages that arrived while unfocused
         self.pending = 0           # own messages not yet acknowledged
-        self.asking = False        # the close dialog is open
-        self.closed = False
         self.next_own = 0          # numbers own messages, to find them again
+        self.below = 0             # new messages below the view's bottom
         self.roster = {}           # member id -> pb.Member, for the list
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
-        self.below = 0             # new messages below the view's bottom
-        self.inbox = queue.Queue()   # worker threads -> main thread
+        self.inbox = queue.Queue()   # calls: worker threads -> main thread
         self.outbox = queue.Queue()  # main thread -> sender thread
-        # The wake pipe (see the top of this section). Its write end does
-        # not block: when the pipe is full, a wake-up is waiting anyway.
-        self._wake_write = None
-        if hasattr(root.tk, "createfilehandler"):
-            self._wake_read, self._wake_write = os.pipe()
-            os.set_blocking(self._wake_write, False)
-            root.tk.createfilehandler(self._wake_read, tk.READABLE,
-                                      self._drain)
-        else:  # Windows
-            self._drain_every(100)
+        self._wake_read, self._wake_write = wake_pipe(root, self._drain)
         self._build()
+        if self._wake_read is None:  # Windows
+            self._drain()
         threading.Thread(target=self._send_loop, daemon=True,
                          name="sender").start()
         self._join(password)
@@ -2016,17 +2005,15 @@ class ChatWindow:
                                self._on_event, self._on_status,
                                history=self.HISTORY, password=password,
                                tls_ca=self.tls_ca, receipts=self.receipts)
-        self.connection = f"Connecting to {self.target}..."
-        self._show_status(self.connection)
+        self._show_status(f"Connecting to {self.target}...")
         self.chat.start()
 
     # -- layout --
 
     def _build(self):
-        """Lay out the window: the view of messages with its scrollbar,
-        the member list to its right, the message box and the status line
-        below. Tk's grid puts each in a row and column of `outer`; weight=1
-        marks what grows when the window does."""
+        """Lay out the window with Tk's grid: the view of messages with its
+        scrollbar, the member list to its right, the message box and the
+        status line below; weight=1 marks what grows with the window."""
         self.root.columnconfigure(0, weight=1)
         self.root.rowconfigure(0, weight=1)
         outer = ttk.Frame(self.root, padding=6)
@@ -2034,20 +2021,32 @@ class ChatWindow:
         outer.columnconfigure(0, weight=1)
         outer.rowconfigure(0, weight=1)
         self._build_view(outer)
-        self._build_members(outer)
         self._build_compose(outer)
-        self._build_status(outer)
-        self.root.bind("<FocusIn>", self._on_focus)
-        self.root.bind("<FocusOut>", self._on_focus)
+        side = ttk.Frame(outer, padding=(8, 0, 0, 0))
+        side.grid(row=0, column=2, sticky="ns")
+        side.rowconfigure(1, weight=1)
+        ttk.Label(side, text="Members").grid(sticky="w")
+        self.members = tk.Listbox(side, width=14, activestyle="none",
+                                  highlightthickness=0, relief="flat",
+                                  selectmode="browse", takefocus=False)
+        self.members.grid(sticky="ns")
+        # width=1: a long sentence must not widen the window; it wraps at
+        # the width the window gives it (set on every resize).
+        self.status = ttk.Label(outer, anchor="w", width=1)
+        self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
+                         pady=(4, 0))
+        self.status.bind("<Configure>", lambda event: self.status.configure(
+            wraplength=event.width))
+        for event in ("<FocusIn>", "<FocusOut>"):
+            self.root.bind(event, self._set_title)
         self.root.protocol("WM_DELETE_WINDOW", self.close)
         self.root.bind("<Control-q>", lambda _event: self.close())
         self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
         self._set_title()
-        self.entry.focus_set()
 
     def _build_view(self, outer):
         """The messages: a read-only Text widget (state="disabled"; _append
-        enables it for a moment to add to it)."""
+        enables it for a moment), and its tags: named styles for its text."""
         self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
                             height=20, padx=6, pady=4, relief="flat",
                             highlightthickness=0, cursor="arrow",
@@ -2058,10 +2057,6 @@ class ChatWindow:
         self.scroll.grid(row=0, column=1, sticky="ns")
         # Shown over the view's bottom while new messages wait below it.
         self.jump = ttk.Button(outer, command=lambda: self.view.see("end"))
-        self._style_view()
-
-    def _style_view(self):
-        """The view's tags: named styles that _append gives to its text."""
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
@@ -2081,16 +2076,6 @@ class ChatWindow:
         tag("failed", foreground=COLORS["failed"])
         tag("sending", foreground=COLORS["time"])
 
-    def _build_members(self, outer):
-        side = ttk.Frame(outer, padding=(8, 0, 0, 0))
-        side.grid(row=0, column=2, sticky="ns")
-        ttk.Label(side, text="Members").grid(sticky="w")
-        self.members = tk.Listbox(side, width=14, activestyle="none",
-                                  highlightthickness=0, relief="flat",
-                                  selectmode="browse", takefocus=False)
-        self.members.grid(sticky="ns")
-        side.rowconfigure(1, weight=1)
-
     def _build_compose(self, outer):
         """The message box: Enter sends, Shift+Enter starts a new line."""
         compose = ttk.Frame(outer, padding=(0, 6, 0, 0))
@@ -2101,32 +2086,19 @@ class ChatWindow:
         self.entry.grid(row=0, column=0, sticky="ew")
         ttk.Button(compose, text="Send", command=self.send_typed).grid(
             row=0, column=1, sticky="ns", padx=(6, 0))
-        self.entry.bind("<Return>", self._on_return)
+        self.entry.bind("<Return>", self._on_return)  # Shift+Enter too
         self.entry.bind("<KP_Enter>", self._on_return)
-        # Without a binding of its own, Shift+Enter would match <Return>
-        # (a pattern without modifiers matches any) and send.
-        self.entry.bind("<Shift-Return>", self._on_shift_return)
         self.entry.bind("<Control-a>", select_all)
-
-    def _build_status(self, outer):
-        # width=1: a long sentence must not widen the window; it wraps at
-        # the width the window gives it (set on every resize).
-        self.status = ttk.Label(outer, anchor="w", width=1,
-                                foreground=COLORS["notice"])
-        self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
-                         pady=(4, 0))
-        self.status.bind("<Configure>", lambda event: self.status.configure(
-            wraplength=event.width))
+        self.entry.focus_set()
 
     # -- typing and sending --
 
-    def _on_return(self, _event):
-        self.send_typed()
-        return "break"  # no newline in the box
-
-    def _on_shift_return(self, _event):
-        self.entry.insert("insert", "\n")
-        return "break"
+    def _on_return(self, event):
+        if event.state & 1:  # Shift is held: a new line
+            self.entry.insert("insert", "\n")
+        else:
+            self.send_typed()
+        return "break"  # and not Tk's newline
 
     def send_typed(self):
         """Send what is in the message box (Enter or the Send button)."""
@@ -2154,60 +2126,57 @@ class ChatWindow:
         while True:
             tag, text = self.outbox.get()
             try:
-                self._post("sent", tag, self.chat.send(text))
+                self._post(self._sent, tag, self.chat.send(text))
             except Refused as refused:
-                self._post("failed", tag, refused.details)
+                self._post(self._failed, tag, refused.details)
 
     def _sent(self, tag, reply):
+        """Stored: show the time the server gave it, which everyone sees."""
         self.pending -= 1
         self._replace(tag + "status", "", ())
-        # The time it was stored, as everyone else sees it.
         self._replace(tag + "time", shown_time(reply.sent_at), "time")
         trace("sent", reply.seq, shown_time(reply.sent_at))
 
     def _failed(self, tag, reason):
         self.pending -= 1
         self._replace(tag + "status", f"  not sent: {reason}", "failed")
-        trace("failed", reason)
 
     # -- from the receive thread to the main thread --
 
     def _on_event(self, event, notices):
         """Runs on the receive thread: hand the event to the main thread."""
-        self._post("event", event, notices)
+        self._post(self._show_event, event, notices)
 
     def _on_status(self, state, text):
         """Runs on the receive thread: hand the state to the main thread,
         with the time the server went away (read here, where it is set)."""
-        self._post("status", state, text, self.chat.away_since)
+        self._post(self._show_state, state, text, self.chat.away_since)
 
-    def _post(self, *item):
-        """Runs on a worker thread: queue item and wake the main thread."""
-        self.inbox.put(item)
+    def _post(self, *call):
+        """Runs on a worker thread: queue a call of one of our methods, for
+        the main thread to make, and wake it."""
+        self.inbox.put(call)
         if self._wake_write is None:
-            return  # Windows: _drain_every() will find it
+            return  # Windows: _drain() looks every 100 ms
         try:
             os.write(self._wake_write, b"!")
         except BlockingIOError:
             pass  # the pipe is full, so a wake-up is already waiting
 
-    def _drain_every(self, ms):
-        self._drain()
-        self.root.after(ms, self._drain_every, ms)
-
-    def _drain(self, _fd=None, _mask=None):
-        """Runs on the main thread when the pipe is readable: read every
-        byte waiting and empty the inbox, so a burst of events costs one
-        wake-up and one pass here."""
-        if self._wake_write is not None:
-            os.read(self._wake_read, 4096)
+    def _drain(self, wake_read=None):
+        """Runs on the main thread when the wake pipe is readable (on
+        Windows, every 100 ms): read every byte waiting and empty the inbox,
+        so a burst of events costs one wake-up and one pass here."""
+        if wake_read is None:
+            self.root.after(100, self._drain)
+        else:
+            os.read(wake_read, 4096)
         while True:
             try:
-                kind, *args = self.inbox.get_nowait()
+                method, *args = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            {"event": self._show_event, "status": self._show_state,
-             "sent": self._sent, "failed": self._failed}[kind](*args)
+            method(*args)
 
     # -- showing what happens --
 
@@ -2217,11 +2186,10 @@ class ChatWindow:
         kind = event.WhichOneof("kind")
         if kind == "welcome":
             self._show_welcome(event.welcome)
-        elif kind == "caught_up":
-            if "divider" in self.view.mark_names():  # only after the Welcome
-                self.view.yview("divider")  # the first unread at the top
-                self.view.mark_unset("divider")
-                trace("scrolled to divider")
+        elif kind == "caught_up" and "divider" in self.view.mark_names():
+            self.view.yview("divider")  # the first unread at the top
+            self.view.mark_unset("divider")
+            trace("scrolled to divider")
         for notice in notices:
             self._notice(notice)
         if event.presence:
@@ -2270,7 +2238,6 @@ class ChatWindow:
                 text=f"\u2193 {plural(self.below, 'new message')}")
             self.jump.place(in_=self.view, relx=0.5, rely=1.0, y=-8,
                             anchor="s")
-            trace("below", self.below)
         if not self.focused():
             self.unseen += 1
             self._set_title()
@@ -2290,11 +2257,9 @@ class ChatWindow:
     def _show_state(self, state, text, away_since=None):
         self._stop_clock()
         if state == "online":
-            self.connection = f"Connected as {self.name} to {self.target}"
-            self._show_status(self.connection)
+            self._show_status(f"Connected as {self.name} to {self.target}")
         elif state == "reconnecting":
-            # Nobody is known to be online until the next Welcome.
-            self.away = True
+            self.away = True  # nobody is known to be online until a Welcome
             self._draw_members()
             self._tick(text.rstrip("."), away_since)
         elif state == "closed":
@@ -2304,8 +2269,8 @@ class ChatWindow:
         """While the server is away, say why and for how long, again at
         each whole second: a clock, which runs only while we are away."""
         away = time.monotonic() - away_since
-        self.connection = f"Reconnecting: {reason}. Away for {duration(away)}."
-        self._show_status(self.connection)
+        self._show_status(f"Reconnecting: {reason}. "
+                          f"Away for {duration(away)}.")
         self.clock = self.root.after(1000 - int(away % 1 * 1000), self._tick,
                                      reason, away_since)
 
@@ -2342,25 +2307,28 @@ class ChatWindow:
         return True
 
     def _show_status(self, text, problem=False):
+        """The status line. What is not a problem is the connection's
+        state, which send_typed shows again after a "Not sent"."""
+        if not problem:
+            self.connection = text
         self.status.configure(
-            text=text,
-            foreground=COLORS["failed" if problem else "notice"])
+            text=text, foreground=COLORS["failed" if problem else "notice"])
         trace("status", text)
 
     def _draw_members(self):
         """The member list: online ones first, then by name. While the
         server is away, nobody knows who is online."""
         def state(member):
-            return "away" if self.away else (
-                "online" if member.online else "offline")
+            if self.away:
+                return "away"
+            return "online" if member.online else "offline"
         self.members.delete(0, "end")
-        for index, shown in enumerate(sorted(
-                self.roster.values(),
-                key=lambda m: (state(m) == "offline", m.name.lower()))):
-            mark = {"online": "●", "offline": "○", "away": "◌"}[state(shown)]
-            you = " (you)" if shown.id == self.chat.client_id else ""
-            self.members.insert("end", f"{mark} {shown.name}{you}")
-            self.members.itemconfigure(index, foreground=COLORS[state(shown)])
+        for member in sorted(self.roster.values(), key=lambda m: (
+                state(m) == "offline", m.name.lower())):
+            you = " (you)" if member.id == self.chat.client_id else ""
+            self.members.insert("end", f"{MARKS[state(member)]} "
+                                f"{member.name}{you}")
+            self.members.itemconfigure("end", foreground=COLORS[state(member)])
         trace("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):
@@ -2394,24 +2362,18 @@ class ChatWindow:
         self.view.insert(first, text, (tags, tag, *indent) if text else ())
         self.view.configure(state="disabled")
 
-    # -- the title: name, room, and unread count while unfocused --
-
     def focused(self):
         # Tk's own name for the focus widget: it may be one that Python did
         # not create (a dialog's button), which focus_get() cannot look up.
         return str(self.root.tk.call("focus")) != ""
 
-    def _on_focus(self, _event):
+    def _set_title(self, _event=None):
+        """The title, "(2) alice - chat at HOST:PORT": 2 messages came while
+        the window was unfocused. Also runs when the focus comes or goes."""
         if self.focused():
             self.unseen = 0
-        self._set_title()
-
-    def _set_title(self):
         count = f"({self.unseen}) " if self.unseen else ""
-        title = f"{count}{self.name} - chat at {self.target}"
-        if self.root.title() != title:
-            self.root.title(title)
-            trace("title", title)
+        self.root.title(f"{count}{self.name} - chat at {self.target}")
 
     # -- leaving --
 
@@ -2424,16 +2386,16 @@ class ChatWindow:
             return
         self.closed = True
         self._stop_clock()
-        if self._wake_write is not None:
+        if self._wake_read is not None:
             self.root.tk.deletefilehandler(self._wake_read)
         self.root.destroy()  # mainloop returns; run_window() does the rest
 
     def _lose_unsent(self):
         """Ask whether to close and lose the unsent messages. No, the safe
         answer, is the default: Enter keeps the window open."""
-        count = plural(self.pending, "message")
-        question = (f"{count} not sent yet. Close anyway and lose "
-                    f"{'it' if self.pending == 1 else 'them'}?")
+        them = "it" if self.pending == 1 else "them"
+        question = (f"{plural(self.pending, 'message')} not sent yet. Close "
+                    f"anyway and lose {them}?")
         trace("close dialog", question)
         self.asking = True  # the close button again must not ask twice
         try:
@@ -2796,12 +2758,12 @@ class ThrottledReadReceipts(ReadReceipts):
 
 
 # 10. main(argv) --------------------------------------------------------------
-
-
+#
 # argparse types: each turns a flag's text into a value or refuses it with a
 # sentence. argparse then prints "argument --rate: must be 0 or more, not
 # '-5'" under the command's usage and exits with status 2, its sign of a
 # mistake on the command line.
+
 
 def number(kind, rule, ok):
     """An argparse type: an int or a float (kind) for which ok(value) holds;
@@ -2836,8 +2798,7 @@ valid_id, display_name = checked(id_problem), checked(name_problem)
 
 def member_list(text):
     """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
-    ids = [valid_id(part.strip()) for part in text.split(",")
-           if part.strip()]
+    ids = [valid_id(part.strip()) for part in text.split(",") if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
     return list(dict.fromkeys(ids))  # without repeats, in the order given
@@ -2872,7 +2833,6 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="chat.py",
                                      description="A group chat over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     server = commands.add_parser(
         "server", help="run the chat server",
         description="Run the chat server: one room, until Ctrl-C.",
@@ -2916,7 +2876,6 @@ def build_parser():
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     server.set_defaults(func=run_server)
-
     client = commands.add_parser(
         "client", help="join the chat",
         description="Join the chat: a window, or the terminal client.",
@@ -2943,14 +2902,12 @@ def build_parser():
                         help="Part I only: confirm each batch of messages "
                         "at once, not every ~5 s")
     client.set_defaults(func=run_client)
-
     demo = commands.add_parser(
         "demo", help="a throwaway server and windows for alice, bob, chad",
         description="Start a server that keeps nothing (--db :memory:, "
         "members 1, 2 and 3) and a window for each of alice, bob and chad. "
         "It stops when the last window closes.")
     demo.set_defaults(func=run_demo)
-
     # argparse reports a flag it does not know with the top-level usage;
     # main() uses the command's own parser instead, which shows its flags.
     for command in commands.choices.values():
@@ -2988,9 +2945,8 @@ def client_receipts(args):
 
 
 class ServerProcess:
-    """`python chat.py server ...` as a child process (or another script's
-    server, e.g. bench.py's baseline), once it listens: the demo's server,
-    and bench.py's."""
+    """A chat server as a child process, once it listens: the demo's, and
+    bench.py's (which also starts its baseline server with it)."""
 
     def __init__(self, command, stderr=subprocess.DEVNULL, script=__file__):
         self.popen = subprocess.Popen(
@@ -3016,9 +2972,9 @@ def run_demo(args):
         return 1
     root.destroy()
     # Ctrl-C in the terminal reaches the server, the windows and us alike;
-    # `kill` (SIGTERM) reaches only us. Either way we raise
-    # KeyboardInterrupt, and the `finally` below closes the windows (with
-    # SIGTERM, which they take as Ctrl-C) and then stops the server.
+    # `kill` (SIGTERM) only us. Either way we raise KeyboardInterrupt, and
+    # `finally` closes the windows (with SIGTERM, which they take as
+    # Ctrl-C) and then stops the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server, windows, status = None, [], 0
     try:
@@ -3061,8 +3017,7 @@ def open_demo_windows(address, windows):
 def stop_demo(server, windows):
     """Close the windows still open (SIGTERM), then stop the server."""
     for window in windows:
-        if window.poll() is None:
-            window.terminate()
+        window.terminate()  # Popen signals no process that has ended
     for window in windows:
         window.wait()
     if server:
