@@ -1585,6 +1585,15 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def duration(seconds):
+    """'15 s', '2 min 5 s', '1 h 3 min'."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
 def quoted(line):
     """How a refusal names the line it refers to: 'hi', shortened."""
     return repr(line if len(line) <= 20 else line[:20] + "...")
@@ -1872,15 +1881,6 @@ def open_root():
         return tk.Tk(className="chat"), None
     except tk.TclError as error:
         return None, f"cannot open a window ({error})"
-
-
-def duration(seconds):
-    """'15 s', '2 min 5 s', '1 h 3 min'."""
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def trace(*parts):
