@@ -1,4 +1,4 @@
-"""bench.py: a load generator for chat.py, and the bare server it compares with.
+"""bench.py: a load generator for chat.py, and a bare server to compare with.
 
 `python bench.py` measures the chat server the way redis-benchmark measures
 Redis: it starts `python chat.py server` (or uses --server), brings --clients

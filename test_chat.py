@@ -1745,7 +1745,8 @@ class StartUpMistakesTest(ChatTestCase):
                 text=True, check=True).stdout
         for command in ("server", "client"):
             self.assertIn("CHAT_PASSWORD", help_of(command))
-        self.assertRegex(help_of("client"), r"--id ID +your member id: 1 to 32")
+        self.assertRegex(help_of("client"),
+                         r"--id ID +your member id: 1 to 32")
         self.assertIn("It stops when the last window closes", help_of("demo"))
         baseline = subprocess.run(
             [sys.executable, BENCH, "baseline", "--help"], capture_output=True,
