@@ -53,8 +53,9 @@ Part I, the chat (a complete chat that keeps every promise in README):
 
 Part II, for a thousand members: each measured optimization as a small
 subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
-changes its server: CoalescingSession, RoundsHub, BatchedReadsStore and
-BatchedPresence for the server, then ThrottledReadReceipts for the client.
+changes its server: CoalescingSession, RoundsHub, BatchedReadsStore,
+BatchedPresence and ThousandMemberServicer (which also collects garbage
+less often) for the server, then ThrottledReadReceipts for the client.
 They are used by default; `server --plain` and `client --plain` run Part I
 alone.
 
@@ -126,9 +127,11 @@ log = logging.getLogger("chat")
 
 # Part I: the chat ==========================================================
 #
-# Code there only because a promise needs it against careless or hostile
-# clients says "Hardening": the room password, flood control (TokenBucket),
-# the queue limit (_too_slow), bad requests and TLS (section 6), keepalive.
+# Every section in its plainest correct form. Code that is here only
+# because a promise needs it against careless or hostile clients says
+# "Hardening": the room password, flood control (TokenBucket), the queue
+# limit (_too_slow), requests that do not parse and TLS (section 6), and
+# keepalive.
 
 
 # 1. The vocabulary ---------------------------------------------------------
@@ -365,9 +368,11 @@ class Store:
 # put_nowait(): it never waits; a full queue means that member is too far
 # behind. All of it runs on the loop's thread, so no locks are needed.
 #
-# Events come serialized: one SerializeToString() per message, not one per
-# member (section 6). alice's "hi": Send publishes it; if bob is online, it
-# lands in his queue at once, and his Join handler writes it out.
+# Events reach the hub already serialized (_fan_out, _announce), once, and
+# every queue gets the same bytes: one SerializeToString() per message, not
+# one per member. Join has no response serializer (section 6), so gRPC sends
+# these bytes as they are. alice's "hi": Send publishes it; if bob is
+# online, it lands in his queue at once, and his Join handler writes it out.
 
 
 class Session:
@@ -527,9 +532,10 @@ class ChatRoomServicer:
         except asyncio.CancelledError:
             # On the server, a cancel means the client left (cancelled,
             # closed its channel, or lost its connection), server.stop() ran
-            # out of grace, or Session.close ended the stream: then the
-            # client is still there and should hear why. Having caught the
-            # CancelledError we may still await: abort() sends the status.
+            # out of grace, or Session.close ended the stream. In that last
+            # case (session.closing is set) the client is still there and
+            # should hear why. Having caught the CancelledError we may still
+            # await: abort() sends the status.
             if session.closing:
                 await context.abort(*session.closing)
             raise
@@ -790,11 +796,12 @@ def server_options(keepalive):
     Hardening, keepalive: HTTP/2 PINGs notice a client whose network
     vanished without a FIN or RST (a laptop lid closed). The server pings
     only after `keepalive` seconds of hearing nothing from a client, and
-    ours ping every 20 s (section 7), so it pings only vanished ones. A ping
-    unanswered within ping_timeout_ms closes the connection and its Join.
-    keepalive_timeout_ms alone drops no silent peer: it becomes the socket's
-    TCP_USER_TIMEOUT, which closes a connection whose sent bytes stay
-    unacknowledged that long.
+    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30
+    by default) it pings only vanished ones. A ping unanswered within
+    ping_timeout_ms closes the connection and its Join. keepalive_timeout_ms
+    alone drops no silent peer: it becomes the socket's TCP_USER_TIMEOUT,
+    which closes a connection whose sent bytes stay unacknowledged that
+    long.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -804,9 +811,10 @@ def server_options(keepalive):
         ("grpc.http2.ping_timeout_ms", timeout_ms),
         # A client ping sooner than this after the last is a "strike"; the
         # third closes the connection (more in chat.proto's Join). Default:
-        # 5 minutes. chat.proto asks for 20 s at most; we allow half, as a
-        # ping 1 ms early is a strike too, and timers fire early.
-        # permit_without_calls=1: the same with no call open (else 2 hours).
+        # 5 minutes. chat.proto asks clients to ping at most every 20 s; we
+        # allow every 10 s, as a ping 1 ms early is a strike too, and timers
+        # fire early. permit_without_calls=1: the same with no call open
+        # (else 2 hours).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # grpcio sets SO_REUSEPORT, so a second server on our port would
@@ -818,10 +826,10 @@ def server_options(keepalive):
 
 def chat_room_handlers(servicer):
     """Our RPCs as gRPC method handlers, by method name: what the generated
-    services.add_ChatRoomServicer_to_server() registers, by hand for two
-    changes:
-      * Join has no response serializer: the hub serializes each event once
-        (section 4), and gRPC sends those bytes as they are.
+    services.add_ChatRoomServicer_to_server() registers, written out by
+    hand for two changes:
+      * Join has no response serializer: each event is serialized once,
+        before the hub (section 4), and gRPC sends those bytes as they are.
       * Hardening: no request deserializers; each method parses its raw
         bytes itself (parsed_as). For bytes that do not parse (say, a
         string that is not UTF-8) gRPC's own would log a traceback and
@@ -1494,7 +1502,8 @@ def retry_delays():
 #           when Ctrl-C leaves messages unsent.
 # Three threads: the stdin thread reads lines, runs commands at once and
 # queues messages; the main thread sends them in order, each once the last
-# is stored; ChatClient's receive thread prints what arrives.
+# is stored; ChatClient's receive thread prints what arrives. While the
+# server is away, a fourth says "still reconnecting" now and then.
 
 # How a first Join fails when the connection does, and what we tell the
 # user. gRPC's details end with the reason of its last connection attempt,
@@ -1909,10 +1918,11 @@ def quit_on_signals(root):
 
     Python runs a signal handler only when the main thread runs Python
     code, and while the mainloop waits, it sits in C. So set_wakeup_fd has
-    Python's C-level handler also write a byte to a wake pipe, whose reader
-    runs Python code, and so the handler. (On Windows: at the window's next
-    100 ms look.) The handler only queues an event: it may run in the
-    middle of another callback, which must not lose the window under it."""
+    Python's C-level handler also write a byte to a wake pipe; reading it
+    runs Python code on the main thread, and with it the handler, at once.
+    (On Windows: at the window's next 100 ms look.) The handler only queues
+    an event: it may run in the middle of another callback, which must not
+    lose the window under it."""
     def handler(_signum, _frame):
         try:
             root.event_generate("<<Quit>>", when="tail")
@@ -2463,9 +2473,10 @@ def run_window(args, root):
 
 # Part II: for a thousand members ==========================================
 #
-# Each optimization is a subclass (or mixin) of a Part I class that opens
-# with what it buys; `server --plain` leaves them out. They all spare the
-# event loop's thread, which runs every handler step and every write's
+# Each optimization is a small subclass (or mixin) of a Part I class, whose
+# docstring opens with what it buys; `server --plain` (for
+# ThrottledReadReceipts, `client --plain`) leaves them out. They all spare
+# the event loop's thread, which runs every handler step and every write's
 # sendmsg() (section 6): with 1,000 members it is the bottleneck.
 
 
@@ -2473,9 +2484,9 @@ class CoalescingSession(Session):
     """Each write carries every event waiting in the queue, up to MAX_BATCH,
     not one: a write (a gRPC batch, its completion, an HTTP/2 frame, a
     sendmsg()) costs about as much for ten messages as for one. With
-    RoundsHub, ten senders at full speed reach 1,000 members faster than
-    the bare baseline, where Part I only keeps pace with it (bench.py
-    --senders 10 --rate 0; README's Performance section has the runs)."""
+    RoundsHub, one sender or ten at full speed reach 1,000 members 3 to 6
+    times as fast as the bare baseline, where Part I only keeps pace with
+    it (bench.py --rate 0; README's Performance section has the runs)."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
     held = None  # an event taken from the queue, to write next
@@ -2531,7 +2542,7 @@ class RoundsHub(Hub):
         self.last_added = 0   # first_event of the last session added
         self.waiting = []     # (number, data, skip, only) for the next round
         self.next_round = None    # set from publish() to the round's end
-        self.last_round = 0.0     # loop time when the last round began
+        self.last_round = -math.inf  # loop time when the last round began
         self.rest_until = 0.0     # loop time before which no round starts
         self.busy_until = 0.0     # loop time until which rounds rest
 
@@ -2693,12 +2704,14 @@ class BatchedPresence:
 class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
     """Part I's servicer with all of Part II: what `server` runs.
 
-    It also runs Python's cyclic garbage collector less often. Each write
-    allocates objects that it tracks (futures, grpc.aio's operations), and
-    at 20 messages a second to 1,000 members it made a full collection
-    about every 0.7 s: some 20 ms of walking every object of 1,000 streams,
-    to find no garbage (reference counting frees them). Starting one every
-    GC_THRESHOLD allocations instead of 700 makes them about 30 times rarer."""
+    It also runs Python's cyclic garbage collector less often, which takes
+    about 20 ms off p99 at 20 messages a second. Each write allocates
+    objects that the collector tracks (futures, grpc.aio's operations).
+    Python starts a young collection every 700 net such allocations, and a
+    full one at most every hundred of those: at 20 messages a second to
+    1,000 members, about every 0.7 s, some 20 ms of walking every object
+    of 1,000 streams to find no garbage (reference counting frees them). A
+    first threshold of GC_THRESHOLD makes both about 30 times rarer."""
 
     hub_class = RoundsHub
     session_class = CoalescingSession
