@@ -177,6 +177,21 @@ class ChatTestCase(unittest.TestCase):
                 return call
         self.fail("Join ended before CaughtUp")
 
+    def certificate(self, name="localhost",
+                    subject_alt_name="DNS:localhost,IP:127.0.0.1"):
+        """A self-signed certificate and its key; returns their paths."""
+        if not shutil.which("openssl"):
+            self.skipTest("openssl not found")
+        cert = os.path.join(self.tmp.name, f"{name}.crt")
+        key = os.path.join(self.tmp.name, f"{name}.key")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out",
+             cert, "-days", "1", "-subj", f"/CN={name}", "-addext",
+             f"subjectAltName={subject_alt_name}"],
+            check=True, capture_output=True, timeout=WAIT)
+        return cert, key
+
     def assertShutOut(self, stub, client_id, code):
         """Every RPC from client_id is refused with code."""
         join = pb.JoinRequest(client_id=client_id)
@@ -960,22 +975,8 @@ class FaultTest(ChatTestCase):
                          [f"alice: line {n}" for n in range(100)])
         self.assertEqual(alice.finish(), 0)
 
-    def certificate(self, name, subject_alt_name):
-        """A self-signed certificate and its key; returns their paths."""
-        if not shutil.which("openssl"):
-            self.skipTest("openssl not found")
-        cert = os.path.join(self.tmp.name, f"{name}.crt")
-        key = os.path.join(self.tmp.name, f"{name}.key")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-             "-keyout", key, "-out", cert, "-days", "1", "-subj",
-             f"/CN={name}", "-addext", f"subjectAltName={subject_alt_name}"],
-            check=True, capture_output=True, timeout=WAIT)
-        return cert, key
-
     def test_tls_and_a_plaintext_client_is_told(self):
-        cert, key = self.certificate("localhost",
-                                     "DNS:localhost,IP:127.0.0.1")
+        cert, key = self.certificate()
         server = self.start_server("--members", "1,2", "--tls-cert", cert,
                                    "--tls-key", key)
         alice = self.start("client", "--no-gui", "--id", "1", "--server",
@@ -1684,23 +1685,6 @@ class StartUpMistakesTest(ChatTestCase):
                 if status == 1:
                     self.assertEqual(len(errors), 1, errors)
 
-    def make_certificates(self):
-        """A self-signed certificate with its key, and a key of another."""
-        if not shutil.which("openssl"):
-            self.skipTest("openssl not found")
-        names = [os.path.join(self.tmp.name, name)
-                 for name in ("server.crt", "server.key", "other.key")]
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
-        for command in (
-                ["req", "-x509", *ec, "-nodes", "-out", names[0], "-keyout",
-                 names[1], "-days", "1", "-subj", "/CN=localhost", "-addext",
-                 "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                ["genpkey", "-algorithm", "EC", "-pkeyopt",
-                 "ec_paramgen_curve:P-256", "-out", names[2]]):
-            subprocess.run(["openssl", *command], check=True,
-                           capture_output=True, timeout=WAIT)
-        return names
-
     def test_wrong_flag_values_name_the_flag(self):
         url = "http://127.0.0.1:1"
         self.assertAllRefused(2, [
@@ -1777,7 +1761,8 @@ class StartUpMistakesTest(ChatTestCase):
                                    pattern) for path, pattern in cases])
 
     def test_tls_file_mistakes(self):
-        cert, key, other_key = self.make_certificates()
+        cert, key = self.certificate()
+        other_key = self.certificate("other")[1]
         missing = os.path.join(self.tmp.name, "missing.pem")
         self.assertAllRefused(1, [
             (("server", "--port", "0", "--db", ":memory:", "--tls-cert",
@@ -1796,7 +1781,7 @@ class StartUpMistakesTest(ChatTestCase):
         ])
 
     def test_grpc_core_log_lines_stay_out_of_the_terminal(self):
-        cert, key, _ = self.make_certificates()
+        cert, key = self.certificate()
         server = self.start_server("--tls-cert", cert, "--tls-key", key)
         plaintext = self.start("client", "--no-gui", "--id", "1",
                                "--server", server.address)
