@@ -144,14 +144,28 @@ class ChatTestCase(unittest.TestCase):
         return process
 
     def start_server(self, *args, port=0, db=None, env=None):
-        """Start a server; return it with .address set to "HOST:PORT"."""
+        """Start a server; return it with .address ("HOST:PORT") and
+        .port set."""
         if self.plain:
             args = ("--plain", *args)
         server = self.start("server", "--port", str(port),
                             "--db", db or self.db, *args, env=env)
         line = server.wait_for(r"^listening on ", stream="stdout")
         server.address = line.split()[-1]
+        server.port = server.address.rsplit(":", 1)[1]
         return server
+
+    def stop_server(self, server, how=signal.SIGTERM):
+        """SIGTERM (a clean stop: exit status 0) or SIGKILL (a crash)."""
+        server.popen.send_signal(how)
+        status = server.wait()
+        if how == signal.SIGTERM:
+            self.assertEqual(status, 0)
+
+    def restart_server(self, server, *args, how=signal.SIGTERM):
+        """Stop server; start another on its port and database."""
+        self.stop_server(server, how)
+        return self.start_server(*args, port=server.port)
 
     def start_client(self, server, client_id, name, *flags,
                      expect_join=True):
@@ -359,14 +373,11 @@ class JoinAndUnreadTest(ChatTestCase):
     def test_running_client_is_not_sent_its_own_messages_again(self):
         # alice has read nothing (after_seq 0) when the server restarts.
         server = self.start_server("--members", "1,2")
-        port = server.address.rsplit(":", 1)[1]
         bob = self.raw_join(self.stub(server), "2", "bob")
         alice = self.start_client(server, "1", "alice")
         alice.type("first")
         next(event for event in bob if event.messages)  # "first" is stored
-        server.popen.send_signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
-        server = self.start_server("--members", "1,2", port=port)
+        server = self.restart_server(server, "--members", "1,2")
         alice.wait_for("^reconnected to ")
         stub = self.stub(server)
         self.raw_join(stub, "2", "bob")
@@ -570,17 +581,12 @@ class WhoMayJoinTest(ChatTestCase):
     def test_members_is_the_only_gate(self):
         """With --members, exactly those ids get in, whoever used the same
         database before; the messages of the others stay in the history."""
-        def restart(*args):
-            server.popen.send_signal(signal.SIGTERM)
-            self.assertEqual(server.wait(), 0)
-            return self.start_server(*args)
-
         server = self.start_server()  # open room
         server.wait_for("open room: any id may join")
         stub = self.stub(server)
         self.raw_join(stub, "9", "eve")
         stub.Send(pb.SendRequest(client_id="9", text="hi"), timeout=WAIT)
-        server = restart("--members", "1,2,3")
+        server = self.restart_server(server, "--members", "1,2,3")
         server.wait_for("only ids 1, 2, 3 may join")
         self.assertShutOut(self.stub(server), "9",
                            grpc.StatusCode.PERMISSION_DENIED)
@@ -591,7 +597,7 @@ class WhoMayJoinTest(ChatTestCase):
         self.assertEqual([(m.id, m.name) for m in listed],
                          [("1", "alice"), ("2", "2"), ("3", "3")])
         self.assertEqual(alice.finish(), 0)
-        server = restart("--members", "1,2")
+        server = self.restart_server(server, "--members", "1,2")
         self.assertShutOut(self.stub(server), "3",
                            grpc.StatusCode.PERMISSION_DENIED)
 
@@ -605,25 +611,22 @@ class CrashAndRestartTest(ChatTestCase):
         self.raw_join(stub, "1", "alice")
         reply = stub.Send(pb.SendRequest(client_id="1", text="survive"),
                           timeout=WAIT)
-        server.popen.send_signal(signal.SIGKILL)  # right after the ack
-        server.wait()
-        server = self.start_server("--members", "1,2")
+        server = self.restart_server(server, "--members", "1,2",
+                                     how=signal.SIGKILL)  # after the ack
         bob = self.start_client(server, "2", "bob")
         bob.wait_for("alice: survive", stream="stdout")
         self.assertEqual(reply.seq, 1)
 
     def test_client_reconnects_and_resumes_after_a_restart(self):
         server = self.start_server("--members", "1,2")
-        port = server.address.rsplit(":", 1)[1]
         alice = self.start_client(server, "1", "alice")
         bob = self.start_client(server, "2", "bob")
         alice.type("before")
         bob.wait_for("alice: before", stream="stdout")
-        server.popen.send_signal(signal.SIGKILL)
-        server.wait()
+        self.stop_server(server, signal.SIGKILL)
         bob.wait_for("^connection lost")
         bob.type("typed while the server was down")
-        server = self.start_server("--members", "1,2", port=port)
+        self.start_server("--members", "1,2", port=server.port)
         bob.wait_for("^reconnected to ")
         alice.wait_for("^reconnected to ")
         alice.wait_for("bob: typed while the server was down",
@@ -635,8 +638,7 @@ class CrashAndRestartTest(ChatTestCase):
     def test_sigterm_stops_the_server_cleanly(self):
         server = self.start_server("--members", "1,2")
         alice = self.start_client(server, "1", "alice")
-        server.popen.send_signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
+        self.stop_server(server)
         server.wait_for("stopped; .* closed")
         alice.wait_for("connection lost: the server is shutting down")
 
@@ -1032,8 +1034,7 @@ class FaultTest(ChatTestCase):
         alice.wait_for("^connected to ")
         alice.type("with the password")
         bob.wait_for("alice: with the password", stream="stdout")
-        server.popen.send_signal(signal.SIGTERM)
-        server.wait()
+        self.stop_server(server)
         log = "\n".join(server.output("stderr"))
         self.assertIn("UNAUTHENTICATED", log)
         self.assertNotIn("correct horse", log)
@@ -1091,21 +1092,19 @@ class TerminalClientTest(ChatTestCase):
 
     def test_status_while_the_server_is_away_and_back(self):
         server = self.start_server("--members", "1,2")
-        port = server.address.rsplit(":", 1)[1]
         alice = self.start_client(server, "1", "alice")
         alice.wait_for(r"^connected to 127\.0\.0\.1:\d+ as alice \(id 1\); "
                        r"0 unread messages; nobody else online$")
         bob = self.start_client(server, "2", "bob")
         bob.wait_for(r"^connected to \S+ as bob \(id 2\); 0 unread "
                      r"messages; online: alice$")
-        server.popen.send_signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
+        self.stop_server(server)
         alice.wait_for(r"^connection lost: the server is shutting down; "
                        r"your client will reconnect\.$")
         alice.type("typed while away", "/quit")
         alice.wait_for(r"^waiting for the server to store 1 message "
                        r"\(Ctrl-C to quit without it\)$")
-        self.start_server("--members", "1,2", port=port)
+        self.start_server("--members", "1,2", port=server.port)
         alice.wait_for(r"^reconnected to 127\.0\.0\.1:\d+ after \d+ s; 0 "
                        "unread messages; ")
         bob.wait_for("alice: typed while away", stream="stdout")
@@ -1114,8 +1113,7 @@ class TerminalClientTest(ChatTestCase):
     def test_ctrl_c_with_messages_unsent_says_so_and_exits_1(self):
         server = self.start_server("--members", "1,2")
         alice = self.start_client(server, "1", "alice")
-        server.popen.send_signal(signal.SIGKILL)
-        server.wait()
+        self.stop_server(server, signal.SIGKILL)
         alice.wait_for("^connection lost: the server or the network went "
                        "away")
         alice.type("one", "two", "/quit")
@@ -1431,17 +1429,15 @@ class WindowTest(XvfbTestCase):
 
     def test_text_typed_while_the_server_is_down_is_sent_once_back(self):
         server = self.start_server("--members", "1,2")
-        port = server.address.rsplit(":", 1)[1]
         bob = self.start_client(server, "2", "bob")
         alice = self.start_window(server, "1", "--name", "alice")
         alice.wait_for("^tk: status Connected as alice")
-        server.popen.send_signal(signal.SIGKILL)
-        server.wait()
+        self.stop_server(server, signal.SIGKILL)
         alice.wait_for(r"^tk: status Reconnecting: .*\. Away for 1 s\.$")
         alice.wait_for("^tk: members ◌ alice [(]you[)], ◌ bob$")
         self.type_into("alice - chat", "typed while down", "Return")
         alice.wait_for("^tk: message alice: typed while down sending$")
-        server = self.start_server("--members", "1,2", port=port)
+        self.start_server("--members", "1,2", port=server.port)
         alice.wait_for("^tk: sent 1 ")
         alice.wait_for("^tk: status Connected as alice", count=2)
         bob.wait_for("alice: typed while down", stream="stdout")
@@ -1471,8 +1467,7 @@ class WindowTest(XvfbTestCase):
         server = self.start_server("--members", "1,2")
         alice = self.start_window(server, "1", "--name", "alice")
         alice.wait_for("^tk: status Connected as alice")
-        server.popen.send_signal(signal.SIGKILL)
-        server.wait()
+        self.stop_server(server, signal.SIGKILL)
         self.type_into("alice - chat", "one", "Return", "two", "Return")
         alice.wait_for("^tk: message alice: two sending$")
         self.xdotool("key", "ctrl+q")
@@ -1786,15 +1781,14 @@ class StartUpMistakesTest(ChatTestCase):
         plaintext = self.start("client", "--no-gui", "--id", "1",
                                "--server", server.address)
         self.assertEqual(plaintext.finish(), 1)
-        server.popen.send_signal(signal.SIGTERM)
-        self.assertEqual(server.wait(), 0)
+        self.stop_server(server)
         for process in (plaintext, server):
             for line in process.output("stderr"):
                 self.assertNotRegex(line, self.CORE_LOG_LINE)
 
     def test_second_server_on_the_same_port_is_refused(self):
         first = self.start_server("--members", "1,2")
-        port = first.address.rsplit(":", 1)[1]
+        port = first.port
         other_db = os.path.join(self.tmp.name, "other.db")
         self.assertAllRefused(1, [
             (("server", "--port", port, "--db", other_db),
