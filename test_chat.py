@@ -1495,27 +1495,32 @@ class WindowTest(XvfbTestCase):
 class DemoTest(XvfbTestCase):
     """`python chat.py demo`: three windows; closing the last stops all."""
 
-    def test_demo_opens_three_windows_and_stops_with_the_last(self):
+    def start_demo(self):
+        """Start the demo; return it and the pids it names (the server and
+        the windows), each killed at cleanup if still there."""
         demo = self.start("demo", env={"DISPLAY": self.display})
         demo.wait_for("^demo: close the three windows")
         pids = [int(line.rsplit(" ", 1)[1])
                 for line in demo.output("stderr") if " pid " in line]
         self.addCleanup(kill_all, pids)
+        return demo, pids
+
+    def assertAllGone(self, pids):
+        """Each has ended and been reaped."""
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    def test_demo_opens_three_windows_and_stops_with_the_last(self):
+        demo, pids = self.start_demo()
         for name in ("alice", "bob", "chad"):
             self.focus(f"{name} - chat")
             self.xdotool("key", "ctrl+q")
         self.assertEqual(demo.wait(), 0)
-        for pid in pids:  # the server and the windows are gone, and reaped
-            with self.assertRaises(ProcessLookupError):
-                os.kill(pid, 0)
-
+        self.assertAllGone(pids)
 
     def test_ctrl_c_stops_the_demo_and_every_window(self):
-        demo = self.start("demo", env={"DISPLAY": self.display})
-        demo.wait_for("^demo: close the three windows")
-        pids = [int(line.rsplit(" ", 1)[1])
-                for line in demo.output("stderr") if " pid " in line]
-        self.addCleanup(kill_all, pids)
+        demo, pids = self.start_demo()
         for name in ("alice", "bob", "chad"):
             self.xdotool("search", "--sync", "--name", f"{name} - chat")
         demo.popen.send_signal(signal.SIGINT)
@@ -1523,9 +1528,7 @@ class DemoTest(XvfbTestCase):
         stderr = demo.output("stderr")
         self.assertEqual(stderr[-1], "demo: stopped")
         self.assertNotIn("Traceback", "\n".join(stderr))
-        for pid in pids:
-            with self.assertRaises(ProcessLookupError):
-                os.kill(pid, 0)
+        self.assertAllGone(pids)
 
     def test_demo_without_a_working_display_says_so(self):
         demo = self.start("demo", env={"DISPLAY": ":999"})  # nothing there
