@@ -1335,21 +1335,18 @@ class XvfbTestCase(ChatTestCase):
             env={**os.environ, "DISPLAY": self.display}, timeout=WAIT).stdout
 
     def start_window(self, server, client_id, *args):
-        window = self.start("client", "--id", client_id, "--server",
-                            server.address, *args,
-                            env={"DISPLAY": self.display, "CHAT_TRACE": "1"})
-        return window
+        return self.start("client", "--id", client_id, "--server",
+                          server.address, *args,
+                          env={"DISPLAY": self.display, "CHAT_TRACE": "1"})
 
-    def focus(self, title):
-        """Give the keyboard to the window whose title matches."""
+    def type_into(self, title, *keys):
+        """Give the keyboard to the window whose title matches, then type
+        each of keys: text, or a key such as "Return" or "ctrl+q"."""
         window_id = self.xdotool("search", "--sync", "--name",
                                  title).split()[0]
         self.xdotool("windowfocus", "--sync", window_id)
-
-    def type_into(self, title, *keys):
-        self.focus(title)
         for key in keys:
-            if key in ("Return", "shift+Return", "Escape", "End"):
+            if key in ("Return", "shift+Return", "End", "ctrl+a", "ctrl+q"):
                 self.xdotool("key", key)
             else:
                 self.xdotool("type", "--delay", "5", key)
@@ -1395,15 +1392,9 @@ class WindowTest(XvfbTestCase):
         window = self.start_window(server, "1")
         window.wait_for("^tk: name dialog alice$")
         # Ctrl+A selects all, in the name field and in the message box.
-        self.type_into("your name", "End")
-        self.xdotool("type", "2")
-        self.xdotool("key", "ctrl+a")
-        self.xdotool("type", "zoe")
-        self.xdotool("key", "Return")
+        self.type_into("your name", "End", "2", "ctrl+a", "zoe", "Return")
         window.wait_for("^tk: status Connected as zoe")
-        self.type_into("zoe - chat", "draft")
-        self.xdotool("key", "ctrl+a")
-        self.type_into("zoe - chat", "hi", "Return")
+        self.type_into("zoe - chat", "draft", "ctrl+a", "hi", "Return")
         bob.wait_for("zoe: hi$", stream="stdout")
         self.assertEqual(texts(bob), ["zoe: hi"])
 
@@ -1470,13 +1461,12 @@ class WindowTest(XvfbTestCase):
         self.stop_server(server, signal.SIGKILL)
         self.type_into("alice - chat", "one", "Return", "two", "Return")
         alice.wait_for("^tk: message alice: two sending$")
-        self.xdotool("key", "ctrl+q")
+        self.type_into("alice - chat", "ctrl+q")
         alice.wait_for("^tk: close dialog 2 messages not sent yet. "
                        "Close anyway and lose them[?]$")
         self.type_into("^chat.py$", "Return")  # No is the default
         alice.wait_for("^tk: kept open$")
-        self.focus("alice - chat")
-        self.xdotool("key", "ctrl+q")
+        self.type_into("alice - chat", "ctrl+q")
         alice.wait_for("^tk: close dialog", count=2)
         alice.popen.send_signal(signal.SIGINT)  # closes, dialog and all
         self.assertEqual(alice.wait(), 1)
@@ -1514,8 +1504,7 @@ class DemoTest(XvfbTestCase):
     def test_demo_opens_three_windows_and_stops_with_the_last(self):
         demo, pids = self.start_demo()
         for name in ("alice", "bob", "chad"):
-            self.focus(f"{name} - chat")
-            self.xdotool("key", "ctrl+q")
+            self.type_into(f"{name} - chat", "ctrl+q")
         self.assertEqual(demo.wait(), 0)
         self.assertAllGone(pids)
 
