@@ -649,11 +649,10 @@ class CrashAndRestartTest(ChatTestCase):
         second.wait_for("in use by another chat server")
 
     def test_unreachable_server_is_reported(self):
-        with socket.socket() as probe:  # a port where nothing listens
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        probe, address = listener()
+        probe.close()  # a port where nothing listens
         client = self.start("client", "--no-gui", "--id", "1",
-                            "--server", f"127.0.0.1:{port}")
+                            "--server", address)
         self.assertEqual(client.finish(), 1)
         self.assertRegex(client.output("stderr")[-1],
                          "cannot reach the server")
@@ -796,8 +795,7 @@ class Proxy:
     def __init__(self, target):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.listener, self.address = listener()
         self.sockets = []
         self.refusing = self.frozen = False
         self.lock = threading.Lock()
@@ -857,6 +855,13 @@ class Proxy:
     def close(self):
         self.listener.close()
         self.cut()
+
+
+def listener():
+    """A socket listening on a free port of 127.0.0.1, and its "HOST:PORT".
+    Closed at once, it leaves a port where nothing listens."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock, "127.0.0.1:%d" % sock.getsockname()[1]
 
 
 def rss_kb(pid):
@@ -1146,11 +1151,11 @@ class TerminalClientTest(ChatTestCase):
     def test_each_connection_failure_gets_its_own_sentence(self):
         # A port that takes connections and never answers: the listener's
         # backlog accepts them, and nothing ever reads.
-        silent = socket.create_server(("127.0.0.1", 0))
+        silent, silent_address = listener()
         self.addCleanup(silent.close)
         told = {
-            "127.0.0.1:%d" % silent.getsockname()[1]: r"no answer within 10 "
-            r"s\. Is the server stopped or busy, or a firewall in the way\?",
+            silent_address: r"no answer within 10 s\. Is the server "
+            r"stopped or busy, or a firewall in the way\?",
             "nosuch.invalid:50051": "the name nosuch.invalid does not "
             "resolve to an address",
             web_server(self): r"is not a gRPC server: check the port\.",
@@ -1184,19 +1189,19 @@ class TerminalClientTest(ChatTestCase):
 def web_server(test):
     """A socket that answers every connection like an HTTP/1 web server;
     returns its address."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    test.addCleanup(listener.close)
+    server, address = listener()
+    test.addCleanup(server.close)
 
     def answer():
         while True:
             try:
-                connection, _ = listener.accept()
+                connection, _ = server.accept()
             except OSError:
                 return  # closed
             with connection:
                 connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     threading.Thread(target=answer, daemon=True).start()
-    return "127.0.0.1:%d" % listener.getsockname()[1]
+    return address
 
 
 def grpc_server(test):
@@ -1285,9 +1290,8 @@ class BenchTest(ChatTestCase):
         [line] = bench.output("stderr")
         self.assertRegex(line, r"^bench: the server refused member "
                          r"b[01]: .*member")
-        with socket.socket() as free:  # a port where nothing listens
-            free.bind(("127.0.0.1", 0))
-            address = "127.0.0.1:%d" % free.getsockname()[1]
+        probe, address = listener()
+        probe.close()  # a port where nothing listens
         bench = self.start("bench.py", "--server", address)
         self.assertEqual(bench.wait(), 1)
         self.assertRegex("\n".join(bench.output("stderr")),
