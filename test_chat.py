@@ -1714,19 +1714,12 @@ class StartUpMistakesTest(ChatTestCase):
                          (["1", "2"], "DEBUG"))
 
     def test_help_says_what_a_new_user_needs(self):
-        def help_of(command):
-            return subprocess.run(
-                [sys.executable, CHAT, command, "--help"], capture_output=True,
-                text=True, check=True).stdout
         for command in ("server", "client"):
             self.assertIn("CHAT_PASSWORD", help_of(command))
         self.assertRegex(help_of("client"),
                          r"--id ID +your member id: 1 to 32")
         self.assertIn("It stops when the last window closes", help_of("demo"))
-        baseline = subprocess.run(
-            [sys.executable, BENCH, "baseline", "--help"], capture_output=True,
-            text=True, check=True).stdout
-        self.assertIn("stores nothing", baseline)
+        self.assertIn("stores nothing", help_of("baseline", script=BENCH))
 
     def test_database_mistakes(self):
         not_a_db = os.path.join(self.tmp.name, "notes.txt")
@@ -1801,6 +1794,13 @@ class StartUpMistakesTest(ChatTestCase):
         bob.wait_for("alice: still here", stream="stdout")
 
 
+def help_of(command, script=CHAT):
+    """What `python script command --help` prints."""
+    return subprocess.run([sys.executable, script, command, "--help"],
+                          capture_output=True, text=True, check=True,
+                          timeout=WAIT).stdout
+
+
 class CommandLineTest(unittest.TestCase):
     """What README quotes must stay true of the code."""
 
@@ -1816,10 +1816,7 @@ class CommandLineTest(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         for command in ("server", "client"):
-            usage = subprocess.run(
-                [sys.executable, CHAT, command, "--help"], capture_output=True,
-                text=True, check=True).stdout
-            for flag in re.findall(r"--[a-z-]+", usage):
+            for flag in re.findall(r"--[a-z-]+", help_of(command)):
                 self.assertTrue(flag in readme,
                                 f"README does not explain {flag}")
 
