@@ -168,12 +168,21 @@ class ChatTestCase(unittest.TestCase):
         return self.start_server(*args, port=server.port)
 
     def start_client(self, server, client_id, name, *flags,
-                     expect_join=True):
+                     expect_join=True, env=None):
+        """A terminal client of server (or of anything with an .address,
+        such as a Proxy)."""
         client = self.start("client", "--no-gui", "--server", server.address,
-                            "--id", client_id, "--name", name, *flags)
+                            "--id", client_id, "--name", name, *flags,
+                            env=env)
         if expect_join:
             client.wait_for(r"^connected to ")
         return client
+
+    def proxy(self, server):
+        """A Proxy in front of server, closed at cleanup."""
+        proxy = Proxy(server.address)
+        self.addCleanup(proxy.close)
+        return proxy
 
     def stub(self, server):
         """A raw stub, for what well-behaved clients never do."""
@@ -295,9 +304,8 @@ class JoinAndUnreadTest(ChatTestCase):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
         self.raw_join(stub, "1", "alice")
-        proxy = Proxy(server.address)
-        self.addCleanup(proxy.close)
-        bob = self.start_client(Named(proxy.address), "2", "bob", "--plain")
+        proxy = self.proxy(server)
+        bob = self.start_client(proxy, "2", "bob", "--plain")
 
         def send(text):
             stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
@@ -875,17 +883,12 @@ def rss_kb(pid):
 class FaultTest(ChatTestCase):
     """Each promise, with the fault injected for real."""
 
-    def proxy(self, server):
-        proxy = Proxy(server.address)
-        self.addCleanup(proxy.close)
-        return proxy
-
     def test_dropped_connection_resumes_with_no_gap_and_no_repeat(self):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
         self.raw_join(stub, "1", "alice")
         proxy = self.proxy(server)
-        bob = self.start_client(Named(proxy.address), "2", "bob")
+        bob = self.start_client(proxy, "2", "bob")
 
         def send(text):
             stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
@@ -907,7 +910,7 @@ class FaultTest(ChatTestCase):
         server = self.start_server("--members", "1,2", "--keepalive", "1")
         alice = self.start_client(server, "1", "alice")
         proxy = self.proxy(server)
-        self.start_client(Named(proxy.address), "2", "bob")
+        self.start_client(proxy, "2", "bob")
         alice.wait_for(r"^\* bob joined$")
         proxy.freeze()  # bob's packets stop; no FIN, no RST
         alice.wait_for(r"^\* bob left$")
@@ -1031,12 +1034,8 @@ class FaultTest(ChatTestCase):
                              "UNAUTHENTICATED|password")
         stub = self.stub(server)
         self.assertShutOut(stub, "1", grpc.StatusCode.UNAUTHENTICATED)
-        alice = self.start("client", "--no-gui", "--id", "1", "--name",
-                           "alice", "--server", server.address, env=env)
-        bob = self.start("client", "--no-gui", "--id", "2", "--name", "bob",
-                         "--server", server.address, env=env)
-        bob.wait_for("^connected to ")
-        alice.wait_for("^connected to ")
+        alice = self.start_client(server, "1", "alice", env=env)
+        bob = self.start_client(server, "2", "bob", env=env)
         alice.type("with the password")
         bob.wait_for("alice: with the password", stream="stdout")
         self.stop_server(server)
@@ -1172,12 +1171,9 @@ class TerminalClientTest(ChatTestCase):
             self.assertNotIn("TLS", last)
 
     def test_room_password_is_asked_for_on_a_terminal(self):
-        server = self.start("server", "--port", "0", "--db", self.db,
-                            env={"CHAT_PASSWORD": "open sesame"})
-        address = server.wait_for("^listening on ",
-                                  stream="stdout").split()[-1]
+        server = self.start_server(env={"CHAT_PASSWORD": "open sesame"})
         terminal = Terminal(self, "client", "--no-gui", "--id", "1",
-                            "--name", "alice", "--server", address)
+                            "--name", "alice", "--server", server.address)
         terminal.wait_for("this room needs a password: ")
         terminal.type("open sesame")
         terminal.wait_for(r"connected to \S+ as alice \(id 1\)")
@@ -1257,13 +1253,6 @@ class Terminal:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(WAIT)
-
-
-class Named:
-    """Anything with an .address, for start_client (e.g. a Proxy's)."""
-
-    def __init__(self, address):
-        self.address = address
 
 
 class BenchTest(ChatTestCase):
@@ -1441,10 +1430,7 @@ class WindowTest(XvfbTestCase):
         self.assertEqual(texts(bob), ["alice: typed while down"])
 
     def test_password_dialog_when_the_room_has_one(self):
-        server = self.start("server", "--port", "0", "--db", self.db,
-                            env={"CHAT_PASSWORD": "open sesame"})
-        server.address = server.wait_for("^listening on ",
-                                         stream="stdout").split()[-1]
+        server = self.start_server(env={"CHAT_PASSWORD": "open sesame"})
         window = self.start_window(server, "1", "--name", "alice")
         window.wait_for("^tk: password dialog$")
         self.type_into("^chat.py$", "open sesame", "Return")
