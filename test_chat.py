@@ -243,6 +243,12 @@ def texts(client):
     return [line.split("] ", 1)[1] for line in client.output()]
 
 
+def send(stub, client_id, text):
+    """Send text as client_id on a raw stub; return the SendReply."""
+    return stub.Send(pb.SendRequest(client_id=client_id, text=text),
+                     timeout=WAIT)
+
+
 class JoinAndUnreadTest(ChatTestCase):
     """A member who comes online late gets what it has not read."""
 
@@ -277,7 +283,7 @@ class JoinAndUnreadTest(ChatTestCase):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
         self.raw_join(stub, "1")
-        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        send(stub, "1", "hi")
         # bob's client is told "1 unread", then dies before reading "hi".
         call = stub.Join(pb.JoinRequest(client_id="2"), timeout=WAIT)
         self.assertEqual(next(call).welcome.unread, 1)
@@ -306,16 +312,13 @@ class JoinAndUnreadTest(ChatTestCase):
         self.raw_join(stub, "1", "alice")
         proxy = self.proxy(server)
         bob = self.start_client(proxy, "2", "bob", "--plain")
-
-        def send(text):
-            stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
-        send("hi")
+        send(stub, "1", "hi")
         bob.wait_for("alice: hi", stream="stdout")
         # bob joins again after "hi": the server records it as read.
         proxy.cut()
         bob.wait_for(r"^reconnected to \S+ after \d+ s; 0 unread")
         proxy.freeze()  # from now on nothing reaches bob
-        send("are you there?")
+        send(stub, "1", "are you there?")
         bob.popen.kill()
         bob.wait()
         bob = self.start_client(server, "2", "bob", "--plain")
@@ -354,7 +357,7 @@ class JoinAndUnreadTest(ChatTestCase):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
         self.raw_join(stub, "1", "alice")
-        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        send(stub, "1", "hi")
 
         def replay(**request):
             call = stub.Join(pb.JoinRequest(client_id="1", **request),
@@ -371,7 +374,7 @@ class JoinAndUnreadTest(ChatTestCase):
         self.assertEqual([(m.sender_id, m.sender_name, m.text)
                           for m in messages], [("1", "alice", "hi")])
         self.assertEqual(replay(resuming=True)[1], [])
-        stub.Send(pb.SendRequest(client_id="1", text="again"), timeout=WAIT)
+        send(stub, "1", "again")
         self.assertEqual(replay(after_seq=1)[1], [])  # resuming, too
         welcome, messages = replay(history=5)  # "hi" now read: in recent
         self.assertEqual([(m.sender_id, m.text) for m in welcome.recent],
@@ -389,7 +392,7 @@ class JoinAndUnreadTest(ChatTestCase):
         alice.wait_for("^reconnected to ")
         stub = self.stub(server)
         self.raw_join(stub, "2", "bob")
-        stub.Send(pb.SendRequest(client_id="2", text="back"), timeout=WAIT)
+        send(stub, "2", "back")
         alice.wait_for("bob: back", stream="stdout")
         self.assertEqual(texts(alice), ["bob: back"])
 
@@ -398,7 +401,7 @@ class JoinAndUnreadTest(ChatTestCase):
         stub = self.stub(server)
         self.raw_join(stub, "1", "alice").cancel()
         self.raw_join(stub, "1")  # no name this time
-        stub.Send(pb.SendRequest(client_id="1", text="hi"), timeout=WAIT)
+        send(stub, "1", "hi")
         bob = stub.Join(pb.JoinRequest(client_id="2"), timeout=WAIT)
         self.addCleanup(bob.cancel)
         welcome = next(bob).welcome
@@ -448,7 +451,7 @@ class SendAndFanOutTest(ChatTestCase):
         calls.pop("x").cancel()
         server.wait_for(r"x \(x\) left")
         calls["chad"] = self.raw_join(stub, "chad", "chad")
-        stub.Send(pb.SendRequest(client_id="zed", text="end"), timeout=WAIT)
+        send(stub, "zed", "end")
 
         def presence_until_the_message(call):
             changes = []
@@ -482,7 +485,6 @@ class SendAndFanOutTest(ChatTestCase):
         for client in [*senders.values(), dave]:
             self.assertEqual(client.finish(), 0)
 
-
     def test_members_joining_mid_stream_get_each_message_once(self):
         """Joins in the middle of a stream of messages, which the hub hands
         out in rounds: each member gets each message once and in order,
@@ -495,8 +497,7 @@ class SendAndFanOutTest(ChatTestCase):
 
         def send_all():
             for n in range(total):
-                stub.Send(pb.SendRequest(client_id="alice", text=f"m{n}"),
-                          timeout=WAIT)
+                send(stub, "alice", f"m{n}")
                 if n % (total // joiners) == 0:
                     sent_some.release()
 
@@ -593,7 +594,7 @@ class WhoMayJoinTest(ChatTestCase):
         server.wait_for("open room: any id may join")
         stub = self.stub(server)
         self.raw_join(stub, "9", "eve")
-        stub.Send(pb.SendRequest(client_id="9", text="hi"), timeout=WAIT)
+        send(stub, "9", "hi")
         server = self.restart_server(server, "--members", "1,2,3")
         server.wait_for("only ids 1, 2, 3 may join")
         self.assertShutOut(self.stub(server), "9",
@@ -617,8 +618,7 @@ class CrashAndRestartTest(ChatTestCase):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
         self.raw_join(stub, "1", "alice")
-        reply = stub.Send(pb.SendRequest(client_id="1", text="survive"),
-                          timeout=WAIT)
+        reply = send(stub, "1", "survive")
         server = self.restart_server(server, "--members", "1,2",
                                      how=signal.SIGKILL)  # after the ack
         bob = self.start_client(server, "2", "bob")
@@ -744,8 +744,7 @@ class BadInputTest(ChatTestCase):
         while not any("carl (3) fell" in line
                       for line in self.server.output("stderr")):
             count += 1
-            stub.Send(pb.SendRequest(client_id="1", text=f"{count} {text}"),
-                      timeout=WAIT)
+            send(stub, "1", f"{count} {text}")
             self.assertLess(count, 20_000, "carl was never disconnected")
         self.bob.wait_for(r"^\* carl left$")
         self.bob.wait_for("alice: ", stream="stdout", count=count)
@@ -755,8 +754,7 @@ class BadInputTest(ChatTestCase):
         # the server grow by as much as they hold (count x 4 KB, ~8 MB).
         before = rss_kb(self.server.popen.pid)
         for n in range(count + 1, 2 * count + 1):
-            stub.Send(pb.SendRequest(client_id="1", text=f"{n} {text}"),
-                      timeout=WAIT)
+            send(stub, "1", f"{n} {text}")
         self.bob.wait_for("alice: ", stream="stdout", count=2 * count)
         growth = rss_kb(self.server.popen.pid) - before
         print(f"\nslow consumer: server RSS {before} kB after the kick, "
@@ -889,19 +887,16 @@ class FaultTest(ChatTestCase):
         self.raw_join(stub, "1", "alice")
         proxy = self.proxy(server)
         bob = self.start_client(proxy, "2", "bob")
-
-        def send(text):
-            stub.Send(pb.SendRequest(client_id="1", text=text), timeout=WAIT)
-        send("one")
+        send(stub, "1", "one")
         bob.wait_for("alice: one", stream="stdout")
         proxy.refuse()
         proxy.cut()  # the network drops; bob cannot get back in for now
         bob.wait_for("^connection lost")
-        send("two")    # while bob is away
-        send("three")
+        send(stub, "1", "two")    # while bob is away
+        send(stub, "1", "three")
         proxy.resume()
         bob.wait_for("^reconnected to ")
-        send("four")
+        send(stub, "1", "four")
         bob.wait_for("alice: four", stream="stdout")
         self.assertEqual(texts(bob), ["alice: one", "alice: two",
                                       "alice: three", "alice: four"])
@@ -926,7 +921,7 @@ class FaultTest(ChatTestCase):
         first = stub.Send(request, timeout=WAIT)
         again = stub.Send(request, timeout=WAIT)  # as after a timeout
         self.assertEqual(first.seq, again.seq)
-        stub.Send(pb.SendRequest(client_id="1", text="next"), timeout=WAIT)
+        send(stub, "1", "next")
         bob.wait_for("alice: next", stream="stdout")
         self.assertEqual(texts(bob), ["alice: only once", "alice: next"])
 
@@ -939,8 +934,7 @@ class FaultTest(ChatTestCase):
             if n == 50:
                 server.popen.send_signal(signal.SIGTERM)
             try:
-                stub.Send(pb.SendRequest(client_id="1", text=f"burst {n}"),
-                          timeout=WAIT)
+                send(stub, "1", f"burst {n}")
             except grpc.RpcError:
                 break  # the server is gone
             acknowledged.append(f"alice: burst {n}")
@@ -965,8 +959,7 @@ class FaultTest(ChatTestCase):
         refused = 0
         for n in range(60):  # far faster than 20 a second
             try:
-                stub.Send(pb.SendRequest(client_id="3", text=f"flood {n}"),
-                          timeout=WAIT)
+                send(stub, "3", f"flood {n}")
             except grpc.RpcError as error:
                 self.assertEqual(error.code(),
                                  grpc.StatusCode.RESOURCE_EXHAUSTED)
