@@ -499,15 +499,10 @@ def _ratio(a, b):
 
 
 def bench_problem(args):
-    """What makes the flags unusable for a run, as a sentence, or None."""
-    if args.clients < 2:
-        return "--clients must be 2 or more: one sends, the others receive"
-    if args.messages < 1:
-        return "--messages must be 1 or more"
-    if not 1 <= args.senders <= args.clients:
+    """What makes the flags unusable together, as a sentence, or None. (Each
+    flag's own values are checked by its argparse type.)"""
+    if args.senders > args.clients:
         return "--senders must be from 1 to --clients"
-    if args.rate < 0:
-        return "--rate must be 0 (as fast as possible) or more"
     if args.plain and args.server:
         return "--plain starts a server of its own: leave out --server"
     return None
@@ -557,6 +552,9 @@ def cell(run, key, inner):
     return f"{value:,}" if ratio is None else f"{value:,} ({ratio}x)"
 
 
+AT_LEAST_1 = chat.number(int, "1 or more", lambda n: n >= 1)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="bench.py",
@@ -566,15 +564,19 @@ def build_parser():
     parser.add_argument("--server", metavar="HOST:PORT",
                         help="measure this server (default: start one, with "
                         "a temporary database and --rate 0)")
-    parser.add_argument("--clients", type=int, default=100,
+    parser.add_argument("--clients", default=100, type=chat.number(
+                            int, "2 or more (one sends, the others receive)",
+                            lambda n: n >= 2),
                         help="members online, each on its own connection "
                         "(default: %(default)s)")
-    parser.add_argument("--messages", type=int, default=100,
+    parser.add_argument("--messages", type=AT_LEAST_1, default=100,
                         help="messages to send in all (default: %(default)s)")
-    parser.add_argument("--rate", type=float, default=0,
+    parser.add_argument("--rate", default=0, type=chat.number(
+                            float, "0 (as fast as possible) or more",
+                            lambda n: n >= 0),
                         help="messages a second; 0: as fast as possible "
                         "(default: %(default)s)")
-    parser.add_argument("--senders", type=int, default=1,
+    parser.add_argument("--senders", type=AT_LEAST_1, default=1,
                         help="how many of the members send (default: "
                         "%(default)s)")
     parser.add_argument("--baseline", action="store_true",

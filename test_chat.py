@@ -1279,12 +1279,6 @@ class BenchTest(ChatTestCase):
         self.assertRegex("\n".join(bench.output("stderr")),
                          f"^bench: cannot reach the server at {address}")
 
-    def test_bench_without_messages_is_refused(self):
-        bench = self.start("bench.py", "--messages", "0")
-        self.assertEqual(bench.wait(), 2)
-        self.assertEqual(bench.output("stderr"),
-                         ["bench: --messages must be 1 or more"])
-
 
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
@@ -1662,6 +1656,11 @@ class StartUpMistakesTest(ChatTestCase):
             (("server", "--port", "-1"), "argument --port: must be"),
             (("bench.py", "baseline", "--port", "70000"),
              "argument --port: must be"),
+            (("bench.py", "--messages", "0"),
+             "argument --messages: must be 1 or more"),
+            (("bench.py", "--rate", "nan"), "argument --rate: must be 0"),
+            (("bench.py", "--clients", "2", "--senders", "3"),
+             "^bench: --senders must be from 1 to --clients$"),
             (("server", "--rate", "-5"), "argument --rate: must be 0 or"),
             (("server", "--max-clients", "-1"), "argument --max-clients"),
             (("server", "--keepalive", "0"),
