@@ -142,9 +142,9 @@ class Bench:
         # received[member index] = message numbers, in arrival order
         self.received = [[] for _ in self.ids]
         self.seqs = [[] for _ in self.ids]
-        self.confirming = [False] * self.clients  # a MarkRead is planned
-        self.tasks = set()  # MarkRead tasks, kept from the garbage collector
-        self.timers = []    # MarkReads planned for later
+        # member index -> the task of its next MarkRead (held here, too,
+        # so that the garbage collector leaves it alone)
+        self.receipts = {}
         self.stop_confirming = False  # set for the idle measurement
         self.retries = 0    # Sends tried again (shed by an overloaded server)
         self.latencies_ms = []
@@ -264,11 +264,10 @@ class Bench:
 
     async def _idle_cpu(self):
         """Server CPU seconds over 5 s with everyone online and nothing
-        to do, after the last MarkReads: it should be 0."""
+        to do: it should be 0. MarkReads still planned are called off."""
         self.stop_confirming = True
-        for timer in self.timers:
-            timer.cancel()
-        await asyncio.gather(*self.tasks)
+        for task in self.receipts.values():
+            task.cancel()
         await asyncio.sleep(1)
         before = self.server.cpu_s()
         await asyncio.sleep(5)
@@ -311,23 +310,20 @@ class Bench:
         """As chat.py's default client (ThrottledReadReceipts): one
         MarkRead 2.5 to 7.5 s (at random) after a message arrives, for
         everything received by then."""
-        if self.confirming[index] or self.stop_confirming:
-            return
-        self.confirming[index] = True
-        self.timers.append(asyncio.get_running_loop().call_later(
-            ThrottledReadReceipts.pause(), lambda: self.tasks.add(
-                asyncio.create_task(self._confirm(stub, index)))))
+        if index not in self.receipts and not self.stop_confirming:
+            self.receipts[index] = asyncio.create_task(
+                self._confirm(stub, index))
 
     async def _confirm(self, stub, index):
-        """MarkRead up to the last seq received."""
+        """After the pause, MarkRead up to the last seq received."""
+        await asyncio.sleep(ThrottledReadReceipts.pause())
         try:
             await stub.MarkRead(pb.MarkReadRequest(
                 client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
                 timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError:
             pass  # leaving, or shed under load: the next one covers it
-        self.confirming[index] = False
-        self.tasks.discard(asyncio.current_task())
+        del self.receipts[index]
 
     def _why_lost(self, index, error):
         """A sentence for a member's stream that ended (error None: with
