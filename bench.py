@@ -30,7 +30,7 @@ import time
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
 from chat import (RETRY, Refused, ServerProcess, ThrottledReadReceipts,
-                  join_refusal, listen, password_metadata, pb,
+                  join_refusal, listen, password_metadata, pb, retry_delays,
                   server_options, services, until_stopped)
 
 import grpc  # noqa: E402  (after chat, see above)
@@ -131,6 +131,7 @@ class Bench:
     Everything runs on one event loop, so nothing here needs a lock."""
 
     JOIN_STEP = 50  # members that join at once
+    SEND_ATTEMPTS = 10  # tries of a Send shed by an overloaded server
 
     def __init__(self, label, target, server, args, progress):
         self.label, self.target = label, target
@@ -247,7 +248,8 @@ class Bench:
         text = f"bench {number} {time.perf_counter():.6f}"
         request = pb.SendRequest(client_id=self.ids[sender], text=text,
                                  message_id=f"m{number}")
-        for attempt in range(10):  # as ChatClient.send retries
+        delays = retry_delays()  # as ChatClient.send, but not for ever
+        for attempt in range(1, self.SEND_ATTEMPTS + 1):
             try:
                 await stubs[sender].Send(request, timeout=60,
                                          metadata=self.metadata)
@@ -256,8 +258,12 @@ class Bench:
                 if error.code() not in RETRY:
                     raise BenchFailed(f"the server refused a Send: "
                                       f"{error.details()}") from None
+                if attempt == self.SEND_ATTEMPTS:
+                    raise BenchFailed(f"the server did not take a Send in "
+                                      f"{attempt} tries: {error.details()}"
+                                      ) from None
                 self.retries += 1
-                await asyncio.sleep(0.1 * 2 ** attempt)
+                await asyncio.sleep(next(delays))
         if number % 10 == 0:
             self._show(f"sent {number + 1}/{self.messages}, delivered "
                        f"{len(self.latencies_ms):,}/{self.expected:,}")
