@@ -132,6 +132,7 @@ class Bench:
 
     JOIN_STEP = 50  # members that join at once
     SEND_ATTEMPTS = 10  # tries of a Send shed by an overloaded server
+    IDLE_S = 5  # seconds of the idle CPU measurement
 
     def __init__(self, label, target, server, args, progress):
         self.label, self.target = label, target
@@ -155,7 +156,7 @@ class Bench:
         self.last_arrival = 0.0  # of a message
         self.last_event = 0.0    # of any event
         self.all_delivered = asyncio.Event()
-        self.idle_cpu_s = None  # measured while all are online, if server
+        self.idle_cpu_percent = None  # while all are online, if server
         self.expected = self.messages * (self.clients - 1)
         self.failure = None  # why a member's stream ended, if one did
         self.shown = False   # a progress line is on stderr
@@ -178,7 +179,7 @@ class Bench:
             await self._settle()
             deliver_s = await self._send_all(stubs)
             if self.server:
-                self.idle_cpu_s = await self._idle_cpu()
+                self.idle_cpu_percent = await self._idle_cpu()
             return join_s, deliver_s
         finally:
             for task in self.members:
@@ -269,15 +270,16 @@ class Bench:
                        f"{len(self.latencies_ms):,}/{self.expected:,}")
 
     async def _idle_cpu(self):
-        """Server CPU seconds over 5 s with everyone online and nothing
-        to do: it should be 0. MarkReads still planned are called off."""
+        """The server's CPU use, in percent of one core, over IDLE_S with
+        everyone online and nothing to do: it should be 0. MarkReads still
+        planned are called off."""
         self.stop_confirming = True
         for task in self.receipts.values():
             task.cancel()
         await asyncio.sleep(1)
         before = self.server.cpu_s()
-        await asyncio.sleep(5)
-        return self.server.cpu_s() - before
+        await asyncio.sleep(self.IDLE_S)
+        return (self.server.cpu_s() - before) / self.IDLE_S * 100
 
     async def _member(self, stubs, index):
         """One member's Join stream, until the run cancels it."""
@@ -457,7 +459,7 @@ def server_figures(server, bench, cpu_before):
     return {"server_cpu_s": round(server.cpu_s() - cpu_before, 2),
             "server_peak_rss_mb": server.peak_rss_mb(),
             "server_ready_s": round(server.ready_s, 3),
-            "server_idle_cpu_percent": round(bench.idle_cpu_s / 5 * 100, 1)}
+            "server_idle_cpu_percent": round(bench.idle_cpu_percent, 1)}
 
 
 # The figures, in the order shown: (label, key, key inside it, whether it
