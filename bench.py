@@ -569,19 +569,21 @@ def build_parser():
     parser.add_argument("--server", metavar="HOST:PORT",
                         help="measure this server (default: start one, with "
                         "a temporary database and --rate 0)")
-    parser.add_argument("--clients", default=100, type=chat.number(
+    parser.add_argument("--clients", default=100, metavar="N",
+                        type=chat.number(
                             int, "2 or more (one sends, the others receive)",
                             lambda n: n >= 2),
                         help="members online, each on its own connection "
                         "(default: %(default)s)")
     parser.add_argument("--messages", type=AT_LEAST_1, default=100,
+                        metavar="M",
                         help="messages to send in all (default: %(default)s)")
-    parser.add_argument("--rate", default=0, type=chat.number(
+    parser.add_argument("--rate", default=0, metavar="R", type=chat.number(
                             float, "0 (as fast as possible) or more",
                             lambda n: n >= 0),
                         help="messages a second; 0: as fast as possible "
                         "(default: %(default)s)")
-    parser.add_argument("--senders", type=AT_LEAST_1, default=1,
+    parser.add_argument("--senders", type=AT_LEAST_1, default=1, metavar="K",
                         help="how many of the members send (default: "
                         "%(default)s)")
     parser.add_argument("--baseline", action="store_true",
@@ -601,9 +603,9 @@ def build_baseline_parser():
         description="Run the bare grpc.aio fan-out server that `bench.py "
         "--baseline` compares the chat server with: it stores nothing, "
         "checks nothing and limits nothing. Not a chat room for people.")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", metavar="H",
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=chat.PORT, default=50052,
+    parser.add_argument("--port", type=chat.PORT, default=50052, metavar="P",
                         help="port to listen on (default: %(default)s; "
                         "0 picks a free one)")
     return parser
