@@ -29,11 +29,10 @@ The path of alice's "hi", hop by hop, with each hop's section:
   server  ChatRoomServicer.MarkRead      Store.mark_read: 7 is read now    5
 
 Had bob been online, Hub.publish would have put "hi" in his Session's
-queue, and his Join's live loop would have written it to his stream. This
-is Part I's path (`--plain`). By default Part II changes three hops:
-RoundsHub.publish hands "hi" out at the hub's next round,
-ThrottledReadReceipts sends the MarkRead 2.5 to 7.5 s later, and
-BatchedReadsStore saves the read position within a second.
+queue, and his Join's live loop would have written it out. That is Part
+I's path (`--plain`); by default Part II changes three hops: RoundsHub
+hands "hi" out at its next round, ThrottledReadReceipts sends the MarkRead
+2.5 to 7.5 s later, and BatchedReadsStore saves it within a second.
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -51,13 +50,11 @@ Part I, the chat (a complete chat that keeps every promise in README):
     8. The terminal client stdin -> Send, Join stream -> stdout
     9. The window          the Tk client: threads and Tk, without polling
 
-Part II, for a thousand members: each measured optimization as a small
-subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
-changes its server: CoalescingSession, RoundsHub, BatchedReadsStore,
-BatchedPresence and ThousandMemberServicer (which also collects garbage
-less often) for the server, then ThrottledReadReceipts for the client.
-They are used by default; `server --plain` and `client --plain` run Part I
-alone.
+Part II, for a thousand members (used unless `--plain`): each measured
+optimization as a small subclass or mixin of a Part I class, as
+socketserver's ThreadingMixIn changes its server: CoalescingSession,
+RoundsHub, BatchedReadsStore, BatchedPresence and ThousandMemberServicer
+(which also collects garbage less often), then ThrottledReadReceipts.
 
    10. main(argv)          the command line, and the demo
 
@@ -82,10 +79,10 @@ Where each gRPC lesson is taught:
     batching writes (Part II)          CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
-any number of open streams. The client uses grpc's threaded API (blocking
-calls, plus one thread that reads the stream), because a terminal or a Tk
-window has a main loop of its own that is not asyncio. So the file shows
-both of grpcio's APIs, and how each one waits for the network.
+any number of streams. The client uses grpc's threaded API (blocking calls,
+and one thread that reads the stream), as a terminal or a Tk window has a
+main loop of its own that is not asyncio: both of grpcio's APIs, and how
+each waits for the network.
 """
 
 import argparse
@@ -113,10 +110,9 @@ import time
 import uuid
 
 # gRPC's core (C++) logs to stderr on its own ("E1127 12:00:00.000 ...
-# Invalid private key."). What matters to a user reaches us as an exception
-# or a status code, which we turn into a sentence, so core stays quiet unless
-# you set GRPC_VERBOSITY (=error shows its errors). Core reads it once,
-# early: after `import grpc` it is too late, hence this line before it.
+# Invalid private key."). What matters reaches us as an exception or a
+# status code, which we turn into a sentence, so core stays quiet unless you
+# set GRPC_VERBOSITY (=error shows its errors). It is read at `import grpc`.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
@@ -138,12 +134,10 @@ log = logging.getLogger("chat")
 #
 # protos_and_services() runs protoc inside this process (it needs
 # grpcio-tools) and returns the two modules that `python -m grpc_tools.protoc`
-# would write to chat_pb2.py and chat_pb2_grpc.py:
-#   pb        the message classes: pb.JoinRequest, pb.Event, ...
-#   services  ChatRoomStub (client side), add_ChatRoomServicer_to_server
-#             (server side).
-# The path is looked up on sys.path, and `python chat.py` puts chat.py's
-# folder first there, so this works from any working directory.
+# would write to chat_pb2.py and chat_pb2_grpc.py: pb, the message classes
+# (pb.JoinRequest, ...), and services (ChatRoomStub, for the client). The
+# path is looked up on sys.path, where `python chat.py` puts chat.py's
+# folder first, so this works from any working directory.
 pb, services = grpc.protos_and_services("chat.proto")
 
 
@@ -508,7 +502,6 @@ class ChatRoomServicer:
         self.closed_with = None  # (code, details) once everyone was sent off
 
     # -- the RPCs, in the order a member uses them --
-
     async def Join(self, request, context):
         """Replay what the member has not read, then stream live events:
         admit (or refuse), go online, replay, live."""
@@ -517,9 +510,8 @@ class ChatRoomServicer:
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
         # We write ourselves rather than `yield`: a cancel during a write
-        # then raises CancelledError here, where we can still send a status.
-        # (With `yield`, it is raised inside grpc's loop around the
-        # generator, and the client gets no status at all.)
+        # then raises CancelledError here, where we can still send a status
+        # (with `yield`, inside grpc's loop, and the client gets none).
         try:
             await context.write(welcome.SerializeToString())
             # The frame, and every local, lives as long as the stream: 1,000
@@ -666,7 +658,6 @@ class ChatRoomServicer:
         return pb.ListMembersReply(members=self._members())
 
     # -- helpers --
-
     async def _check_password(self, context):
         """Hardening: refuse a call without the room's password."""
         if self.password is None:
@@ -1333,7 +1324,6 @@ class ChatClient:
         self.on_status(state, text)
 
     # -- the receive thread --
-
     def _receive(self):
         """Runs on the receive thread: join, read the Join stream, and join
         again whenever it breaks, resuming after the last seq we have."""
@@ -1678,7 +1668,6 @@ class TerminalClient:
             self.chat = self._client(self.chat.name, password)
 
     # -- the stdin thread --
-
     def _read(self, stdin):
         """Runs on the stdin thread: run each command at once, and queue
         each message for the main thread."""
@@ -1708,7 +1697,6 @@ class TerminalClient:
         self.outbox.put(text)
 
     # The commands. Each gets the rest of its line.
-
     def help(self, _rest):
         self.say("\n".join(
             ["commands:"]
@@ -1742,7 +1730,6 @@ class TerminalClient:
     }
 
     # -- the main thread --
-
     def _send_messages(self):
         """Send each queued message, in order, until it is time to leave."""
         while (text := self.outbox.get()) is not None:
@@ -1765,7 +1752,6 @@ class TerminalClient:
                      f"without {'it' if self.unsent == 1 else 'them'})")
 
     # -- called on the receive thread --
-
     def on_event(self, event, notices):
         for message in event.messages:  # bob's: "[14:02:07] alice: hi"
             print(format_message(message), flush=True)
@@ -2020,7 +2006,6 @@ class ChatWindow:
         self.chat.start()
 
     # -- layout --
-
     def _build(self):
         """Lay out the window with Tk's grid: the view of messages with its
         scrollbar, the member list to its right, the message box and the
@@ -2103,7 +2088,6 @@ class ChatWindow:
         self.entry.focus_set()
 
     # -- typing and sending --
-
     def _on_return(self, event):
         if event.state & 1:  # Shift is held: a new line
             self.entry.insert("insert", "\n")
@@ -2153,7 +2137,6 @@ class ChatWindow:
         self._replace(tag + "status", f"  not sent: {reason}", "failed")
 
     # -- from the receive thread to the main thread --
-
     def _on_event(self, event, notices):
         """Runs on the receive thread: hand the event to the main thread."""
         self._post(self._show_event, event, notices)
@@ -2190,7 +2173,6 @@ class ChatWindow:
             method(*args)
 
     # -- showing what happens --
-
     def _show_event(self, event, notices):
         for message in event.messages:
             self._show_message(message)
@@ -2387,13 +2369,11 @@ class ChatWindow:
         self.root.title(f"{count}{self.name} - chat at {self.target}")
 
     # -- leaving --
-
     def close(self, ask=True):
         """Close the window: its close button or Ctrl+Q (which ask first if
         messages are unsent), or Ctrl-C in the terminal (which does not)."""
-        if ask and self.pending and (self.asking or not self._lose_unsent()):
-            return
-        if self.closed:  # e.g. Ctrl-C while the dialog was open
+        if self.closed or (ask and self.pending
+                           and (self.asking or not self._lose_unsent())):
             return
         self.closed = True
         self._stop_clock()
