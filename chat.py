@@ -143,9 +143,8 @@ pb, services = grpc.protos_and_services("chat.proto")
 
 # 2. The rules ----------------------------------------------------------------
 #
-# Both sides use these checks: the server refuses bad input with
-# INVALID_ARGUMENT and a sentence, a client explains it before sending. Only
-# the server's check counts: a client can be anything.
+# Both sides check: the server refuses bad input with INVALID_ARGUMENT and
+# a sentence, a client explains it before sending. Only the server's counts.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
@@ -153,9 +152,7 @@ MAX_MESSAGE_ID_CHARS = 64
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
-# Flood control: each member may send RATE messages a second on average,
-# and bursts of twice that (server --rate; 0 turns it off).
-RATE = 20
+RATE = 20  # flood control: messages a second per member (server --rate)
 
 # The largest request the server reads at all; gRPC refuses a bigger one
 # (RESOURCE_EXHAUSTED) before our code runs. Far above MAX_TEXT_CHARS (at
@@ -167,8 +164,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 # cannot grow without bound; it catches up from its read position later.
 QUEUE_LIMIT = 1000
 
-# A room password travels with every call as call metadata under this key.
-# Both sides read it from CHAT_PASSWORD, never from argv, where `ps` shows it.
+# The room password travels with every call as call metadata under this
+# key. Both sides read it from CHAT_PASSWORD, not argv (`ps` shows argv).
 PASSWORD_KEY = "chat-password"
 
 
@@ -248,8 +245,7 @@ CREATE TABLE IF NOT EXISTS members (
 """
 
 
-# One row of the messages table.
-Stored = collections.namedtuple(
+Stored = collections.namedtuple(  # one row of the messages table
     "Stored", "seq sender_id sender_name text sent_at_us")
 STORED_COLUMNS = ", ".join(Stored._fields)
 
@@ -454,8 +450,7 @@ class TokenBucket:
     average, and bursts of `burst`."""
 
     def __init__(self, rate, burst):
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
+        self.rate, self.burst, self.tokens = rate, burst, burst
         self.stamp = time.monotonic()
 
     def take(self):
@@ -625,10 +620,9 @@ class ChatRoomServicer:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
         if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
-            await self._refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id is longer than {MAX_MESSAGE_ID_CHARS} "
-                "characters.")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               "message_id is longer than "
+                               f"{MAX_MESSAGE_ID_CHARS} characters.")
         session = self.hub.online.get(client_id)
         if session is None:
             await self._refuse(
@@ -995,10 +989,9 @@ async def serve(args):
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
-    # Registered methods (the generated code also adds them as generic ones;
-    # we need only these): grpc.aio keeps a request for a new call pending
-    # per registered method, plus one for all generic ones, so a Send does
-    # not wait in line behind MarkReads to get in.
+    # Registered methods (the generated code adds them as generic ones too):
+    # grpc.aio keeps a new-call request pending for each (and one for all
+    # generic ones), so a Send does not queue behind MarkReads to get in.
     server.add_registered_method_handlers("chat.ChatRoom",
                                           chat_room_handlers(servicer))
     await server.start()
@@ -1113,8 +1106,7 @@ class Refused(Exception):
 
     def __init__(self, code, details):
         super().__init__(details)
-        self.code = code
-        self.details = details
+        self.code, self.details = code, details
 
 
 class ReadReceipts:
@@ -1148,7 +1140,8 @@ class ReadReceipts:
             self._received = self._confirmed = read_seq
 
     def received(self, seq):
-        """Runs on the receive thread after messages up to seq arrived."""
+        """Runs on the receive thread after messages up to seq arrived
+        (and at flush, with 0)."""
         with self._changed:
             self._received = max(self._received, seq)
             call = self._start()
@@ -1157,9 +1150,7 @@ class ReadReceipts:
     def flush(self, timeout):
         """On leave: confirm what is left, wait up to timeout seconds for
         the last MarkRead, and start no more."""
-        with self._changed:
-            call = self._start()
-        self._watch(call)
+        self.received(0)
         with self._changed:
             self._changed.wait_for(lambda: self._call is None, timeout)
             self._stopped = True
@@ -1185,8 +1176,8 @@ class ReadReceipts:
             call.add_done_callback(self._done)
 
     def _done(self, call):
-        """Runs on the channel's spin thread when a MarkRead completes (or
-        on the thread that called _watch, if it had completed already)."""
+        """Runs on the channel's spin thread (or in _watch) when a
+        MarkRead completes."""
         with self._changed:
             self._call = next_call = None
             if call.code() == grpc.StatusCode.OK:
@@ -1216,11 +1207,9 @@ class ChatClient:
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.client_id = client_id
-        self.name = name
+        self.client_id, self.name = client_id, name
         self.history = history  # already-read messages to ask for, once
-        self.on_event = on_event
-        self.on_status = on_status
+        self.on_event, self.on_status = on_event, on_status
         self.channel = open_channel(target, tls_ca)
         self.stub = services.ChatRoomStub(self.channel)
         # Call metadata: key/value pairs sent with a call, like HTTP headers
@@ -1385,10 +1374,9 @@ class ChatClient:
     def _take(self, event):
         """Keep what the event tells us, hand what is new in it to
         on_event, then confirm its messages."""
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._welcome(event.welcome)
-        elif kind == "caught_up":
+        elif event.HasField("caught_up"):
             self.away_since = None
             self._set_state("online")
         notices = self._news(event.presence)
@@ -1755,10 +1743,9 @@ class TerminalClient:
     def on_event(self, event, notices):
         for message in event.messages:  # bob's: "[14:02:07] alice: hi"
             print(format_message(message), flush=True)
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._welcome(event.welcome)
-        elif kind == "caught_up" and self.unread:
+        elif event.HasField("caught_up") and self.unread:
             self.say("-- end of unread messages --")
         for notice in notices:
             self.say(f"* {notice}")
@@ -1949,7 +1936,6 @@ def ask_name(root, default):
         problem.configure(text=why)
         if not why:
             answer.set(text)
-
     ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
     root.bind("<Return>", accept)
     for event in ("<Escape>", "<<Quit>>"):
@@ -2176,10 +2162,10 @@ class ChatWindow:
     def _show_event(self, event, notices):
         for message in event.messages:
             self._show_message(message)
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._show_welcome(event.welcome)
-        elif kind == "caught_up" and "divider" in self.view.mark_names():
+        elif (event.HasField("caught_up")
+              and "divider" in self.view.mark_names()):
             self.view.yview("divider")  # the first unread at the top
             self.view.mark_unset("divider")
             trace("scrolled to divider")
