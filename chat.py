@@ -123,11 +123,10 @@ log = logging.getLogger("chat")
 
 # Part I: the chat ==========================================================
 #
-# Every section in its plainest correct form. Code that is here only
-# because a promise needs it against careless or hostile clients says
-# "Hardening": the room password, flood control (TokenBucket), the queue
-# limit (_too_slow), requests that do not parse and TLS (section 6), and
-# keepalive.
+# Every section in its plainest correct form. Code that is here only because
+# a promise needs it against careless or hostile clients says "Hardening":
+# the room password, flood control (TokenBucket), the queue limit
+# (_too_slow), requests that do not parse and TLS (section 6), keepalive.
 
 
 # 1. The vocabulary ---------------------------------------------------------
@@ -781,12 +780,11 @@ def server_options(keepalive):
     Hardening, keepalive: HTTP/2 PINGs notice a client whose network
     vanished without a FIN or RST (a laptop lid closed). The server pings
     only after `keepalive` seconds of hearing nothing from a client, and
-    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30
-    by default) it pings only vanished ones. A ping unanswered within
+    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30 by
+    default) it pings only vanished ones. A ping unanswered within
     ping_timeout_ms closes the connection and its Join. keepalive_timeout_ms
     alone drops no silent peer: it becomes the socket's TCP_USER_TIMEOUT,
-    which closes a connection whose sent bytes stay unacknowledged that
-    long.
+    which closes a connection whose sent bytes stay unacknowledged so long.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -1041,13 +1039,12 @@ async def shut_down(server, servicer):
 # The threaded API waits on completion queues too (section 6), with plain
 # threads. A blocking unary call (stub.Send) makes a queue of its own, and
 # the calling thread waits on it. Streams and .future() calls share one
-# queue per channel: the first one starts a "channel spin" thread that
-# takes events off it and wakes the waiter (our receive thread, in `for
-# event in call`). future.add_done_callback(fn) runs fn on the spin thread,
-# or, if the call has completed already, at once on the calling thread
-# (maybe your UI's). Both wait in slices (the receive thread 0.1 s, the
-# spin thread 0.2 s), so even an idle client wakes at least 15 times a
-# second inside grpcio.
+# queue per channel: the first one starts a "channel spin" thread that takes
+# events off it and wakes the waiter (our receive thread, in `for event in
+# call`). future.add_done_callback(fn) runs fn on the spin thread, or, if
+# the call has completed already, at once on the calling thread (maybe your
+# UI's). Both wait in slices (the receive thread 0.1 s, the spin thread
+# 0.2 s), so even an idle client wakes at least 15 times a second in grpcio.
 
 # Keepalive, the client's side (server_options() in section 6 explains the
 # rest): ping every 20 s, even while the chat is quiet, so that a server
@@ -1429,8 +1426,7 @@ class ChatClient:
 
     def _ended(self, error):
         """The stream broke with error (None: ended with OK). Is this the
-        end (we are leaving, or the server turned us away), or do we join
-        again?"""
+        end (we are leaving, or the server turned us away), or rejoin?"""
         if self._leaving:
             return True
         if self._gave_up and not self.joined:
@@ -1874,8 +1870,7 @@ def trace(*parts):
 def wake_pipe(root, on_wake):
     """A pipe that wakes the mainloop (the top of this section): Tk calls
     on_wake(read_end) on the main thread when it is readable. Returns
-    (read_end, write_end), the latter non-blocking; (None, None) on
-    Windows."""
+    (read_end, write_end), the latter non-blocking; None twice on Windows."""
     if not hasattr(root.tk, "createfilehandler"):
         return None, None
     read_end, write_end = os.pipe()
@@ -2701,9 +2696,8 @@ class ThrottledReadReceipts(ReadReceipts):
     What it buys: in a room of 1,000 members at 20 messages a second, Part
     I's receipts are up to 20,000 MarkReads a second (one per member and
     message); these are 200, however busy the room is (README's Performance
-    section has what that is worth). The price: if the client dies, its
-    last few seconds of messages count as unread and show again on its next
-    run. None is lost.
+    section has what that is worth). The price: if the client dies, its last
+    few seconds of messages count as unread and show again. None is lost.
     """
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
