@@ -243,7 +243,6 @@ CREATE TABLE IF NOT EXISTS members (
 );
 """
 
-
 Stored = collections.namedtuple(  # one row of the messages table
     "Stored", "seq sender_id sender_name text sent_at_us")
 STORED_COLUMNS = ", ".join(Stored._fields)
@@ -349,13 +348,12 @@ class Store:
 
 # 4. The hub ------------------------------------------------------------------
 #
-# The hub knows who is online and hands each new event to them. grpc.aio
-# allows one write at a time per stream, and a broadcaster that awaited each
-# member's write in turn would stall everyone behind the slowest reader. So
-# each online member gets a Session with its own bounded asyncio.Queue, which
-# its own Join handler drains into its stream (section 5). The hub only does
-# put_nowait(): it never waits; a full queue means that member is too far
-# behind. All of it runs on the loop's thread, so no locks are needed.
+# grpc.aio allows one write at a time per stream, and a broadcaster that
+# awaited each member's write in turn would stall everyone behind the slowest
+# reader. So each online member gets a Session with its own bounded
+# asyncio.Queue, which its own Join handler drains into its stream (section
+# 5). The hub only does put_nowait(): it never waits; a full queue means that
+# member is too far behind. All of it runs on the loop's thread: no locks.
 #
 # Events reach the hub already serialized (_fan_out, _announce), once, and
 # every queue gets the same bytes: one SerializeToString() per message, not
@@ -761,8 +759,8 @@ class ChatRoomServicer:
 #
 # Every `await` on a gRPC operation (context.write, reading a request, ...)
 # starts a batch whose tag wraps an asyncio Future, and awaits that Future;
-# a new call arriving comes through the same queue. So 1,000 open streams
-# cost 1,000 suspended coroutines and their queues, not 1,000 threads.
+# new calls come through the same queue. So 1,000 open streams cost 1,000
+# suspended coroutines and their queues, not 1,000 threads.
 #
 # Socket reads happen on core's own threads (the EventEngine), unseen by
 # Python. Writes usually do not: starting a batch sends its bytes at once,
@@ -1088,8 +1086,7 @@ def open_channel(target, tls_ca=None):
 #     server's --rate allows; we wait, then resend the same message_id.
 #   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
 #     carries the same message_id, so at most one copy is stored.
-#   FAILED_PRECONDITION on a Send: "not online": the server restarted and
-#     our Join has not been redone yet.
+#   FAILED_PRECONDITION on a Send: not online yet after a server restart.
 #   CANCELLED, not by us (we check for that first): in practice a server
 #     that could not accept the call in time (seen with thousands of Joins
 #     at once). (On the server, CANCELLED means the client left.)
@@ -1261,9 +1258,9 @@ class ChatClient:
 
     def list_members(self):
         """[pb.Member] for /who."""
+        request = pb.ListMembersRequest(client_id=self.client_id)
         try:
-            return self.stub.ListMembers(pb.ListMembersRequest(
-                client_id=self.client_id), timeout=SEND_TIMEOUT,
+            return self.stub.ListMembers(request, timeout=SEND_TIMEOUT,
                                          metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
@@ -1281,8 +1278,7 @@ class ChatClient:
             self._thread.join()
         # While the server is away, no confirmation can reach it: do not
         # wait for one. (What it did not confirm is shown again next time.)
-        away = self.away_since is not None
-        self.receipts.flush(timeout=0 if away else 5)
+        self.receipts.flush(timeout=0 if self.away_since is not None else 5)
         self.channel.close()
 
     def _wait_for(self, *states):
@@ -1816,9 +1812,6 @@ class TerminalClient:
 # there the window looks every 100 ms). Ctrl-C comes in through a pipe too
 # (quit_on_signals). Sends go to a sender thread (`outbox`), as
 # ChatClient.send() blocks for a round trip, or while the server is away.
-#
-# Test hook: with CHAT_TRACE=1 the window also prints what it shows to
-# stderr ("tk: message alice: hi new"), for test_chat.py to check.
 
 try:
     import tkinter as tk
@@ -1863,6 +1856,8 @@ def open_root():
 
 
 def trace(*parts):
+    """Test hook: with CHAT_TRACE=1 the window also prints what it shows to
+    stderr ("tk: message alice: hi new"), for test_chat.py to check."""
     if os.environ.get("CHAT_TRACE"):
         print("tk:", *parts, file=sys.stderr, flush=True)
 
@@ -2420,7 +2415,7 @@ def run_window(args, root):
     if args.geometry:  # the chat window's, not the name dialog's
         root.geometry(args.geometry)
     window = ChatWindow(root, args.server, args.client_id, name, password,
-                        args.tls_ca, client_receipts(args))
+                        args.tls_ca, args.receipts)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
@@ -2881,7 +2876,8 @@ def build_parser():
                         help="use the terminal client instead of the window")
     client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
                         help="size and place of the window, e.g. 420x520+0+0")
-    client.add_argument("--plain", action="store_true",
+    client.add_argument("--plain", dest="receipts", action="store_const",
+                        const=ReadReceipts, default=ThrottledReadReceipts,
                         help="Part I only: confirm each batch of messages "
                         "at once, not every ~5 s")
     client.set_defaults(func=run_client)
@@ -2918,13 +2914,8 @@ def run_client(args):
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
-                            args.tls_ca, client_receipts(args))
+                            args.tls_ca, args.receipts)
     return client.run(sys.stdin)
-
-
-def client_receipts(args):
-    """Part I's ReadReceipts with --plain, else Part II's."""
-    return ReadReceipts if args.plain else ThrottledReadReceipts
 
 
 class ServerProcess:
