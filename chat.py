@@ -1135,7 +1135,7 @@ class ReadReceipts:
 
     def received(self, seq):
         """Runs on the receive thread after messages up to seq arrived
-        (and at flush, with 0)."""
+        (flush() calls it too, with 0, on the thread that leaves)."""
         with self._changed:
             self._received = max(self._received, seq)
             call = self._start()
