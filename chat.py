@@ -2451,13 +2451,12 @@ class CoalescingSession(Session):
         """The next event (waits for one), joined with the events of the
         same kind queued right behind it.
 
-        Each waits as a serialized Event with one element in `messages` (or
-        in `presence`), and such Events' bytes, joined, are one Event with
-        all their elements (chat.proto says why). Only runs of one kind are
-        joined, so messages and presence changes keep their order. The
-        first byte is the field's key, (field number << 3) | wire type:
-        0x12 for `messages` (field 2, wire type 2, length-delimited), 0x22
-        for `presence` (field 4).
+        Each waits as a serialized Event with only `messages` (or only
+        `presence`), and such Events' bytes, joined, are one Event with all
+        their elements (chat.proto says why). Only runs of one kind are joined,
+        so messages and presence changes keep their order. The first byte is
+        the field's key, (field number << 3) | wire type: 0x12 for `messages`
+        (field 2, wire type 2: length-delimited), 0x22 for field 4, `presence`.
         """
         first = self.held or await self.queue.get()
         self.held = None
