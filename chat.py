@@ -142,8 +142,8 @@ pb, services = grpc.protos_and_services("chat.proto")
 
 # 2. The rules ----------------------------------------------------------------
 #
-# Both sides check: the server refuses bad input with INVALID_ARGUMENT and
-# a sentence, a client explains it before sending. Only the server's counts.
+# Both sides check: the server refuses bad input with INVALID_ARGUMENT and a
+# sentence; a client explains first, but only the server's check counts.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
@@ -503,7 +503,7 @@ class ChatRoomServicer:
                  context.peer(), welcome.welcome.unread)
         # We write ourselves rather than `yield`: a cancel during a write
         # then raises CancelledError here, where we can still send a status
-        # (with `yield`, inside grpc's loop, and the client gets none).
+        # (with `yield`, it is raised in grpc's loop: the client gets none).
         try:
             await context.write(welcome.SerializeToString())
             # The frame, and every local, lives as long as the stream: 1,000
