@@ -2976,12 +2976,12 @@ def run_demo(args):
 def open_demo_windows(address, windows):
     """A client window each for alice, bob and chad, side by side; each
     goes into `windows` as it starts, for stop_demo to find."""
-    for number, name in enumerate(["alice", "bob", "chad"]):
+    for index, name in enumerate(["alice", "bob", "chad"]):
         # stdin is not theirs: three clients must not share a terminal.
         windows.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "client",
-             "--id", str(number + 1), "--name", name, "--server", address,
-             "--geometry", f"420x520+{10 + 430 * number}+10"],
+             "--id", str(index + 1), "--name", name, "--server", address,
+             "--geometry", f"420x520+{10 + 430 * index}+10"],
             stdin=subprocess.DEVNULL))
         print(f"demo: window for {name}, pid {windows[-1].pid}",
               file=sys.stderr)
