@@ -29,11 +29,10 @@ The path of alice's "hi", hop by hop, with each hop's section:
   server  ChatRoomServicer.MarkRead      Store.mark_read: 7 is read now    5
 
 Had bob been online, Hub.publish would have put "hi" in his Session's
-queue, and his Join's live loop would have written it to his stream. This
-is Part I's path (`--plain`). By default Part II changes three hops:
-RoundsHub.publish hands "hi" out at the hub's next round,
-ThrottledReadReceipts sends the MarkRead 2.5 to 7.5 s later, and
-BatchedReadsStore saves the read position within a second.
+queue, and his Join's live loop would have written it out. That is Part
+I's path (`--plain`); by default Part II changes three hops: RoundsHub
+hands "hi" out at its next round, ThrottledReadReceipts sends the MarkRead
+2.5 to 7.5 s later, and BatchedReadsStore saves it within a second.
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -51,13 +50,11 @@ Part I, the chat (a complete chat that keeps every promise in README):
     8. The terminal client stdin -> Send, Join stream -> stdout
     9. The window          the Tk client: threads and Tk, without polling
 
-Part II, for a thousand members: each measured optimization as a small
-subclass (or mixin) of a Part I class, as socketserver's ThreadingMixIn
-changes its server: CoalescingSession, RoundsHub, BatchedReadsStore,
-BatchedPresence and ThousandMemberServicer (which also collects garbage
-less often) for the server, then ThrottledReadReceipts for the client.
-They are used by default; `server --plain` and `client --plain` run Part I
-alone.
+Part II, for a thousand members (used unless `--plain`): each measured
+optimization as a small subclass or mixin of a Part I class, as
+socketserver's ThreadingMixIn changes its server: CoalescingSession,
+RoundsHub, BatchedReadsStore, BatchedPresence and ThousandMemberServicer
+(which also collects garbage less often), then ThrottledReadReceipts.
 
    10. main(argv)          the command line, and the demo
 
@@ -82,10 +79,10 @@ Where each gRPC lesson is taught:
     batching writes (Part II)          CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
-any number of open streams. The client uses grpc's threaded API (blocking
-calls, plus one thread that reads the stream), because a terminal or a Tk
-window has a main loop of its own that is not asyncio. So the file shows
-both of grpcio's APIs, and how each one waits for the network.
+any number of streams. The client uses grpc's threaded API (blocking calls,
+and one thread that reads the stream), as a terminal or a Tk window has a
+main loop of its own that is not asyncio: both of grpcio's APIs, and how
+each waits for the network.
 """
 
 import argparse
@@ -113,10 +110,9 @@ import time
 import uuid
 
 # gRPC's core (C++) logs to stderr on its own ("E1127 12:00:00.000 ...
-# Invalid private key."). What matters to a user reaches us as an exception
-# or a status code, which we turn into a sentence, so core stays quiet unless
-# you set GRPC_VERBOSITY (=error shows its errors). Core reads it once,
-# early: after `import grpc` it is too late, hence this line before it.
+# Invalid private key."). What matters reaches us as an exception or a
+# status code, which we turn into a sentence, so core stays quiet unless you
+# set GRPC_VERBOSITY (=error shows its errors). It is read at `import grpc`.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
@@ -127,31 +123,27 @@ log = logging.getLogger("chat")
 
 # Part I: the chat ==========================================================
 #
-# Every section in its plainest correct form. Code that is here only
-# because a promise needs it against careless or hostile clients says
-# "Hardening": the room password, flood control (TokenBucket), the queue
-# limit (_too_slow), requests that do not parse and TLS (section 6), and
-# keepalive.
+# Every section in its plainest correct form. Code that is here only because
+# a promise needs it against careless or hostile clients says "Hardening":
+# the room password, flood control (TokenBucket), the queue limit
+# (_too_slow), requests that do not parse and TLS (section 6), keepalive.
 
 
 # 1. The vocabulary ---------------------------------------------------------
 #
 # protos_and_services() runs protoc inside this process (it needs
 # grpcio-tools) and returns the two modules that `python -m grpc_tools.protoc`
-# would write to chat_pb2.py and chat_pb2_grpc.py:
-#   pb        the message classes: pb.JoinRequest, pb.Event, ...
-#   services  ChatRoomStub (client side), add_ChatRoomServicer_to_server
-#             (server side).
-# The path is looked up on sys.path, and `python chat.py` puts chat.py's
-# folder first there, so this works from any working directory.
+# would write to chat_pb2.py and chat_pb2_grpc.py: pb, the message classes
+# (pb.JoinRequest, ...), and services (ChatRoomStub, for the client). The
+# path is looked up on sys.path, where `python chat.py` puts chat.py's
+# folder first, so this works from any working directory.
 pb, services = grpc.protos_and_services("chat.proto")
 
 
 # 2. The rules ----------------------------------------------------------------
 #
-# Both sides use these checks: the server refuses bad input with
-# INVALID_ARGUMENT and a sentence, a client explains it before sending. Only
-# the server's check counts: a client can be anything.
+# Both sides check: the server refuses bad input with INVALID_ARGUMENT and a
+# sentence; a client explains first, but only the server's check counts.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
@@ -159,9 +151,7 @@ MAX_MESSAGE_ID_CHARS = 64
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
-# Flood control: each member may send RATE messages a second on average,
-# and bursts of twice that (server --rate; 0 turns it off).
-RATE = 20
+RATE = 20  # flood control: messages a second per member (server --rate)
 
 # The largest request the server reads at all; gRPC refuses a bigger one
 # (RESOURCE_EXHAUSTED) before our code runs. Far above MAX_TEXT_CHARS (at
@@ -173,8 +163,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 # cannot grow without bound; it catches up from its read position later.
 QUEUE_LIMIT = 1000
 
-# A room password travels with every call as call metadata under this key.
-# Both sides read it from CHAT_PASSWORD, never from argv, where `ps` shows it.
+# The room password travels with every call as call metadata under this
+# key. Both sides read it from CHAT_PASSWORD, not argv (`ps` shows argv).
 PASSWORD_KEY = "chat-password"
 
 
@@ -253,9 +243,7 @@ CREATE TABLE IF NOT EXISTS members (
 );
 """
 
-
-# One row of the messages table.
-Stored = collections.namedtuple(
+Stored = collections.namedtuple(  # one row of the messages table
     "Stored", "seq sender_id sender_name text sent_at_us")
 STORED_COLUMNS = ", ".join(Stored._fields)
 
@@ -360,13 +348,12 @@ class Store:
 
 # 4. The hub ------------------------------------------------------------------
 #
-# The hub knows who is online and hands each new event to them. grpc.aio
-# allows one write at a time per stream, and a broadcaster that awaited each
-# member's write in turn would stall everyone behind the slowest reader. So
-# each online member gets a Session with its own bounded asyncio.Queue, which
-# its own Join handler drains into its stream (section 5). The hub only does
-# put_nowait(): it never waits; a full queue means that member is too far
-# behind. All of it runs on the loop's thread, so no locks are needed.
+# grpc.aio allows one write at a time per stream, and a broadcaster that
+# awaited each member's write in turn would stall everyone behind the slowest
+# reader. So each online member gets a Session with its own bounded
+# asyncio.Queue, which its own Join handler drains into its stream (section
+# 5). The hub only does put_nowait(): it never waits; a full queue means that
+# member is too far behind. All of it runs on the loop's thread: no locks.
 #
 # Events reach the hub already serialized (_fan_out, _announce), once, and
 # every queue gets the same bytes: one SerializeToString() per message, not
@@ -460,8 +447,7 @@ class TokenBucket:
     average, and bursts of `burst`."""
 
     def __init__(self, rate, burst):
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
+        self.rate, self.burst, self.tokens = rate, burst, burst
         self.stamp = time.monotonic()
 
     def take(self):
@@ -508,7 +494,6 @@ class ChatRoomServicer:
         self.closed_with = None  # (code, details) once everyone was sent off
 
     # -- the RPCs, in the order a member uses them --
-
     async def Join(self, request, context):
         """Replay what the member has not read, then stream live events:
         admit (or refuse), go online, replay, live."""
@@ -517,9 +502,8 @@ class ChatRoomServicer:
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
         # We write ourselves rather than `yield`: a cancel during a write
-        # then raises CancelledError here, where we can still send a status.
-        # (With `yield`, it is raised inside grpc's loop around the
-        # generator, and the client gets no status at all.)
+        # then raises CancelledError here, where we can still send a status
+        # (with `yield`, it is raised in grpc's loop: the client gets none).
         try:
             await context.write(welcome.SerializeToString())
             # The frame, and every local, lives as long as the stream: 1,000
@@ -633,10 +617,9 @@ class ChatRoomServicer:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                problem)
         if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
-            await self._refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id is longer than {MAX_MESSAGE_ID_CHARS} "
-                "characters.")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               "message_id is longer than "
+                               f"{MAX_MESSAGE_ID_CHARS} characters.")
         session = self.hub.online.get(client_id)
         if session is None:
             await self._refuse(
@@ -666,7 +649,6 @@ class ChatRoomServicer:
         return pb.ListMembersReply(members=self._members())
 
     # -- helpers --
-
     async def _check_password(self, context):
         """Hardening: refuse a call without the room's password."""
         if self.password is None:
@@ -777,8 +759,8 @@ class ChatRoomServicer:
 #
 # Every `await` on a gRPC operation (context.write, reading a request, ...)
 # starts a batch whose tag wraps an asyncio Future, and awaits that Future;
-# a new call arriving comes through the same queue. So 1,000 open streams
-# cost 1,000 suspended coroutines and their queues, not 1,000 threads.
+# new calls come through the same queue. So 1,000 open streams cost 1,000
+# suspended coroutines and their queues, not 1,000 threads.
 #
 # Socket reads happen on core's own threads (the EventEngine), unseen by
 # Python. Writes usually do not: starting a batch sends its bytes at once,
@@ -796,12 +778,11 @@ def server_options(keepalive):
     Hardening, keepalive: HTTP/2 PINGs notice a client whose network
     vanished without a FIN or RST (a laptop lid closed). The server pings
     only after `keepalive` seconds of hearing nothing from a client, and
-    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30
-    by default) it pings only vanished ones. A ping unanswered within
+    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30 by
+    default) it pings only vanished ones. A ping unanswered within
     ping_timeout_ms closes the connection and its Join. keepalive_timeout_ms
     alone drops no silent peer: it becomes the socket's TCP_USER_TIMEOUT,
-    which closes a connection whose sent bytes stay unacknowledged that
-    long.
+    which closes a connection whose sent bytes stay unacknowledged so long.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -1004,10 +985,9 @@ async def serve(args):
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
-    # Registered methods (the generated code also adds them as generic ones;
-    # we need only these): grpc.aio keeps a request for a new call pending
-    # per registered method, plus one for all generic ones, so a Send does
-    # not wait in line behind MarkReads to get in.
+    # Registered methods (the generated code adds them as generic ones too):
+    # grpc.aio keeps a new-call request pending for each (and one for all
+    # generic ones), so a Send does not queue behind MarkReads to get in.
     server.add_registered_method_handlers("chat.ChatRoom",
                                           chat_room_handlers(servicer))
     await server.start()
@@ -1057,13 +1037,12 @@ async def shut_down(server, servicer):
 # The threaded API waits on completion queues too (section 6), with plain
 # threads. A blocking unary call (stub.Send) makes a queue of its own, and
 # the calling thread waits on it. Streams and .future() calls share one
-# queue per channel: the first one starts a "channel spin" thread that
-# takes events off it and wakes the waiter (our receive thread, in `for
-# event in call`). future.add_done_callback(fn) runs fn on the spin thread,
-# or, if the call has completed already, at once on the calling thread
-# (maybe your UI's). Both wait in slices (the receive thread 0.1 s, the
-# spin thread 0.2 s), so even an idle client wakes at least 15 times a
-# second inside grpcio.
+# queue per channel: the first one starts a "channel spin" thread that takes
+# events off it and wakes the waiter (our receive thread, in `for event in
+# call`). future.add_done_callback(fn) runs fn on the spin thread, or, if
+# the call has completed already, at once on the calling thread (maybe your
+# UI's). Both wait in slices (the receive thread 0.1 s, the spin thread
+# 0.2 s), so even an idle client wakes at least 15 times a second in grpcio.
 
 # Keepalive, the client's side (server_options() in section 6 explains the
 # rest): ping every 20 s, even while the chat is quiet, so that a server
@@ -1107,8 +1086,7 @@ def open_channel(target, tls_ca=None):
 #     server's --rate allows; we wait, then resend the same message_id.
 #   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
 #     carries the same message_id, so at most one copy is stored.
-#   FAILED_PRECONDITION on a Send: "not online": the server restarted and
-#     our Join has not been redone yet.
+#   FAILED_PRECONDITION on a Send: not online yet after a server restart.
 #   CANCELLED, not by us (we check for that first): in practice a server
 #     that could not accept the call in time (seen with thousands of Joins
 #     at once). (On the server, CANCELLED means the client left.)
@@ -1122,8 +1100,7 @@ class Refused(Exception):
 
     def __init__(self, code, details):
         super().__init__(details)
-        self.code = code
-        self.details = details
+        self.code, self.details = code, details
 
 
 class ReadReceipts:
@@ -1157,7 +1134,8 @@ class ReadReceipts:
             self._received = self._confirmed = read_seq
 
     def received(self, seq):
-        """Runs on the receive thread after messages up to seq arrived."""
+        """Runs on the receive thread after messages up to seq arrived
+        (flush() calls it too, with 0, on the thread that leaves)."""
         with self._changed:
             self._received = max(self._received, seq)
             call = self._start()
@@ -1166,9 +1144,7 @@ class ReadReceipts:
     def flush(self, timeout):
         """On leave: confirm what is left, wait up to timeout seconds for
         the last MarkRead, and start no more."""
-        with self._changed:
-            call = self._start()
-        self._watch(call)
+        self.received(0)
         with self._changed:
             self._changed.wait_for(lambda: self._call is None, timeout)
             self._stopped = True
@@ -1194,8 +1170,8 @@ class ReadReceipts:
             call.add_done_callback(self._done)
 
     def _done(self, call):
-        """Runs on the channel's spin thread when a MarkRead completes (or
-        on the thread that called _watch, if it had completed already)."""
+        """Runs on the channel's spin thread (or in _watch) when a
+        MarkRead completes."""
         with self._changed:
             self._call = next_call = None
             if call.code() == grpc.StatusCode.OK:
@@ -1225,11 +1201,9 @@ class ChatClient:
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.client_id = client_id
-        self.name = name
+        self.client_id, self.name = client_id, name
         self.history = history  # already-read messages to ask for, once
-        self.on_event = on_event
-        self.on_status = on_status
+        self.on_event, self.on_status = on_event, on_status
         self.channel = open_channel(target, tls_ca)
         self.stub = services.ChatRoomStub(self.channel)
         # Call metadata: key/value pairs sent with a call, like HTTP headers
@@ -1284,9 +1258,9 @@ class ChatClient:
 
     def list_members(self):
         """[pb.Member] for /who."""
+        request = pb.ListMembersRequest(client_id=self.client_id)
         try:
-            return self.stub.ListMembers(pb.ListMembersRequest(
-                client_id=self.client_id), timeout=SEND_TIMEOUT,
+            return self.stub.ListMembers(request, timeout=SEND_TIMEOUT,
                                          metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
@@ -1304,8 +1278,7 @@ class ChatClient:
             self._thread.join()
         # While the server is away, no confirmation can reach it: do not
         # wait for one. (What it did not confirm is shown again next time.)
-        away = self.away_since is not None
-        self.receipts.flush(timeout=0 if away else 5)
+        self.receipts.flush(timeout=0 if self.away_since is not None else 5)
         self.channel.close()
 
     def _wait_for(self, *states):
@@ -1333,7 +1306,6 @@ class ChatClient:
         self.on_status(state, text)
 
     # -- the receive thread --
-
     def _receive(self):
         """Runs on the receive thread: join, read the Join stream, and join
         again whenever it breaks, resuming after the last seq we have."""
@@ -1395,10 +1367,9 @@ class ChatClient:
     def _take(self, event):
         """Keep what the event tells us, hand what is new in it to
         on_event, then confirm its messages."""
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._welcome(event.welcome)
-        elif kind == "caught_up":
+        elif event.HasField("caught_up"):
             self.away_since = None
             self._set_state("online")
         notices = self._news(event.presence)
@@ -1451,8 +1422,7 @@ class ChatClient:
 
     def _ended(self, error):
         """The stream broke with error (None: ended with OK). Is this the
-        end (we are leaving, or the server turned us away), or do we join
-        again?"""
+        end (we are leaving, or the server turned us away), or rejoin?"""
         if self._leaving:
             return True
         if self._gave_up and not self.joined:
@@ -1678,7 +1648,6 @@ class TerminalClient:
             self.chat = self._client(self.chat.name, password)
 
     # -- the stdin thread --
-
     def _read(self, stdin):
         """Runs on the stdin thread: run each command at once, and queue
         each message for the main thread."""
@@ -1708,7 +1677,6 @@ class TerminalClient:
         self.outbox.put(text)
 
     # The commands. Each gets the rest of its line.
-
     def help(self, _rest):
         self.say("\n".join(
             ["commands:"]
@@ -1742,7 +1710,6 @@ class TerminalClient:
     }
 
     # -- the main thread --
-
     def _send_messages(self):
         """Send each queued message, in order, until it is time to leave."""
         while (text := self.outbox.get()) is not None:
@@ -1765,14 +1732,12 @@ class TerminalClient:
                      f"without {'it' if self.unsent == 1 else 'them'})")
 
     # -- called on the receive thread --
-
     def on_event(self, event, notices):
         for message in event.messages:  # bob's: "[14:02:07] alice: hi"
             print(format_message(message), flush=True)
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._welcome(event.welcome)
-        elif kind == "caught_up" and self.unread:
+        elif event.HasField("caught_up") and self.unread:
             self.say("-- end of unread messages --")
         for notice in notices:
             self.say(f"* {notice}")
@@ -1847,9 +1812,6 @@ class TerminalClient:
 # there the window looks every 100 ms). Ctrl-C comes in through a pipe too
 # (quit_on_signals). Sends go to a sender thread (`outbox`), as
 # ChatClient.send() blocks for a round trip, or while the server is away.
-#
-# Test hook: with CHAT_TRACE=1 the window also prints what it shows to
-# stderr ("tk: message alice: hi new"), for test_chat.py to check.
 
 try:
     import tkinter as tk
@@ -1894,6 +1856,8 @@ def open_root():
 
 
 def trace(*parts):
+    """Test hook: with CHAT_TRACE=1 the window also prints what it shows to
+    stderr ("tk: message alice: hi new"), for test_chat.py to check."""
     if os.environ.get("CHAT_TRACE"):
         print("tk:", *parts, file=sys.stderr, flush=True)
 
@@ -1901,8 +1865,7 @@ def trace(*parts):
 def wake_pipe(root, on_wake):
     """A pipe that wakes the mainloop (the top of this section): Tk calls
     on_wake(read_end) on the main thread when it is readable. Returns
-    (read_end, write_end), the latter non-blocking; (None, None) on
-    Windows."""
+    (read_end, write_end), the latter non-blocking; None twice on Windows."""
     if not hasattr(root.tk, "createfilehandler"):
         return None, None
     read_end, write_end = os.pipe()
@@ -1963,7 +1926,6 @@ def ask_name(root, default):
         problem.configure(text=why)
         if not why:
             answer.set(text)
-
     ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
     root.bind("<Return>", accept)
     for event in ("<Escape>", "<<Quit>>"):
@@ -2020,7 +1982,6 @@ class ChatWindow:
         self.chat.start()
 
     # -- layout --
-
     def _build(self):
         """Lay out the window with Tk's grid: the view of messages with its
         scrollbar, the member list to its right, the message box and the
@@ -2103,7 +2064,6 @@ class ChatWindow:
         self.entry.focus_set()
 
     # -- typing and sending --
-
     def _on_return(self, event):
         if event.state & 1:  # Shift is held: a new line
             self.entry.insert("insert", "\n")
@@ -2153,7 +2113,6 @@ class ChatWindow:
         self._replace(tag + "status", f"  not sent: {reason}", "failed")
 
     # -- from the receive thread to the main thread --
-
     def _on_event(self, event, notices):
         """Runs on the receive thread: hand the event to the main thread."""
         self._post(self._show_event, event, notices)
@@ -2190,14 +2149,13 @@ class ChatWindow:
             method(*args)
 
     # -- showing what happens --
-
     def _show_event(self, event, notices):
         for message in event.messages:
             self._show_message(message)
-        kind = event.WhichOneof("kind")
-        if kind == "welcome":
+        if event.HasField("welcome"):
             self._show_welcome(event.welcome)
-        elif kind == "caught_up" and "divider" in self.view.mark_names():
+        elif (event.HasField("caught_up")
+              and "divider" in self.view.mark_names()):
             self.view.yview("divider")  # the first unread at the top
             self.view.mark_unset("divider")
             trace("scrolled to divider")
@@ -2387,13 +2345,11 @@ class ChatWindow:
         self.root.title(f"{count}{self.name} - chat at {self.target}")
 
     # -- leaving --
-
     def close(self, ask=True):
         """Close the window: its close button or Ctrl+Q (which ask first if
         messages are unsent), or Ctrl-C in the terminal (which does not)."""
-        if ask and self.pending and (self.asking or not self._lose_unsent()):
-            return
-        if self.closed:  # e.g. Ctrl-C while the dialog was open
+        if self.closed or (ask and self.pending
+                           and (self.asking or not self._lose_unsent())):
             return
         self.closed = True
         self._stop_clock()
@@ -2459,7 +2415,7 @@ def run_window(args, root):
     if args.geometry:  # the chat window's, not the name dialog's
         root.geometry(args.geometry)
     window = ChatWindow(root, args.server, args.client_id, name, password,
-                        args.tls_ca, client_receipts(args))
+                        args.tls_ca, args.receipts)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
@@ -2495,13 +2451,12 @@ class CoalescingSession(Session):
         """The next event (waits for one), joined with the events of the
         same kind queued right behind it.
 
-        Each waits as a serialized Event with one element in `messages` (or
-        in `presence`), and such Events' bytes, joined, are one Event with
-        all their elements (chat.proto says why). Only runs of one kind are
-        joined, so messages and presence changes keep their order. The
-        first byte is the field's key, (field number << 3) | wire type:
-        0x12 for `messages` (field 2, wire type 2, length-delimited), 0x22
-        for `presence` (field 4).
+        Each waits as a serialized Event with only `messages` (or only
+        `presence`), and such Events' bytes, joined, are one Event with all
+        their elements (chat.proto says why). Only runs of one kind are joined,
+        so messages and presence changes keep their order. The first byte is
+        the field's key, (field number << 3) | wire type: 0x12 for `messages`
+        (field 2, wire type 2: length-delimited), 0x22 for field 4, `presence`.
         """
         first = self.held or await self.queue.get()
         self.held = None
@@ -2735,9 +2690,8 @@ class ThrottledReadReceipts(ReadReceipts):
     What it buys: in a room of 1,000 members at 20 messages a second, Part
     I's receipts are up to 20,000 MarkReads a second (one per member and
     message); these are 200, however busy the room is (README's Performance
-    section has what that is worth). The price: if the client dies, its
-    last few seconds of messages count as unread and show again on its next
-    run. None is lost.
+    section has what that is worth). The price: if the client dies, its last
+    few seconds of messages count as unread and show again. None is lost.
     """
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
@@ -2921,7 +2875,8 @@ def build_parser():
                         help="use the terminal client instead of the window")
     client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
                         help="size and place of the window, e.g. 420x520+0+0")
-    client.add_argument("--plain", action="store_true",
+    client.add_argument("--plain", dest="receipts", action="store_const",
+                        const=ReadReceipts, default=ThrottledReadReceipts,
                         help="Part I only: confirm each batch of messages "
                         "at once, not every ~5 s")
     client.set_defaults(func=run_client)
@@ -2958,13 +2913,8 @@ def run_client(args):
     sys.stdout.reconfigure(errors="replace")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
-                            args.tls_ca, client_receipts(args))
+                            args.tls_ca, args.receipts)
     return client.run(sys.stdin)
-
-
-def client_receipts(args):
-    """Part I's ReadReceipts with --plain, else Part II's."""
-    return ReadReceipts if args.plain else ThrottledReadReceipts
 
 
 class ServerProcess:
@@ -3026,12 +2976,12 @@ def run_demo(args):
 def open_demo_windows(address, windows):
     """A client window each for alice, bob and chad, side by side; each
     goes into `windows` as it starts, for stop_demo to find."""
-    for number, name in enumerate(["alice", "bob", "chad"]):
+    for index, name in enumerate(["alice", "bob", "chad"]):
         # stdin is not theirs: three clients must not share a terminal.
         windows.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "client",
-             "--id", str(number + 1), "--name", name, "--server", address,
-             "--geometry", f"420x520+{10 + 430 * number}+10"],
+             "--id", str(index + 1), "--name", name, "--server", address,
+             "--geometry", f"420x520+{10 + 430 * index}+10"],
             stdin=subprocess.DEVNULL))
         print(f"demo: window for {name}, pid {windows[-1].pid}",
               file=sys.stderr)
