@@ -502,8 +502,9 @@ class ChatRoomServicer:
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
         # We write ourselves rather than `yield`: a cancel during a write
-        # then raises CancelledError here, where we can still send a status
-        # (with `yield`, it is raised in grpc's loop: the client gets none).
+        # then raises CancelledError here, where we can still send a status.
+        # (With `yield`, it is raised inside grpc's loop around the
+        # generator, and the client gets no status at all.)
         try:
             await context.write(welcome.SerializeToString())
             # The frame, and every local, lives as long as the stream: 1,000
@@ -1865,7 +1866,8 @@ def trace(*parts):
 def wake_pipe(root, on_wake):
     """A pipe that wakes the mainloop (the top of this section): Tk calls
     on_wake(read_end) on the main thread when it is readable. Returns
-    (read_end, write_end), the latter non-blocking; None twice on Windows."""
+    (read_end, write_end), the latter non-blocking; (None, None) on
+    Windows."""
     if not hasattr(root.tk, "createfilehandler"):
         return None, None
     read_end, write_end = os.pipe()
