@@ -32,7 +32,8 @@ Had bob been online, Hub.publish would have put "hi" in his Session's
 queue, and his Join's live loop would have written it out. That is Part
 I's path (`--plain`); by default Part II changes three hops: RoundsHub
 hands "hi" out at its next round, ThrottledReadReceipts sends the MarkRead
-2.5 to 7.5 s later, and BatchedReadsStore saves it within a second.
+2.5 to 7.5 s later, and BatchedReadsStore saves bob's read position within
+a second.
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -50,11 +51,12 @@ Part I, the chat (a complete chat that keeps every promise in README):
     8. The terminal client stdin -> Send, Join stream -> stdout
     9. The window          the Tk client: threads and Tk, without polling
 
-Part II, for a thousand members (used unless `--plain`): each measured
-optimization as a small subclass or mixin of a Part I class, as
-socketserver's ThreadingMixIn changes its server: CoalescingSession,
-RoundsHub, BatchedReadsStore, BatchedPresence and ThousandMemberServicer
-(which also collects garbage less often), then ThrottledReadReceipts.
+Part II, for a thousand members (used unless `server --plain` or `client
+--plain`): each measured optimization as a small subclass or mixin of a
+Part I class, as socketserver's ThreadingMixIn changes its server:
+CoalescingSession, RoundsHub, BatchedReadsStore, BatchedPresence and
+ThousandMemberServicer (which also collects garbage less often) for the
+server, then ThrottledReadReceipts for the client.
 
    10. main(argv)          the command line, and the demo
 
@@ -81,8 +83,8 @@ Where each gRPC lesson is taught:
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of streams. The client uses grpc's threaded API (blocking calls,
 and one thread that reads the stream), as a terminal or a Tk window has a
-main loop of its own that is not asyncio: both of grpcio's APIs, and how
-each waits for the network.
+main loop of its own that is not asyncio. So the file shows both of
+grpcio's APIs, and how each waits for the network.
 """
 
 import argparse
@@ -142,8 +144,9 @@ pb, services = grpc.protos_and_services("chat.proto")
 
 # 2. The rules ----------------------------------------------------------------
 #
-# Both sides check: the server refuses bad input with INVALID_ARGUMENT and a
-# sentence; a client explains first, but only the server's check counts.
+# Both sides use these checks: the server refuses bad input with
+# INVALID_ARGUMENT and a sentence, a client says what is wrong before it
+# sends. Only the server's check counts: a client can be anything.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
@@ -1087,7 +1090,8 @@ def open_channel(target, tls_ca=None):
 #     server's --rate allows; we wait, then resend the same message_id.
 #   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
 #     carries the same message_id, so at most one copy is stored.
-#   FAILED_PRECONDITION on a Send: not online yet after a server restart.
+#   FAILED_PRECONDITION on a Send: "not online": the server restarted
+#     and our Join has not been redone yet.
 #   CANCELLED, not by us (we check for that first): in practice a server
 #     that could not accept the call in time (seen with thousands of Joins
 #     at once). (On the server, CANCELLED means the client left.)
@@ -1171,8 +1175,8 @@ class ReadReceipts:
             call.add_done_callback(self._done)
 
     def _done(self, call):
-        """Runs on the channel's spin thread (or in _watch) when a
-        MarkRead completes."""
+        """Runs on the channel's spin thread when a MarkRead completes (or
+        at once in _watch, if it had completed already)."""
         with self._changed:
             self._call = next_call = None
             if call.code() == grpc.StatusCode.OK:
