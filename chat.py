@@ -1261,11 +1261,11 @@ class ChatClient:
                     raise Refused(error.code(), error.details()) from None
                 self._pause(next(delays))
 
-    def list_members(self):
-        """[pb.Member] for /who."""
+    def list_members(self, timeout=SEND_TIMEOUT):
+        """[pb.Member], for /who and the window's name dialog."""
         request = pb.ListMembersRequest(client_id=self.client_id)
         try:
-            return self.stub.ListMembers(request, timeout=SEND_TIMEOUT,
+            return self.stub.ListMembers(request, timeout=timeout,
                                          metadata=self.metadata).members
         except grpc.RpcError as error:
             raise Refused(error.code(), error.details()) from None
@@ -2396,15 +2396,14 @@ def remembered_name(args, password):
     """The name the server remembers for our id, to offer in the name
     dialog: one ListMembers call that may take a second at most. The id if
     there is none, or no answer (joining will say what is wrong)."""
-    channel = open_channel(args.server, args.tls_ca)
+    chat = ChatClient(args.server, args.client_id, "", None, None,
+                      password=password, tls_ca=args.tls_ca)  # no Join
     try:
-        members = services.ChatRoomStub(channel).ListMembers(
-            pb.ListMembersRequest(client_id=args.client_id), timeout=1,
-            metadata=password_metadata(password)).members
-    except grpc.RpcError:
+        members = chat.list_members(timeout=1)
+    except Refused:
         members = []
     finally:
-        channel.close()
+        chat.close()
     return next((member.name for member in members
                  if member.id == args.client_id), args.client_id)
 
