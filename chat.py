@@ -167,13 +167,19 @@ MAX_REQUEST_BYTES = 256 * 1024
 QUEUE_LIMIT = 1000
 
 # The room password travels with every call as call metadata under this
-# key. Both sides read it from CHAT_PASSWORD, not argv (`ps` shows argv).
-PASSWORD_KEY = "chat-password"
+# key. A metadata value is ASCII text (it becomes an HTTP/2 header), unless
+# its key ends in "-bin": then it is bytes, which gRPC base64-encodes on
+# the wire. A password is whatever a person types ("crème brûlée"), so it
+# goes as UTF-8 bytes under a -bin key. (An ASCII-only key would refuse
+# "é" on the client itself, before any byte is sent: INTERNAL "Invalid
+# metadata".) Both sides read it from CHAT_PASSWORD, not argv (`ps` shows
+# argv).
+PASSWORD_KEY = "chat-password-bin"
 
 
 def password_metadata(password):
     """The call metadata that carries the room password (none without one)."""
-    return ((PASSWORD_KEY, password),) if password else ()
+    return ((PASSWORD_KEY, password.encode()),) if password else ()
 
 
 def id_problem(client_id):
@@ -216,7 +222,17 @@ def text_problem(text):
 # Everything that must survive a restart lives in one SQLite file:
 #   messages  the history; its INTEGER PRIMARY KEY is the seq, so SQLite
 #             hands out the room's single total order.
-#   members   each member's last name and read position (read_seq).
+#   members   each member's last name and read position (read_seq): the
+#             member has every message up to it, received or its own.
+#   history   one row: the history's identity, made with the file.
+#
+# A seq means something only inside the history that gave it out, as a
+# Kafka offset does only in its topic. Start the server on another file
+# (or :memory:, or from another folder: chat.db is relative) and seq 5 is
+# someone else's message, or none. So the Welcome names the history
+# (history_id), a resuming client says which one its after_seq counts in,
+# and a Join from another history starts over from the member's read
+# position in this one, as a new client process would.
 #
 # Durability: Send answers only after its INSERT has committed, MarkRead
 # after its UPDATE. WAL mode appends each commit to chat.db-wal, and
@@ -244,6 +260,9 @@ CREATE TABLE IF NOT EXISTS members (
     name     TEXT NOT NULL,
     read_seq INTEGER NOT NULL DEFAULT 0             -- last seq confirmed read
 );
+CREATE TABLE IF NOT EXISTS history (
+    id TEXT NOT NULL                                -- random, made once
+);
 """
 
 Stored = collections.namedtuple(  # one row of the messages table
@@ -267,6 +286,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA synchronous = FULL")
+        self.db.execute("INSERT INTO history SELECT ? WHERE NOT EXISTS "
+                        "(SELECT * FROM history)", (uuid.uuid4().hex,))
+        self.history_id = self.db.execute(
+            "SELECT id FROM history").fetchone()[0]
         # Kept in memory too, as every Join needs them: everyone who ever
         # joined (id -> last name, in order of first join), and the last seq.
         self.names = dict(self.db.execute(
@@ -290,20 +313,27 @@ class Store:
     def append(self, sender_id, sender_name, text, message_id):
         """Store a message; return (Stored, is_new). (alice's "hi" is
         committed here as seq 7.) A retried Send (same message_id) of a
-        stored one gets that row and is_new=False: no second copy."""
+        stored one gets that row and is_new=False: no second copy.
+        If the sender had read everything before it, its read position
+        moves past it, in the same commit: a new client process of alice's
+        then replays her "hi" only if something unread came before it."""
         if message_id:
             copies = self._select("sender_id = ? AND message_id = ?",
                                   (sender_id, message_id))
             if copies:
                 return copies[0], False
         sent_at_us = time.time_ns() // 1000
-        cursor = self.db.execute(
-            "INSERT INTO messages (sender_id, sender_name, text, sent_at_us, "
-            "message_id) VALUES (?, ?, ?, ?, ?)",
-            (sender_id, sender_name, text, sent_at_us, message_id or None))
-        self.last_seq = cursor.lastrowid
-        return Stored(cursor.lastrowid, sender_id, sender_name, text,
-                      sent_at_us), True
+        with self.db:  # BEGIN ... COMMIT, or ROLLBACK if anything raises
+            self.db.execute("BEGIN")
+            seq = self.db.execute(
+                "INSERT INTO messages (sender_id, sender_name, text, "
+                "sent_at_us, message_id) VALUES (?, ?, ?, ?, ?)",
+                (sender_id, sender_name, text, sent_at_us,
+                 message_id or None)).lastrowid
+            if self.read_seq(sender_id) == self.last_seq:
+                self.save_read(sender_id, seq)
+        self.last_seq = seq
+        return Stored(seq, sender_id, sender_name, text, sent_at_us), True
 
     def read_seq(self, client_id):
         row = self.db.execute("SELECT read_seq FROM members WHERE id = ?",
@@ -311,12 +341,19 @@ class Store:
         return row[0] if row else 0
 
     def mark_read(self, client_id, up_to_seq):
-        """Move client_id's read position forward (never back, never past
-        the last stored message); return the new position, committed."""
+        """Move client_id's read position forward to up_to_seq (never back,
+        never past the last stored message), and on past its own messages
+        that follow; return the new position, committed."""
         if client_id not in self.names:
             return 0  # never joined: no row, no position
-        position = max(self.read_seq(client_id), min(up_to_seq, self.last_seq))
-        self.save_read(client_id, position)
+        before = self.read_seq(client_id)
+        position = max(before, min(up_to_seq, self.last_seq))
+        from_others = self.db.execute(
+            "SELECT MIN(seq) FROM messages WHERE seq > ? AND sender_id != ?",
+            (position, client_id)).fetchone()[0]
+        position = self.last_seq if from_others is None else from_others - 1
+        if position != before:
+            self.save_read(client_id, position)
         return position
 
     def save_read(self, client_id, position):
@@ -589,19 +626,29 @@ class ChatRoomServicer:
         welcome = pb.Event(welcome=pb.Welcome(
             unread=self.store.count_unread(client_id, start, head),
             read_seq=start, members=self._members(),
-            recent=[to_message(stored) for stored in recent]))
+            recent=[to_message(stored) for stored in recent],
+            history_id=self.store.history_id))
         # A resuming client's replay leaves out its own messages (chat.proto,
-        # JoinRequest.resuming).
-        resuming = request.resuming or request.after_seq > 0
+        # JoinRequest.resuming); one from another history has none of ours.
+        resuming = ((request.resuming or request.after_seq > 0)
+                    and self._ours(request.history_id))
         return session, welcome, (start, head, client_id if resuming else None)
 
     def _read_up_to(self, request):
-        """The seq up to which the member has read."""
-        if request.after_seq:  # a client resuming after a reconnect
+        """The seq up to which the member has read, in this history."""
+        if request.after_seq and self._ours(request.history_id):
+            # A client resuming after a reconnect.
             self.store.mark_read(request.client_id, request.after_seq)
             return min(request.after_seq, self.store.last_seq)
-        # "I have no message": the position the server stored.
+        if request.after_seq:
+            log.info("%s resumes from another history; it starts over from "
+                     "its read position in this one", request.client_id)
+        # "I have no message" (of this history): the position we stored.
         return self.store.read_seq(request.client_id)
+
+    def _ours(self, history_id):
+        """Is history_id this room's history (or not given)?"""
+        return history_id in ("", self.store.history_id)
 
     async def _replay(self, context, start, head, skip_sender):
         """Write the messages in (start, head], then CaughtUp."""
@@ -644,6 +691,11 @@ class ChatRoomServicer:
         """Record that the member's client has received up to a seq."""
         await self._check_member(context, request.client_id)
         await self._check_seq(context, request.up_to_seq)
+        if not self._ours(request.history_id):
+            await self._refuse(
+                context, grpc.StatusCode.FAILED_PRECONDITION,
+                f"seq {request.up_to_seq} is from another history: this "
+                "server's was reset or replaced since. Join again.")
         read_seq = self.store.mark_read(request.client_id, request.up_to_seq)
         return pb.MarkReadReply(read_seq=read_seq)
 
@@ -657,10 +709,10 @@ class ChatRoomServicer:
         """Hardening: refuse a call without the room's password."""
         if self.password is None:
             return
-        given = dict(context.invocation_metadata()).get(PASSWORD_KEY, "")
+        given = dict(context.invocation_metadata()).get(PASSWORD_KEY, b"")
         # compare_digest takes as long for a wrong first character as for a
         # wrong last one, so response times do not leak the password.
-        if not hmac.compare_digest(given.encode(), self.password.encode()):
+        if not hmac.compare_digest(given, self.password.encode()):
             await self._refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED,
                 "wrong or missing room password; set CHAT_PASSWORD to the "
@@ -996,16 +1048,19 @@ async def serve(args):
                                           chat_room_handlers(servicer))
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
+    # The full path: chat.db is relative, and another folder is another room.
+    where = ("memory only (:memory:)" if args.db == ":memory:"
+             else os.path.abspath(args.db))
     log.info("%s; %s; history in %s; %s; %s",
              "Part I only (--plain)" if args.plain else "Parts I and II",
              f"only ids {', '.join(servicer.group)} may join"
-             if servicer.group else "open room: any id may join", args.db,
+             if servicer.group else "open room: any id may join", where,
              "TLS" if credentials else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
     await until_stopped()
     await shut_down(server, servicer)
     store.close()
-    log.info("stopped; %s closed", args.db)
+    log.info("stopped; %s closed", where)
     return 0
 
 
@@ -1126,17 +1181,19 @@ class ReadReceipts:
         self._client_id = client_id
         self._metadata = metadata
         self._changed = threading.Condition()  # guards everything below
+        self._history_id = ""  # the history these seqs count in
         self._received = 0   # highest seq that arrived
         self._confirmed = 0  # highest seq the server has stored as read
         self._call = None    # the MarkRead on its way, if any
         self._sending = 0    # its up_to_seq
         self._stopped = False  # flush() is over: start no more
 
-    def joined(self, read_seq):
+    def joined(self, read_seq, history_id):
         """At each Welcome: read_seq is our read position on the server
-        now (lower than ours if it lost its history and starts over)."""
+        now, in its history history_id (perhaps another one than before)."""
         with self._changed:
             self._received = self._confirmed = read_seq
+            self._history_id = history_id
 
     def received(self, seq):
         """Runs on the receive thread after messages up to seq arrived
@@ -1163,7 +1220,8 @@ class ReadReceipts:
         self._sending = self._received
         self._call = self._stub.MarkRead.future(
             pb.MarkReadRequest(client_id=self._client_id,
-                               up_to_seq=self._received),
+                               up_to_seq=self._received,
+                               history_id=self._history_id),
             timeout=SEND_TIMEOUT, metadata=self._metadata)
         return self._call
 
@@ -1216,6 +1274,8 @@ class ChatClient:
         self.metadata = password_metadata(password)
         self.receipts = receipts(self.stub, client_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
+        self.history_id = ""    # the history last_seq counts in (Welcome's)
+        self.left_behind = {}   # other histories we had: id -> last_seq
         self.joined = False     # a Welcome came: later Joins resume
         self.roster = {}        # member id -> (name, online), as we know it
         self.away_since = None
@@ -1329,7 +1389,8 @@ class ChatClient:
         request = pb.JoinRequest(
             client_id=self.client_id, name=self.name,
             after_seq=self.last_seq, resuming=self.joined,
-            history=0 if self.joined else self.history)
+            history=0 if self.joined else self.history,
+            history_id=self.history_id)
         with self._changed:
             if self._leaving:
                 return None
@@ -1373,13 +1434,14 @@ class ChatClient:
         """Keep what the event tells us, hand what is new in it to
         on_event, then confirm its messages."""
         if event.HasField("welcome"):
-            self._welcome(event.welcome)
-        elif event.HasField("caught_up"):
+            notices = self._welcome(event.welcome)
+        else:
+            notices = self._news(event.presence)
+            if event.presence and not notices:
+                return  # no news in it for us
+        if event.HasField("caught_up"):
             self.away_since = None
             self._set_state("online")
-        notices = self._news(event.presence)
-        if event.presence and not notices:
-            return  # no news in it for us
         if event.messages and not self._keep_new(event.messages):
             return  # we have them all already
         self.on_event(event, notices)
@@ -1387,13 +1449,26 @@ class ChatClient:
             self.receipts.received(self.last_seq)
 
     def _welcome(self, welcome):
+        """Take the Welcome in; return the notices it calls for."""
+        notices = []
+        if self.joined and welcome.history_id != self.history_id:
+            # Our seqs count in a history the server no longer has (section
+            # 3): start over in this one, keeping what we had of the other
+            # should it come back, so that nothing is shown twice.
+            self.left_behind[self.history_id] = self.last_seq
+            notices.append("the server's history is not the one this "
+                           "client had (it was reset or replaced); starting "
+                           "over from your read position in it")
         self.joined = True
         self._delays = retry_delays()
         self.roster = {m.id: (m.name, m.online) for m in welcome.members}
         if self.client_id in self.roster:  # with the name it gave us
             self.name = self.roster[self.client_id][0]
-        self.last_seq = welcome.read_seq
-        self.receipts.joined(welcome.read_seq)
+        self.history_id = welcome.history_id
+        self.receipts.joined(welcome.read_seq, welcome.history_id)
+        self.last_seq = max(welcome.read_seq,
+                            self.left_behind.pop(welcome.history_id, 0))
+        return notices
 
     def _keep_new(self, messages):
         """Drop the messages we already have, from the front of the list;
@@ -2802,6 +2877,15 @@ def server_address(text):
     return text
 
 
+def database(text):
+    """server --db: SQLite takes "" for a temporary file, deleted when it
+    closes, which would keep nothing without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "give a file name, or :memory: to keep nothing")
+    return text
+
+
 def geometry(text):
     """client --geometry: Tk's WxH+X+Y (or WxH, or +X+Y), in pixels."""
     if not re.fullmatch(r"\d+x\d+([+-]-?\d+[+-]-?\d+)?|[+-]-?\d+[+-]-?\d+",
@@ -2821,27 +2905,28 @@ def build_parser():
         epilog="A room password, if you want one, comes from the environment "
         "variable CHAT_PASSWORD, here and on every client (a flag would show "
         "in `ps`).")
-    server.add_argument("--host", default="127.0.0.1",
+    server.add_argument("--host", default="127.0.0.1", metavar="H",
                         help="address to listen on (default: %(default)s; "
                         "0.0.0.0 serves your LAN)")
-    server.add_argument("--port", type=PORT, default=50051,
+    server.add_argument("--port", type=PORT, default=50051, metavar="P",
                         help="port to listen on (default: %(default)s; "
                         "0 picks a free one)")
-    server.add_argument("--members", type=member_list,
+    server.add_argument("--members", type=member_list, metavar="ID,ID,...",
                         help="comma-separated ids allowed to join, e.g. "
                         "1,2,3 (default: any id)")
-    server.add_argument("--max-clients", type=COUNT, default=0,
+    server.add_argument("--max-clients", type=COUNT, default=0, metavar="N",
                         help="most members online at once (default: 0, "
                         "no limit)")
-    server.add_argument("--db", default="chat.db",
+    server.add_argument("--db", default="chat.db", type=database,
+                        metavar="PATH",
                         help="SQLite file for history and read positions "
                         "(default: %(default)s; :memory: keeps nothing)")
-    server.add_argument("--rate", default=RATE,
+    server.add_argument("--rate", default=RATE, metavar="N",
                         type=number(float, "0 or more", lambda n: n >= 0),
                         help="messages a second each member may send, with "
                         "bursts of twice that (default: %(default)s; "
                         "0: no limit)")
-    server.add_argument("--keepalive", default=30,
+    server.add_argument("--keepalive", default=30, metavar="S",
                         type=number(float, "more than 0", lambda n: n > 0),
                         help="seconds of silence from a client before the "
                         "server pings it; one that does not answer is "
@@ -2856,7 +2941,8 @@ def build_parser():
                         help="PEM private key for --tls-cert")
     server.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="(default: %(default)s)")
+                        metavar="LEVEL", help="DEBUG, INFO, WARNING or "
+                        "ERROR (default: %(default)s)")
     server.set_defaults(func=run_server)
     client = commands.add_parser(
         "client", help="join the chat",

@@ -328,35 +328,54 @@ class JoinAndUnreadTest(ChatTestCase):
         self.assertEqual(texts(bob), ["alice: are you there?"])
 
     def test_own_messages_after_the_read_position_come_back(self):
-        """A new client process sees what it said since it last read, as
-        its own, in order with the replies, and not counted as unread."""
+        """A new client process sees what it said after something it had
+        not read, as its own, in order with the rest, and not counted as
+        unread."""
         server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        stream = self.raw_join(stub, "1", "alice")  # confirms nothing
+        send(stub, "1", "hi")  # alice had read everything: hi is read too
         bob = self.start_client(server, "2", "bob")
-        bob.type("hi")
-        alice = self.start_client(server, "1", "alice")
-        alice.wait_for("bob: hi", stream="stdout")
-        alice.type("one", "two")
-        self.assertEqual(alice.finish(), 0)  # has read "hi", not past it
+        bob.wait_for("alice: hi", stream="stdout")
+        bob.type("hello")
+        next(event for event in stream if event.messages)  # it is stored
+        send(stub, "1", "one")  # after "hello", which alice did not read
+        send(stub, "1", "two")
         bob.wait_for("alice: two", stream="stdout")
         bob.type("three")
         self.assertEqual(bob.finish(), 0)
         alice = self.start_client(server, "1", "alice")
-        alice.wait_for(r"1 unread message;")
+        alice.wait_for(r"2 unread messages;")
         alice.wait_for("^-- end of unread messages --$")
-        self.assertEqual(texts(alice), ["alice: one", "alice: two",
-                                        "bob: three"])
+        self.assertEqual(texts(alice), ["bob: hello", "alice: one",
+                                        "alice: two", "bob: three"])
         bob = self.start_client(server, "2", "bob")
         alice.type("four")  # seqs still line up: nothing twice, no gap
         bob.wait_for("alice: four", stream="stdout")
         bob.type("five")
         alice.wait_for("bob: five", stream="stdout")
-        self.assertEqual(texts(alice), ["alice: one", "alice: two",
-                                        "bob: three", "bob: five"])
+        self.assertEqual(texts(alice), ["bob: hello", "alice: one",
+                                        "alice: two", "bob: three",
+                                        "bob: five"])
+
+    def test_own_messages_alone_are_not_replayed(self):
+        """What a member sends after reading everything counts as read:
+        100 lines piped in, and a new process shows none of them again."""
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        alice.type(*(f"line {n}" for n in range(100)))
+        self.assertEqual(alice.finish(), 0)
+        alice = self.start_client(server, "1", "alice")
+        alice.wait_for(r"; 0 unread messages;")
+        self.assertEqual(alice.finish(), 0)
+        self.assertEqual(texts(alice), [])
 
     def test_own_messages_are_replayed_only_to_a_new_client(self):
         server = self.start_server("--members", "1,2")
         stub = self.stub(server)
+        self.raw_join(stub, "2", "bob")
         self.raw_join(stub, "1", "alice")
+        send(stub, "2", "hello")  # unread by alice, so "hi" is too
         send(stub, "1", "hi")
 
         def replay(**request):
@@ -370,16 +389,19 @@ class JoinAndUnreadTest(ChatTestCase):
                     return welcome, messages
                 messages.extend(event.messages)
         welcome, messages = replay()  # a new client process
-        self.assertEqual(welcome.unread, 0)
+        self.assertEqual(welcome.unread, 1)
         self.assertEqual([(m.sender_id, m.sender_name, m.text)
-                          for m in messages], [("1", "alice", "hi")])
-        self.assertEqual(replay(resuming=True)[1], [])
+                          for m in messages],
+                         [("2", "bob", "hello"), ("1", "alice", "hi")])
+        self.assertEqual([m.text for m in replay(resuming=True)[1]],
+                         ["hello"])
         send(stub, "1", "again")
         self.assertEqual(replay(after_seq=1)[1], [])  # resuming, too
-        welcome, messages = replay(history=5)  # "hi" now read: in recent
+        # Having read "hello", alice has all she sent after it, too.
+        welcome, messages = replay(history=5)
         self.assertEqual([(m.sender_id, m.text) for m in welcome.recent],
-                         [("1", "hi")])
-        self.assertEqual([m.text for m in messages], ["again"])
+                         [("2", "hello"), ("1", "hi"), ("1", "again")])
+        self.assertEqual(messages, [])
 
     def test_running_client_is_not_sent_its_own_messages_again(self):
         # alice has read nothing (after_seq 0) when the server restarts.
@@ -642,6 +664,51 @@ class CrashAndRestartTest(ChatTestCase):
         alice.type("after")
         bob.wait_for("alice: after", stream="stdout")
         self.assertEqual(texts(bob), ["alice: before", "alice: after"])
+
+    def test_client_resumed_into_another_history_gets_all_of_it(self):
+        """A seq means something only in its own history. Restarted on
+        another database, the server has other messages under bob's seqs:
+        he starts over from his read position there, is told so, and sees
+        nothing twice, not even back in the first history."""
+        server = self.start_server("--members", "1,2")
+        stub = self.stub(server)
+        self.raw_join(stub, "1", "alice")
+        proxy = self.proxy(server)
+        bob = self.start_client(proxy, "2", "bob")
+        words = ["one", "two", "three", "four", "five", "six", "seven",
+                 "eight", "nine"]
+        for text in words[:5]:
+            send(stub, "1", text)
+        bob.wait_for("alice: five", stream="stdout")
+
+        def restart(db, times):
+            """Restart the server on db while bob cannot get in; alice
+            joins it. (times: the how-manieth restart this is.)"""
+            nonlocal server
+            proxy.refuse()
+            self.stop_server(server)
+            bob.wait_for("^connection lost", count=times)
+            server = self.start_server("--members", "1,2",
+                                       port=server.port, db=db)
+            stub = self.stub(server)
+            self.raw_join(stub, "1", "alice")
+            return stub
+        stub = restart(os.path.join(self.tmp.name, "other.db"), 1)
+        for text in words[5:8]:  # seqs 1 to 3 there: bob had up to 5
+            send(stub, "1", text)
+        proxy.resume()
+        bob.wait_for(r"^reconnected to .*; 3 unread messages;")
+        bob.wait_for(r"^\* the server's history is not the one this client "
+                     r"had \(it was reset or replaced\)")
+        send(stub, "1", "nine")
+        bob.wait_for("alice: nine", stream="stdout")
+        stub = restart(self.db, 2)  # back: one to five are not shown again
+        proxy.resume()
+        bob.wait_for(r"^\* the server's history", count=2)
+        send(stub, "1", "ten")
+        bob.wait_for("alice: ten", stream="stdout")
+        self.assertEqual(texts(bob), [f"alice: {text}"
+                                      for text in words + ["ten"]])
 
     def test_sigterm_stops_the_server_cleanly(self):
         server = self.start_server("--members", "1,2")
@@ -1017,9 +1084,11 @@ class FaultTest(ChatTestCase):
                              "^chat: .*" + sentence)
 
     def test_room_password(self):
-        env = {"CHAT_PASSWORD": "correct horse"}
+        # Any text: not ASCII, so it travels as bytes (a "-bin" key).
+        env = {"CHAT_PASSWORD": "crème brûlée"}
         server = self.start_server("--members", "1,2", env=env)
-        for given in ({}, {"CHAT_PASSWORD": "swordfish"}):
+        for given in ({}, {"CHAT_PASSWORD": "swordfish"},
+                      {"CHAT_PASSWORD": "creme brulee"}):
             refused = self.start("client", "--no-gui", "--id", "1",
                                  "--server", server.address, env=given)
             self.assertEqual(refused.finish(), 1)
@@ -1034,7 +1103,7 @@ class FaultTest(ChatTestCase):
         self.stop_server(server)
         log = "\n".join(server.output("stderr"))
         self.assertIn("UNAUTHENTICATED", log)
-        self.assertNotIn("correct horse", log)
+        self.assertNotIn("crème brûlée", log)
         self.assertNotIn("swordfish", log)
 
 
@@ -1665,6 +1734,7 @@ class StartUpMistakesTest(ChatTestCase):
             (("server", "--max-clients", "-1"), "argument --max-clients"),
             (("server", "--keepalive", "0"),
              "argument --keepalive: must be more than 0"),
+            (("server", "--db", ""), "argument --db: give a file name"),
             (("server", "--tls-cert", "server.crt"),
              "--tls-cert and --tls-key go together"),
             (("client", "--id", "a b"), "argument --id: .* not valid"),
