@@ -1860,6 +1860,18 @@ class CommandLineTest(unittest.TestCase):
         self.assertTrue(quoted)
         self.assertEqual(quoted - defined, set())
 
+    def test_readme_synopsis_is_the_usage_line(self):
+        """Each flag in README's synopsis with the metavar --help shows."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read().split("## Command line", 1)[1]
+        flag = r"(--[a-z-]+)(?: ([^\]\s-][^\]\s]*))?"
+        for command in ("server", "client"):
+            synopsis = re.search(rf"^python chat.py {command} [[-].*?\n(?! )",
+                                 readme, re.S | re.M).group()
+            usage = help_of(command).split("\n\n")[0]
+            self.assertEqual(set(re.findall(flag, synopsis)),
+                             set(re.findall(flag, usage)) - {("--help", "")})
+
     def test_readme_quotes_the_real_help(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
