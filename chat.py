@@ -197,8 +197,10 @@ def name_problem(name):
     if len(name) > MAX_NAME_CHARS:
         return (f"the name is {len(name)} characters long; the limit is "
                 f"{MAX_NAME_CHARS}.")
-    if not name.isprintable() or (name and not name.strip()):
-        return "the name must be printable characters, not only spaces."
+    if not name.isprintable():
+        return "the name must be one line of printable characters."
+    if name and not name.strip():
+        return "the name must not be only spaces."
     return None
 
 
@@ -209,6 +211,11 @@ def text_problem(text):
     if len(text) > MAX_TEXT_CHARS:
         return (f"the message is {len(text):,} characters long; the limit is "
                 f"{MAX_TEXT_CHARS:,}.")
+    # A terminal in another encoding gives bytes that are not UTF-8, which
+    # Python's stdin keeps as lone surrogates: no protobuf string holds them.
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        return ("the message is not valid UTF-8 text; is the terminal set to "
+                "another encoding?")
     # Control characters could rewrite other people's terminals (an escape
     # sequence that clears the screen, say), so only newline and tab pass.
     if any(not ch.isprintable() and ch not in "\n\t" for ch in text):
@@ -1663,6 +1670,7 @@ class TerminalClient:
     """stdin/stdout/stderr front end for ChatClient."""
 
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
+    TTY_LINE = 4095  # Linux's terminal keeps at most this much of a line
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
                  receipts=ReadReceipts):
@@ -1731,9 +1739,14 @@ class TerminalClient:
     def _read(self, stdin):
         """Runs on the stdin thread: run each command at once, and queue
         each message for the main thread."""
+        tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
-            if line.startswith("/") and not line.startswith("//"):
+            if tty and len(line.encode(errors="surrogateescape")) >= self.TTY_LINE:
+                self.say(f"not sent: {quoted(line)}: the terminal cut this "
+                         f"line at {self.TTY_LINE:,} bytes (the limit is "
+                         f"{MAX_TEXT_CHARS:,} characters).")
+            elif line.startswith("/") and not line.startswith("//"):
                 self.command(line)
             else:
                 self.queue_message(line.removeprefix("/"))  # "//x" sends "/x"
@@ -1813,8 +1826,15 @@ class TerminalClient:
 
     # -- called on the receive thread --
     def on_event(self, event, notices):
-        for message in event.messages:  # bob's: "[14:02:07] alice: hi"
-            print(format_message(message), flush=True)
+        try:
+            for message in event.messages:  # bob's: "[14:02:07] alice: hi"
+                print(format_message(message), flush=True)
+        except BrokenPipeError:
+            # Whoever read our stdout is gone (`| head -1`): like any Unix
+            # filter, leave. Later prints go to /dev/null, quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.quit("")
+            return
         if event.HasField("welcome"):
             self._welcome(event.welcome)
         elif event.HasField("caught_up") and self.unread:
@@ -3000,12 +3020,16 @@ def run_client(args):
         if root is not None:
             return run_window(args, root)
         print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
-    # A message with characters the terminal cannot show must not crash us.
-    sys.stdout.reconfigure(errors="replace")
+    # Neither a message with characters the terminal cannot show nor a line
+    # of bytes that are not UTF-8 (text_problem refuses it) may crash us.
+    if sys.stdout is not None:  # None: started with stdout closed (>&-)
+        sys.stdout.reconfigure(errors="replace")
+    stdin = sys.stdin or open(os.devnull)  # None: closed (<&-): no input
+    stdin.reconfigure(errors="surrogateescape")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
                             args.tls_ca, args.receipts)
-    return client.run(sys.stdin)
+    return client.run(stdin)
 
 
 class ServerProcess:

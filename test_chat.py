@@ -19,6 +19,7 @@ import json
 import os
 import pty
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -50,17 +51,20 @@ class Process:
     """A `python chat.py ...` child. Threads collect its stdout and stderr
     lines so that a test can wait for one to appear."""
 
-    def __init__(self, args, cwd, env=None):
+    def __init__(self, args, cwd, env=None, stdout=subprocess.PIPE,
+                 preexec_fn=None):
         self.args = args
         script = CHAT
         if args[0] == "bench.py":  # start("bench.py", ...) runs bench.py
             script, args = BENCH, args[1:]
         self.popen = subprocess.Popen(
             [sys.executable, script, *args], cwd=cwd, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            encoding="utf-8", bufsize=1,
+            stdout=stdout, stderr=subprocess.PIPE, text=True,
+            encoding="utf-8", bufsize=1, preexec_fn=preexec_fn,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
         self.lines = {"stdout": [], "stderr": []}
+        if stdout != subprocess.PIPE:  # the test reads it itself
+            del self.lines["stdout"]
         self.changed = threading.Condition()
         self.readers = [threading.Thread(target=self._collect, args=(name,),
                                          daemon=True)
@@ -123,7 +127,8 @@ class Process:
         self.popen.wait(WAIT)
         for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
             try:
-                pipe.close()
+                if pipe is not None:
+                    pipe.close()
             except (OSError, ValueError):
                 pass
 
@@ -138,8 +143,8 @@ class ChatTestCase(unittest.TestCase):
         self.addCleanup(self.tmp.cleanup)
         self.db = os.path.join(self.tmp.name, "chat.db")
 
-    def start(self, *args, env=None):
-        process = Process(args, self.tmp.name, env)
+    def start(self, *args, env=None, **popen):
+        process = Process(args, self.tmp.name, env, **popen)
         self.addCleanup(process.stop)
         return process
 
@@ -1231,6 +1236,40 @@ class TerminalClientTest(ChatTestCase):
             last = client.output("stderr")[-1]
             self.assertRegex(last, "^chat: .*" + sentence)
             self.assertNotIn("TLS", last)
+
+    def test_closed_pipes_end_it_as_a_unix_filter_ends(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        # stdin closed (`<&-`): no input, so join and leave at once.
+        closed = self.start("client", "--no-gui", "--server", server.address,
+                            "--id", "2", preexec_fn=lambda: os.close(0))
+        self.assertEqual(closed.wait(), 0)
+        self.assertNotIn("Traceback", "\n".join(closed.output("stderr")))
+        # stdout into `head -1`: once the reader is gone, leave.
+        reader, writer = os.pipe()
+        bob = self.start("client", "--no-gui", "--server", server.address,
+                         "--id", "2", stdout=writer)
+        os.close(writer)
+        bob.wait_for(r"^connected to ")
+        alice.type("one")
+        first = b""
+        while not first.endswith(b"\n"):  # head -1 reads up to the newline
+            self.assertTrue(select.select([reader], [], [], WAIT)[0])
+            first += os.read(reader, 1)
+        self.assertRegex(first.decode(), r"alice: one\n$")
+        os.close(reader)
+        alice.type("two")
+        self.assertEqual(bob.wait(), 0)
+        self.assertNotIn("Traceback", "\n".join(bob.output("stderr")))
+        self.assertEqual(alice.finish(), 0)
+
+    def test_bytes_that_are_not_utf8_are_refused_as_such(self):
+        server = self.start_server("--members", "1,2")
+        alice = self.start_client(server, "1", "alice")
+        alice.popen.stdin.buffer.write(b"caf\xe9\n")
+        alice.popen.stdin.flush()
+        alice.wait_for(r"^not sent: .*: the message is not valid UTF-8 text")
+        self.assertEqual(alice.finish(), 0)
 
     def test_room_password_is_asked_for_on_a_terminal(self):
         server = self.start_server(env={"CHAT_PASSWORD": "open sesame"})
