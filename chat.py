@@ -1025,11 +1025,18 @@ def db_problem(path, error):
 
 async def until_stopped():
     """Wait for Ctrl-C (SIGINT) or SIGTERM. The loop runs the handler, so
-    no KeyboardInterrupt lands in the middle of a gRPC callback."""
+    no KeyboardInterrupt lands in the middle of a gRPC callback. After the
+    first, both are ignored: shutting down takes a few seconds at most
+    (shut_down), and a second Ctrl-C would otherwise land as the loop
+    closes, in a KeyboardInterrupt or a wakeup fd already closed."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def serve(args):
@@ -2070,15 +2077,12 @@ class ChatWindow:
         self._build()
         if self._wake_read is None:  # Windows
             self._drain()
-        threading.Thread(target=self._send_loop, daemon=True,
-                         name="sender").start()
-        self._join(password)
-
-    def _join(self, password):
         self.chat = ChatClient(self.target, self.client_id, self.name,
                                self._on_event, self._on_status,
                                history=self.HISTORY, password=password,
                                tls_ca=self.tls_ca, receipts=self.receipts)
+        threading.Thread(target=self._send_loop, daemon=True,
+                         name="sender").start()
         self._show_status(f"Connecting to {self.target}...")
         self.chat.start()
 
@@ -2116,6 +2120,12 @@ class ChatWindow:
         self.root.bind("<Control-q>", lambda _event: self.close())
         self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
         self._set_title()
+        # A set size (--geometry may give another), so that a status that
+        # wraps onto two lines takes a line from the view instead of growing
+        # the window.
+        self.root.update_idletasks()
+        self.root.geometry(f"{self.root.winfo_reqwidth()}x"
+                           f"{self.root.winfo_reqheight()}")
 
     def _build_view(self, outer):
         """The messages: a read-only Text widget (state="disabled"; _append
@@ -2129,7 +2139,7 @@ class ChatWindow:
         self.view.grid(row=0, column=0, sticky="nsew")
         self.scroll.grid(row=0, column=1, sticky="ns")
         # Shown over the view's bottom while new messages wait below it.
-        self.jump = ttk.Button(outer, command=lambda: self.view.see("end"))
+        self.jump = ttk.Button(outer, command=self._jump, takefocus=False)
         bold = tkfont.nametofont("TkDefaultFont").copy()
         bold.configure(weight="bold")
         italic = tkfont.nametofont("TkDefaultFont").copy()
@@ -2157,8 +2167,10 @@ class ChatWindow:
         self.entry = tk.Text(compose, height=3, wrap="word", undo=True,
                              font="TkDefaultFont")
         self.entry.grid(row=0, column=0, sticky="ew")
-        ttk.Button(compose, text="Send", command=self.send_typed).grid(
-            row=0, column=1, sticky="ns", padx=(6, 0))
+        # takefocus=False: a click on Send leaves the keyboard in the box.
+        ttk.Button(compose, text="Send", command=self.send_typed,
+                   takefocus=False).grid(row=0, column=1, sticky="ns",
+                                         padx=(6, 0))
         self.entry.bind("<Return>", self._on_return)  # Shift+Enter too
         self.entry.bind("<KP_Enter>", self._on_return)
         self.entry.bind("<Control-a>", select_all)
@@ -2181,11 +2193,13 @@ class ChatWindow:
             self.root.bell()
             return
         self.entry.delete("1.0", "end")
+        self.entry.focus_set()
         self._show_status(self.connection)
         self.next_own += 1
         self.pending += 1
         tag = f"own{self.next_own}"
-        self._append([(f"{datetime.datetime.now():%H:%M:%S}", tag + "time"),
+        self._append([(f"{datetime.datetime.now():%H:%M:%S}",
+                       ("time", tag + "time")),
                       ("  ", ()), (f"{self.name}: ", "own"), (text, ()),
                       ("  sending...", ("sending", tag + "status"))], tag)
         self.view.see("end")  # whoever sends wants to see it
@@ -2200,7 +2214,9 @@ class ChatWindow:
             try:
                 self._post(self._sent, tag, self.chat.send(text))
             except Refused as refused:
-                self._post(self._failed, tag, refused.details)
+                if not self.chat.refusal:  # else the session is over, and
+                    self._post(self._failed, tag, refused.details)  # see
+                # run_window, which counts what is still unsent
 
     def _sent(self, tag, reply):
         """Stored: show the time the server gave it, which everyone sees."""
@@ -2242,7 +2258,7 @@ class ChatWindow:
             self.root.after(100, self._drain)
         else:
             os.read(wake_read, 4096)
-        while True:
+        while not self.closed:  # a call before us may have closed it
             try:
                 method, *args = self.inbox.get_nowait()
             except queue.Empty:
@@ -2312,6 +2328,10 @@ class ChatWindow:
             self.unseen += 1
             self._set_title()
 
+    def _jump(self):
+        self.view.see("end")
+        self.entry.focus_set()
+
     def _scrolled(self, first, last):
         """The view moved (yscrollcommand): move the scrollbar, and once
         the bottom is in sight, hide the "N new messages" button."""
@@ -2351,30 +2371,14 @@ class ChatWindow:
 
     def _refused(self, text):
         """The server said no for good: explain, then close the window."""
-        reason = self.chat.refusal
-        if (not self.joined and reason.code == grpc.StatusCode.UNAUTHENTICATED
-                and self._ask_password()) or self.closed:
+        if self.closed:
             return
-        sentence = (text if self.joined
-                    else join_refusal(reason, self.target, self.tls_ca))
-        self._show_status(f"Refused: {sentence}", problem=True)
+        sentence = (text if self.joined else
+                    join_refusal(self.chat.refusal, self.target, self.tls_ca))
+        self._show_status(sentence[0].upper() + sentence[1:], problem=True)
         self.exit_status = 1
         self._dialog(messagebox.showerror, "chat.py", sentence)
         self.close(ask=False)
-
-    def _ask_password(self):
-        """The room needs a password: ask for it and join again with it.
-        False if the user gave none."""
-        wrong = "Wrong password. " if self.chat.metadata else ""
-        self.chat.close()
-        trace("password dialog")
-        password = self._dialog(simpledialog.askstring, "chat.py",
-                                f"{wrong}This room needs a password:",
-                                show="*")
-        if not password or self.closed:
-            return False
-        self._join(password)
-        return True
 
     def _show_status(self, text, problem=False):
         """The status line. What is not a problem is the connection's
@@ -2487,35 +2491,68 @@ class ChatWindow:
             return None
 
 
-def remembered_name(args, password):
-    """The name the server remembers for our id, to offer in the name
-    dialog: one ListMembers call that may take a second at most. The id if
-    there is none, or no answer (joining will say what is wrong)."""
-    chat = ChatClient(args.server, args.client_id, "", None, None,
-                      password=password, tls_ca=args.tls_ca)  # no Join
+def ask_password(root, wrong):
+    """The room password, from a dialog; None if the user cancelled it
+    (Escape, Cancel, its close button, or Ctrl-C, which closes root)."""
+    root.title("chat.py")
+    root.bind("<<Quit>>", lambda _event: root.destroy())  # until rebound
+    trace("password dialog" + (" again" if wrong else ""))
     try:
-        members = chat.list_members(timeout=1)
-    except Refused:
-        members = []
-    finally:
-        chat.close()
-    return next((member.name for member in members
-                 if member.id == args.client_id), args.client_id)
+        return simpledialog.askstring(
+            "chat.py", f"{wrong}This room needs a password:", show="*",
+            parent=root) or None
+    except tk.TclError:  # root is gone, and the dialog with it
+        return None
+
+
+def sign_in(args, root):
+    """Before the window: the room password if the room wants one and
+    CHAT_PASSWORD did not give it (asked again while wrong), and the name
+    the server remembers for our id, to offer in the name dialog. One
+    ListMembers call each, of a second at most. Returns (password, name),
+    the id for a name if there is none or no answer (joining will say what
+    is wrong); None if the user cancelled the password dialog."""
+    password = os.environ.get("CHAT_PASSWORD") or None
+    while True:
+        chat = ChatClient(args.server, args.client_id, "", None, None,
+                          password=password, tls_ca=args.tls_ca)  # no Join
+        try:
+            members = chat.list_members(timeout=1)
+            break
+        except Refused as refused:
+            if refused.code != grpc.StatusCode.UNAUTHENTICATED:
+                members = []
+                break
+        finally:
+            chat.close()
+        wrong = "Wrong password. " if password else ""
+        if (password := ask_password(root, wrong)) is None:
+            return None
+    return password, next((member.name for member in members
+                           if member.id == args.client_id), args.client_id)
 
 
 def run_window(args, root):
-    """Ask for a name if --name did not give one, then run the chat window
-    in root until it closes. Returns the exit status."""
+    """Ask for the room password if it needs one, and for a name if --name
+    did not give one, then run the chat window in root until it closes.
+    Returns the exit status."""
     quit_on_signals(root)
-    password = os.environ.get("CHAT_PASSWORD") or None
-    name = args.name or ask_name(root, remembered_name(args, password))
+    signed_in = sign_in(args, root)
+    if signed_in is None:  # the user cancelled
+        try:
+            root.destroy()
+        except tk.TclError:
+            pass  # Ctrl-C did it already
+        return 0
+    password, remembered = signed_in
+    name = args.name or ask_name(root, remembered)
     if name is None:
         root.destroy()
         return 0
-    if args.geometry:  # the chat window's, not the name dialog's
-        root.geometry(args.geometry)
     window = ChatWindow(root, args.server, args.client_id, name, password,
                         args.tls_ca, args.receipts)
+    if args.geometry:
+        root.geometry(args.geometry)
     root.mainloop()
     # The window is gone; leave the room (confirming what we received) out
     # of sight. Safe to wait for the receive thread here: it never calls Tk.
@@ -3096,7 +3133,7 @@ def open_demo_windows(address, windows):
         windows.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "client",
              "--id", str(index + 1), "--name", name, "--server", address,
-             "--geometry", f"420x520+{10 + 430 * index}+10"],
+             "--geometry", f"400x520+{10 + 420 * index}+10"],  # 1280 px
             stdin=subprocess.DEVNULL))
         print(f"demo: window for {name}, pid {windows[-1].pid}",
               file=sys.stderr)

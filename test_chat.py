@@ -1524,12 +1524,35 @@ class WindowTest(XvfbTestCase):
         alice.wait_for("^tk: message bob: welcome back new$")
         self.assertEqual(texts(bob), ["alice: typed while down"])
 
-    def test_password_dialog_when_the_room_has_one(self):
-        server = self.start_server(env={"CHAT_PASSWORD": "open sesame"})
-        window = self.start_window(server, "1", "--name", "alice")
+    def test_password_dialog_comes_first_and_asks_again_if_wrong(self):
+        server = self.start_server(env={"CHAT_PASSWORD": "crème brûlée"})
+        alice = self.start_client(server, "1", "alice",
+                                  env={"CHAT_PASSWORD": "crème brûlée"})
+        self.assertEqual(alice.finish(), 0)
+        window = self.start_window(server, "1")
         window.wait_for("^tk: password dialog$")
-        self.type_into("^chat.py$", "open sesame", "Return")
+        self.type_into("^chat.py$", "creme brulee", "Return")
+        window.wait_for("^tk: password dialog again$")
+        self.type_into("^chat.py$", "crème brûlée", "Return")
+        # Then the name the server remembers for id 1, as in an open room.
+        window.wait_for("^tk: name dialog alice$")
+        self.type_into("your name", "Return")
         window.wait_for("^tk: status Connected as alice")
+
+    def test_clicking_send_leaves_the_keyboard_in_the_message_box(self):
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        window = self.start_window(server, "1", "--name", "alice",
+                                   "--geometry", "400x300+0+0")
+        window.wait_for("^tk: status Connected as alice")
+        self.type_into("alice - chat", "clicked")
+        window_id = self.xdotool("search", "--name", "alice - chat").split()[0]
+        # The Send button, right of the message box in a 400x300 window.
+        self.xdotool("mousemove", "--window", window_id, "347", "241",
+                     "click", "1")
+        bob.wait_for("alice: clicked$", stream="stdout")
+        self.type_into("alice - chat", "typed after", "Return")
+        bob.wait_for("alice: typed after$", stream="stdout")
 
     def test_ctrl_c_closes_the_window_at_once(self):
         server = self.start_server("--members", "1,2")
@@ -1562,7 +1585,8 @@ class WindowTest(XvfbTestCase):
     def test_refused_join_shows_the_reason_and_exits_1(self):
         server = self.start_server("--members", "1,2")
         window = self.start_window(server, "9", "--name", "eve")
-        window.wait_for("^tk: status Refused: .*not a member of this group")
+        window.wait_for("^tk: status The server refused to let you join: "
+                        ".*not a member of this group")
         self.type_into("^chat.py$", "Return")  # the error dialog's OK
         self.assertEqual(window.wait(), 1)
 
@@ -1714,11 +1738,13 @@ class WindowViewTest(XvfbTestCase):
         self.root.update()
         width, height = (self.root.winfo_width(),
                          self.window.status.winfo_height())
-        sentence = "Refused: " + "a long reason " * 30
+        window_height = self.root.winfo_height()
+        sentence = "The server refused: " + "a long reason " * 30
         self.window._show_status(sentence, problem=True)
         self.root.update()
         self.assertEqual(self.window.status.cget("text"), sentence)
         self.assertEqual(self.root.winfo_width(), width)  # not wider...
+        self.assertEqual(self.root.winfo_height(), window_height)  # nor taller
         self.assertGreater(self.window.status.winfo_height(), 2 * height)
 
     def test_status_counts_while_away_and_the_clock_stops_when_back(self):
