@@ -567,6 +567,7 @@ def build_parser():
         "throughput, optionally against a bare baseline server. "
         "`python bench.py baseline` runs that baseline server by itself.")
     parser.add_argument("--server", metavar="HOST:PORT",
+                        type=chat.server_address,  # client --server's check
                         help="measure this server (default: start one, with "
                         "a temporary database and --rate 0)")
     parser.add_argument("--clients", default=100, metavar="N",

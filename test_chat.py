@@ -1348,6 +1348,20 @@ class BenchTest(ChatTestCase):
         self.assertRegex("\n".join(bench.output("stderr")),
                          f"^bench: cannot reach the server at {address}")
 
+    def test_server_without_port_is_refused_as_the_client_refuses_it(self):
+        """--server localhost: exit status 2 and client --server's sentence,
+        not "nothing listens on that port"."""
+        sentences = []
+        for command in (("bench.py",), ("client", "--no-gui", "--id", "1")):
+            process = self.start(*command, "--server", "localhost")
+            self.assertEqual(process.wait(), 2)
+            stderr = "\n".join(process.output("stderr"))
+            self.assertNotIn("listens", stderr)
+            sentences.append(re.search(r"argument --server: (.*)",
+                                       stderr).group(1))
+        self.assertEqual(sentences[0], sentences[1])
+        self.assertIn("give HOST:PORT", sentences[0])
+
 
 class XvfbTestCase(ChatTestCase):
     """Runs a virtual screen (Xvfb) for the window tests."""
