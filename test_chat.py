@@ -14,6 +14,7 @@ surviving crashes, and bad input.
 Run: python -m unittest -v
 """
 
+import asyncio
 import fcntl
 import json
 import os
@@ -1347,6 +1348,67 @@ class BenchTest(ChatTestCase):
         self.assertEqual(bench.wait(), 1)
         self.assertRegex("\n".join(bench.output("stderr")),
                          f"^bench: cannot reach the server at {address}")
+
+    def bench_server(self, server, *flags):
+        """bench.py --server server with a small load; its exit status must
+        be 0. Returns the process, ended."""
+        bench = self.start("bench.py", "--server", server.address,
+                           "--clients", "3", *flags)
+        self.assertEqual(bench.wait(), 0, "\n".join(bench.output("stderr")))
+        return bench
+
+    def test_bench_measures_only_its_own_messages_in_a_used_room(self):
+        """A room that holds ordinary messages, and one that looks like an
+        older bench's, and then a room with a whole earlier run in it (unread
+        by the same member ids, and sent under the same message numbers)."""
+        server = self.start_server()
+        stub = self.stub(server)
+        self.raw_join(stub, "alice")
+        for text in ("hello", "bench 3 12.5", "bench"):
+            send(stub, "alice", text)
+        for _ in range(2):
+            bench = self.bench_server(server, "--messages", "5", "--json")
+            [run] = json.loads("\n".join(bench.output()))
+            self.assertEqual(run["deliveries"], 5 * 2)
+            self.assertEqual((run["lost"], run["duplicated"],
+                              run["reordered"]), (0, 0, 0))
+            self.assertGreaterEqual(run["others_messages"], 3)
+
+    def test_bench_ignores_a_message_that_arrives_during_the_run(self):
+        server = self.start_server()
+        bench = self.start("bench.py", "--server", server.address,
+                           "--clients", "3", "--messages", "20",
+                           "--rate", "10")
+        bench.wait_for(r"sent 1/20")
+        stub = self.stub(server)
+        self.raw_join(stub, "alice")
+        for text in ("hello, bench", "bench 5 1.0", "bench 0a1b2c 5 1.0"):
+            send(stub, "alice", text)
+        self.assertEqual(bench.wait(), 0, "\n".join(bench.output("stderr")))
+        table = "\n".join(bench.output())
+        for row in ("lost", "duplicated", "reordered"):
+            self.assertRegex(table, rf"(?m)^{row} +0$")
+        self.assertRegex(table, r"(?m)^others' messages +9$")  # 3 each
+
+    def test_a_failure_inside_a_member_ends_the_run_with_a_sentence(self):
+        """Any exception in a member's task ends the run at once, as
+        BenchFailed (one sentence, exit status 1), instead of a hang."""
+        sys.path.insert(0, HERE)
+        self.addCleanup(sys.path.remove, HERE)
+        import bench as bench_py
+
+        class Broken(bench_py.Bench):
+            def _arrived(self, stub, index, event):
+                raise ValueError("a bug")
+        server = self.start_server()
+        args = bench_py.build_parser().parse_args(
+            ["--server", server.address, "--clients", "2", "--messages", "1"])
+        bench = Broken(args.server, args.server, None, args, progress=False)
+        with self.assertRaises(bench_py.BenchFailed) as caught:
+            asyncio.run(asyncio.wait_for(bench.run(), WAIT))
+        self.assertRegex(str(caught.exception),
+                         r"^member b[01] failed: ValueError: a bug \(")
+        self.assertNotIn("\n", str(caught.exception))
 
     def test_server_without_port_is_refused_as_the_client_refuses_it(self):
         """--server localhost: exit status 2 and client --server's sentence,
