@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -492,21 +493,44 @@ def start_server(label, script, command, tmp):
                               f"{why}") from None
 
 
-async def bench_all(args, tmp):
+# What bench says when a signal stops it (its exit status: 128 + the
+# signal's number, as a shell reports a process the signal killed).
+STOP_SIGNALS = {signal.SIGINT: "interrupted",
+                signal.SIGTERM: "stopped by SIGTERM"}
+
+
+async def bench_all(args, stopped):
     """Run the load against each server in turn; return their figures.
     One event loop for all: the Join calls cancelled at the end of a run
     can complete after asyncio.run() has closed that run's loop, and
-    grpc.aio then prints a traceback for each ("Event loop is closed")."""
-    return [await bench_one(args, *server, tmp)
-            for server in servers_to_measure(args, tmp)]
+    grpc.aio then prints a traceback for each ("Event loop is closed").
+    SIGINT or SIGTERM cancels it, noted in stopped: on the way out every
+    server it started is stopped (bench_one) and its temporary folder, made
+    under TMPDIR once the signals are caught, removed."""
+    main, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+    def stop(signum):
+        stopped.append(signum)
+        main.cancel()
+    for signum in STOP_SIGNALS:
+        # Ignored, as SIGINT is for `python bench.py &` in a script: left so.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, stop, signum)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        return [await bench_one(args, *server, tmp)
+                for server in servers_to_measure(args, tmp)]
 
 
 async def bench_one(args, label, script, command, tmp):
     """Run the load against one server; return a dict of figures."""
     server = start_server(label, script, command, tmp) if command else None
+    progress = not args.json
+    if server and progress:
+        print(f"{label}: server started, pid {server.popen.pid}, listening "
+              f"on {server.address}", file=sys.stderr, flush=True)
     bench = Bench(label, server.address if server else args.server, server,
-                  args, progress=not args.json)
-    try:
+                  args, progress)
+    try:  # no await before it: a signal's cancel lands inside
         cpu_before = server.cpu_s() if server else 0.0
         join_s, deliver_s = await bench.run()
         result = figures(args, label, bench, join_s, deliver_s)
@@ -601,12 +625,18 @@ def run_bench(args):
     if problem := bench_problem(args):
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            runs = asyncio.run(bench_all(args, tmp))
-        except BenchFailed as error:
-            print(f"bench: {error}", file=sys.stderr)
-            return 1
+    stopped = []  # the signal that stopped it, if one did
+    try:
+        runs = asyncio.run(bench_all(args, stopped))
+    except (BenchFailed, asyncio.CancelledError) as error:
+        if stopped:  # whatever the signal cut short
+            return said_stopped(stopped[0])
+        if isinstance(error, asyncio.CancelledError):
+            raise
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    if stopped:  # just as it ended
+        return said_stopped(stopped[0])
     if args.baseline:
         add_ratios(runs)
     if args.json:
@@ -615,6 +645,11 @@ def run_bench(args):
         print_runs(runs)
     return 1 if any(run["lost"] or run["duplicated"] or run["reordered"]
                     for run in runs) else 0
+
+
+def said_stopped(signum):
+    print(f"bench: {STOP_SIGNALS[signum]}", file=sys.stderr)
+    return 128 + signum
 
 
 def print_runs(runs):
@@ -705,7 +740,10 @@ def main(argv=None):
         except chat.StartUpError as error:
             print(f"bench.py baseline: {error}", file=sys.stderr)
             return 1
-    return run_bench(build_parser().parse_args(argv))
+    try:
+        return run_bench(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C outside bench_all's event loop
+        return said_stopped(signal.SIGINT)
 
 
 if __name__ == "__main__":

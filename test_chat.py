@@ -1410,6 +1410,37 @@ class BenchTest(ChatTestCase):
                          r"^member b[01] failed: ValueError: a bug \(")
         self.assertNotIn("\n", str(caught.exception))
 
+    def test_bench_stopped_by_a_signal_cleans_up_and_says_so(self):
+        """SIGTERM or SIGINT (Ctrl-C) in the middle of a run: one line, exit
+        status 128 + the signal's number, the server it started stopped
+        and its temporary folder (made under TMPDIR) gone."""
+        for signum, sentence in ((signal.SIGTERM, "bench: stopped by SIGTERM"),
+                                 (signal.SIGINT, "bench: interrupted")):
+            with self.subTest(signal=signum.name):
+                tmpdir = os.path.join(self.tmp.name, signum.name)
+                os.mkdir(tmpdir)
+                bench = self.start("bench.py", "--clients", "10",
+                                   "--messages", "100", "--rate", "10",
+                                   env={"TMPDIR": tmpdir})
+                line = bench.wait_for(r"^Part II: server started, pid \d+,")
+                pid = int(re.search(r"pid (\d+)", line)[1])
+                bench.wait_for(r"sent 1/100")
+                self.assertTrue(os.listdir(tmpdir))  # its folder, running
+                bench.popen.send_signal(signum)
+                self.assertEqual(bench.wait(), 128 + signum)
+                stderr = bench.output("stderr")
+                self.assertEqual(stderr[-1], sentence)
+                self.assertNotIn("Traceback", "\n".join(stderr))
+                self.assertEqual(os.listdir(tmpdir), [])
+                self.assertFalse(os.path.exists(f"/proc/{pid}"))
+                for proc in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{proc}/cmdline", "rb") as cmdline:
+                            self.assertNotIn(tmpdir.encode(), cmdline.read())
+                    except (FileNotFoundError, NotADirectoryError,
+                            ProcessLookupError, PermissionError):
+                        pass  # not a process, or gone
+
     def test_server_without_port_is_refused_as_the_client_refuses_it(self):
         """--server localhost: exit status 2 and client --server's sentence,
         not "nothing listens on that port"."""
