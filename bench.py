@@ -24,9 +24,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
+import traceback
+import uuid
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
 from chat import (RETRY, Refused, ServerProcess, ThrottledReadReceipts,
@@ -126,6 +130,18 @@ class BenchFailed(Exception):
     """The load could not run; the message is a sentence for the user."""
 
 
+def described(error):
+    """An unexpected exception as one sentence: its type, its message and
+    the line of bench.py (or chat.py) that raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames
+            if os.path.basename(frame.filename) in ("bench.py", "chat.py")]
+    where = (ours or frames or [None])[-1]
+    at = (f" (at {os.path.basename(where.filename)} line {where.lineno})"
+          if where else "")
+    return f"{type(error).__name__}: {error}{at}"
+
+
 class Bench:
     """One benchmark run against one server; see the top of this file.
     Everything runs on one event loop, so nothing here needs a lock."""
@@ -141,6 +157,14 @@ class Bench:
         self.rate, self.senders = args.rate, args.senders
         self.progress = progress
         self.ids = [f"b{n}" for n in range(self.clients)]
+        # Our messages read "bench RUN NUMBER SENT_AT": RUN is this run's
+        # own, so a room's other messages (people's, an earlier run's) are
+        # told apart and not measured; see _ours.
+        self.run_id = uuid.uuid4().hex[:12]
+        self.own_text = re.compile(
+            rf"bench {self.run_id} ([0-9]+) ([0-9]+\.[0-9]+)")
+        self.others = 0  # messages that were not ours, ignored
+        self.last_seq = [0 for _ in self.ids]  # of any message, for MarkRead
         # received[member index] = message numbers, in arrival order
         self.received = [[] for _ in self.ids]
         self.seqs = [[] for _ in self.ids]
@@ -158,7 +182,8 @@ class Bench:
         self.all_delivered = asyncio.Event()
         self.idle_cpu_percent = None  # while all are online, if server
         self.expected = self.messages * (self.clients - 1)
-        self.failure = None  # why a member's stream ended, if one did
+        self.failure = None  # why the run must end, if it must (see _fail)
+        self.failed = asyncio.Event()  # set with it
         self.shown = False   # a progress line is on stderr
         self.metadata = password_metadata(os.environ.get("CHAT_PASSWORD"))
 
@@ -175,17 +200,53 @@ class Bench:
                     for _ in self.ids]
         stubs = [services.ChatRoomStub(channel) for channel in channels]
         try:
-            join_s = await self._join_all(stubs)
-            await self._settle()
-            deliver_s = await self._send_all(stubs)
-            if self.server:
-                self.idle_cpu_percent = await self._idle_cpu()
-            return join_s, deliver_s
+            return await self._unless_failed(self._steps(stubs))
         finally:
-            for task in self.members:
+            for task in [*self.members, *self.receipts.values()]:
                 task.cancel()
             for channel in channels:
                 await channel.close()
+
+    async def _steps(self, stubs):
+        join_s = await self._join_all(stubs)
+        await self._settle()
+        deliver_s = await self._send_all(stubs)
+        if self.server:
+            self.idle_cpu_percent = await self._idle_cpu()
+        return join_s, deliver_s
+
+    async def _unless_failed(self, steps):
+        """Run the steps, but end them the moment anything fails (_fail):
+        whatever they are waiting for then may never come. An unexpected
+        exception in them becomes a BenchFailed too."""
+        task = asyncio.create_task(steps)
+        failed = asyncio.create_task(self.failed.wait())
+        try:
+            await asyncio.wait({task, failed},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+            task.cancel()  # if it still runs; then let it end
+            await asyncio.gather(task, return_exceptions=True)
+        if self.failure:
+            raise BenchFailed(self.failure)
+        try:
+            return task.result()
+        except BenchFailed:
+            raise
+        except Exception as error:
+            raise BenchFailed(f"the run failed: {described(error)}") from None
+
+    def _spawn(self, coroutine, who):
+        """A task whose unexpected exception ends the run (_fail), with a
+        sentence that names who failed, instead of going unnoticed."""
+        task = asyncio.create_task(coroutine)
+
+        def check(task):
+            if not task.cancelled() and task.exception():
+                self._fail(f"{who} failed: {described(task.exception())}")
+        task.add_done_callback(check)
+        return task
 
     async def _join_all(self, stubs):
         """Bring every member online, JOIN_STEP at a time: a burst of
@@ -194,13 +255,13 @@ class Bench:
         started = time.perf_counter()
         for first in range(0, self.clients, self.JOIN_STEP):
             step = range(first, min(first + self.JOIN_STEP, self.clients))
-            self.members += [asyncio.create_task(self._member(stubs, index))
-                             for index in step]
-            while len(self.caught_up) < step.stop and not self.failure:
+            self.members += [
+                self._spawn(self._member(stubs, index),
+                            f"member {self.ids[index]}")
+                for index in step]
+            while len(self.caught_up) < step.stop:  # or _unless_failed ends
                 await self.joined_changed.wait()
                 self.joined_changed.clear()
-            if self.failure:
-                raise BenchFailed(self.failure)
             self._show(f"joined {len(self.caught_up)}/{self.clients}")
         return time.perf_counter() - started
 
@@ -224,8 +285,6 @@ class Bench:
             await asyncio.wait_for(self.all_delivered.wait(), 60)
         except asyncio.TimeoutError:
             pass  # check() counts what is missing
-        if self.failure:
-            raise BenchFailed(self.failure)
         return self.last_arrival - started
 
     async def _send_at_rate(self, stubs, started):
@@ -237,7 +296,11 @@ class Bench:
             if delay > 0:
                 await asyncio.sleep(delay)
             sends.append(asyncio.create_task(self._send(stubs, number)))
-        await asyncio.gather(*sends)
+        try:
+            await asyncio.gather(*sends)
+        finally:  # if one failed, or the run was stopped: the others too
+            for send in sends:
+                send.cancel()
 
     async def _sender(self, stubs, sender):
         """As fast as one member can: each Send once the last is answered."""
@@ -246,9 +309,11 @@ class Bench:
 
     async def _send(self, stubs, number):
         sender = number % self.senders
-        text = f"bench {number} {time.perf_counter():.6f}"
+        text = f"bench {self.run_id} {number} {time.perf_counter():.6f}"
+        # The server keeps message ids for good: an earlier run's "m3" from
+        # b0 would make this one's a retry, stored once already.
         request = pb.SendRequest(client_id=self.ids[sender], text=text,
-                                 message_id=f"m{number}")
+                                 message_id=f"bench-{self.run_id}-{number}")
         delays = retry_delays()  # as ChatClient.send, but not for ever
         for attempt in range(1, self.SEND_ATTEMPTS + 1):
             try:
@@ -298,36 +363,55 @@ class Bench:
         self._fail(self._why_lost(index, error))
 
     def _arrived(self, stub, index, event):
-        """Note each message's latency and number, and plan a MarkRead."""
+        """Note each of our messages' latency and number, and plan a
+        MarkRead (for every message, ours or not)."""
         now = self.last_event = time.perf_counter()  # one for the event
         for message in event.messages:
-            number, sent_at = message.text.split()[1:3]
-            self.latencies_ms.append((now - float(sent_at)) * 1000)
-            self.received[index].append(int(number))
+            self.last_seq[index] = message.seq
+            if (ours := self._ours(message)) is None:
+                self.others += 1
+                continue
+            number, sent_at = ours
+            self.latencies_ms.append((now - sent_at) * 1000)
+            self.received[index].append(number)
             self.seqs[index].append(message.seq)
-        if event.messages:
             self.last_arrival = now
-            if len(self.latencies_ms) >= self.expected:
-                self.all_delivered.set()
+        if len(self.latencies_ms) >= self.expected:
+            self.all_delivered.set()
+        if event.messages:
             self._plan_receipt(stub, index)
         if event.HasField("caught_up"):
             self.caught_up.add(index)
             self.joined_changed.set()
+
+    def _ours(self, message):
+        """(number, perf_counter at its Send) if this run sent message,
+        else None: its text is ours to the letter, with this run's id, a
+        number we send, from the member who sends that number."""
+        match = self.own_text.fullmatch(message.text)
+        if not match:
+            return None
+        number = int(match[1])
+        if (number >= self.messages
+                or message.sender_id != self.ids[number % self.senders]):
+            return None
+        return number, float(match[2])
 
     def _plan_receipt(self, stub, index):
         """As chat.py's default client (ThrottledReadReceipts): one
         MarkRead 2.5 to 7.5 s (at random) after a message arrives, for
         everything received by then."""
         if index not in self.receipts and not self.stop_confirming:
-            self.receipts[index] = asyncio.create_task(
-                self._confirm(stub, index))
+            self.receipts[index] = self._spawn(
+                self._confirm(stub, index),
+                f"member {self.ids[index]}'s MarkRead")
 
     async def _confirm(self, stub, index):
         """After the pause, MarkRead up to the last seq received."""
         await asyncio.sleep(ThrottledReadReceipts.pause())
         try:
             await stub.MarkRead(pb.MarkReadRequest(
-                client_id=self.ids[index], up_to_seq=self.seqs[index][-1]),
+                client_id=self.ids[index], up_to_seq=self.last_seq[index]),
                 timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError:
             pass  # leaving, or shed under load: the next one covers it
@@ -346,10 +430,10 @@ class Bench:
                 f"{error.details()}")
 
     def _fail(self, sentence):
-        """Stop waiting for joins and deliveries."""
+        """End the run: _unless_failed stops whatever it waits for and
+        raises BenchFailed(sentence) (the first one, if several fail)."""
         self.failure = self.failure or sentence
-        self.joined_changed.set()
-        self.all_delivered.set()
+        self.failed.set()
 
     def _show(self, text):
         """Progress, on one line of stderr that keeps being rewritten."""
@@ -409,21 +493,44 @@ def start_server(label, script, command, tmp):
                               f"{why}") from None
 
 
-async def bench_all(args, tmp):
+# What bench says when a signal stops it (its exit status: 128 + the
+# signal's number, as a shell reports a process the signal killed).
+STOP_SIGNALS = {signal.SIGINT: "interrupted",
+                signal.SIGTERM: "stopped by SIGTERM"}
+
+
+async def bench_all(args, stopped):
     """Run the load against each server in turn; return their figures.
     One event loop for all: the Join calls cancelled at the end of a run
     can complete after asyncio.run() has closed that run's loop, and
-    grpc.aio then prints a traceback for each ("Event loop is closed")."""
-    return [await bench_one(args, *server, tmp)
-            for server in servers_to_measure(args, tmp)]
+    grpc.aio then prints a traceback for each ("Event loop is closed").
+    SIGINT or SIGTERM cancels it, noted in stopped: on the way out every
+    server it started is stopped (bench_one) and its temporary folder, made
+    under TMPDIR once the signals are caught, removed."""
+    main, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+    def stop(signum):
+        stopped.append(signum)
+        main.cancel()
+    for signum in STOP_SIGNALS:
+        # Ignored, as SIGINT is for `python bench.py &` in a script: left so.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, stop, signum)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        return [await bench_one(args, *server, tmp)
+                for server in servers_to_measure(args, tmp)]
 
 
 async def bench_one(args, label, script, command, tmp):
     """Run the load against one server; return a dict of figures."""
     server = start_server(label, script, command, tmp) if command else None
+    progress = not args.json
+    if server and progress:
+        print(f"{label}: server started, pid {server.popen.pid}, listening "
+              f"on {server.address}", file=sys.stderr, flush=True)
     bench = Bench(label, server.address if server else args.server, server,
-                  args, progress=not args.json)
-    try:
+                  args, progress)
+    try:  # no await before it: a signal's cancel lands inside
         cpu_before = server.cpu_s() if server else 0.0
         join_s, deliver_s = await bench.run()
         result = figures(args, label, bench, join_s, deliver_s)
@@ -451,7 +558,7 @@ def figures(args, label, bench, join_s, deliver_s):
                        for name, q in (("p50", .5), ("p90", .9),
                                        ("p99", .99), ("max", 1.0))},
         "lost": lost, "duplicated": duplicated, "reordered": reordered,
-        "send_retries": bench.retries,
+        "send_retries": bench.retries, "others_messages": bench.others,
     }
 
 
@@ -474,6 +581,7 @@ ROWS = [("join time s", "join_s", None, True),
         ("server idle CPU %", "server_idle_cpu_percent", None, False),
         ("server ready in s", "server_ready_s", None, False),
         ("send retries", "send_retries", None, False),
+        ("others' messages", "others_messages", None, False),
         *[(key, key, None, False)
           for key in ("lost", "duplicated", "reordered")]]
 
@@ -517,12 +625,18 @@ def run_bench(args):
     if problem := bench_problem(args):
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            runs = asyncio.run(bench_all(args, tmp))
-        except BenchFailed as error:
-            print(f"bench: {error}", file=sys.stderr)
-            return 1
+    stopped = []  # the signal that stopped it, if one did
+    try:
+        runs = asyncio.run(bench_all(args, stopped))
+    except (BenchFailed, asyncio.CancelledError) as error:
+        if stopped:  # whatever the signal cut short
+            return said_stopped(stopped[0])
+        if isinstance(error, asyncio.CancelledError):
+            raise
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    if stopped:  # just as it ended
+        return said_stopped(stopped[0])
     if args.baseline:
         add_ratios(runs)
     if args.json:
@@ -531,6 +645,11 @@ def run_bench(args):
         print_runs(runs)
     return 1 if any(run["lost"] or run["duplicated"] or run["reordered"]
                     for run in runs) else 0
+
+
+def said_stopped(signum):
+    print(f"bench: {STOP_SIGNALS[signum]}", file=sys.stderr)
+    return 128 + signum
 
 
 def print_runs(runs):
@@ -567,6 +686,7 @@ def build_parser():
         "throughput, optionally against a bare baseline server. "
         "`python bench.py baseline` runs that baseline server by itself.")
     parser.add_argument("--server", metavar="HOST:PORT",
+                        type=chat.server_address,  # client --server's check
                         help="measure this server (default: start one, with "
                         "a temporary database and --rate 0)")
     parser.add_argument("--clients", default=100, metavar="N",
@@ -620,7 +740,10 @@ def main(argv=None):
         except chat.StartUpError as error:
             print(f"bench.py baseline: {error}", file=sys.stderr)
             return 1
-    return run_bench(build_parser().parse_args(argv))
+    try:
+        return run_bench(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C outside bench_all's event loop
+        return said_stopped(signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ surviving crashes, and bad input.
 Run: python -m unittest -v
 """
 
+import asyncio
 import fcntl
 import json
 import os
@@ -1386,6 +1387,112 @@ class BenchTest(ChatTestCase):
         self.assertEqual(bench.wait(), 1)
         self.assertRegex("\n".join(bench.output("stderr")),
                          f"^bench: cannot reach the server at {address}")
+
+    def bench_server(self, server, *flags):
+        """bench.py --server server with a small load; its exit status must
+        be 0. Returns the process, ended."""
+        bench = self.start("bench.py", "--server", server.address,
+                           "--clients", "3", *flags)
+        self.assertEqual(bench.wait(), 0, "\n".join(bench.output("stderr")))
+        return bench
+
+    def test_bench_measures_only_its_own_messages_in_a_used_room(self):
+        """A room that holds ordinary messages, and one that looks like an
+        older bench's, and then a room with a whole earlier run in it (unread
+        by the same member ids, and sent under the same message numbers)."""
+        server = self.start_server()
+        stub = self.stub(server)
+        self.raw_join(stub, "alice")
+        for text in ("hello", "bench 3 12.5", "bench"):
+            send(stub, "alice", text)
+        for _ in range(2):
+            bench = self.bench_server(server, "--messages", "5", "--json")
+            [run] = json.loads("\n".join(bench.output()))
+            self.assertEqual(run["deliveries"], 5 * 2)
+            self.assertEqual((run["lost"], run["duplicated"],
+                              run["reordered"]), (0, 0, 0))
+            self.assertGreaterEqual(run["others_messages"], 3)
+
+    def test_bench_ignores_a_message_that_arrives_during_the_run(self):
+        server = self.start_server()
+        bench = self.start("bench.py", "--server", server.address,
+                           "--clients", "3", "--messages", "20",
+                           "--rate", "10")
+        bench.wait_for(r"sent 1/20")
+        stub = self.stub(server)
+        self.raw_join(stub, "alice")
+        for text in ("hello, bench", "bench 5 1.0", "bench 0a1b2c 5 1.0"):
+            send(stub, "alice", text)
+        self.assertEqual(bench.wait(), 0, "\n".join(bench.output("stderr")))
+        table = "\n".join(bench.output())
+        for row in ("lost", "duplicated", "reordered"):
+            self.assertRegex(table, rf"(?m)^{row} +0$")
+        self.assertRegex(table, r"(?m)^others' messages +9$")  # 3 each
+
+    def test_a_failure_inside_a_member_ends_the_run_with_a_sentence(self):
+        """Any exception in a member's task ends the run at once, as
+        BenchFailed (one sentence, exit status 1), instead of a hang."""
+        sys.path.insert(0, HERE)
+        self.addCleanup(sys.path.remove, HERE)
+        import bench as bench_py
+
+        class Broken(bench_py.Bench):
+            def _arrived(self, stub, index, event):
+                raise ValueError("a bug")
+        server = self.start_server()
+        args = bench_py.build_parser().parse_args(
+            ["--server", server.address, "--clients", "2", "--messages", "1"])
+        bench = Broken(args.server, args.server, None, args, progress=False)
+        with self.assertRaises(bench_py.BenchFailed) as caught:
+            asyncio.run(asyncio.wait_for(bench.run(), WAIT))
+        self.assertRegex(str(caught.exception),
+                         r"^member b[01] failed: ValueError: a bug \(")
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_bench_stopped_by_a_signal_cleans_up_and_says_so(self):
+        """SIGTERM or SIGINT (Ctrl-C) in the middle of a run: one line, exit
+        status 128 + the signal's number, the server it started stopped
+        and its temporary folder (made under TMPDIR) gone."""
+        for signum, sentence in ((signal.SIGTERM, "bench: stopped by SIGTERM"),
+                                 (signal.SIGINT, "bench: interrupted")):
+            with self.subTest(signal=signum.name):
+                tmpdir = os.path.join(self.tmp.name, signum.name)
+                os.mkdir(tmpdir)
+                bench = self.start("bench.py", "--clients", "10",
+                                   "--messages", "100", "--rate", "10",
+                                   env={"TMPDIR": tmpdir})
+                line = bench.wait_for(r"^Part II: server started, pid \d+,")
+                pid = int(re.search(r"pid (\d+)", line)[1])
+                bench.wait_for(r"sent 1/100")
+                self.assertTrue(os.listdir(tmpdir))  # its folder, running
+                bench.popen.send_signal(signum)
+                self.assertEqual(bench.wait(), 128 + signum)
+                stderr = bench.output("stderr")
+                self.assertEqual(stderr[-1], sentence)
+                self.assertNotIn("Traceback", "\n".join(stderr))
+                self.assertEqual(os.listdir(tmpdir), [])
+                self.assertFalse(os.path.exists(f"/proc/{pid}"))
+                for proc in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{proc}/cmdline", "rb") as cmdline:
+                            self.assertNotIn(tmpdir.encode(), cmdline.read())
+                    except (FileNotFoundError, NotADirectoryError,
+                            ProcessLookupError, PermissionError):
+                        pass  # not a process, or gone
+
+    def test_server_without_port_is_refused_as_the_client_refuses_it(self):
+        """--server localhost: exit status 2 and client --server's sentence,
+        not "nothing listens on that port"."""
+        sentences = []
+        for command in (("bench.py",), ("client", "--no-gui", "--id", "1")):
+            process = self.start(*command, "--server", "localhost")
+            self.assertEqual(process.wait(), 2)
+            stderr = "\n".join(process.output("stderr"))
+            self.assertNotIn("listens", stderr)
+            sentences.append(re.search(r"argument --server: (.*)",
+                                       stderr).group(1))
+        self.assertEqual(sentences[0], sentences[1])
+        self.assertIn("give HOST:PORT", sentences[0])
 
 
 class XvfbTestCase(ChatTestCase):
