@@ -9,8 +9,8 @@ times every delivery from the Send to its arrival at each member.
 grpc.aio fan-out server with no storage and no checks (BaselineServicer
 below), so every figure also shows as a ratio to what Python gRPC does with
 no work at all. --plain runs it against `python chat.py server --plain` too:
-chat.py's Part I alone, without the Part II machinery for a thousand
-members. The runs go baseline, Part I, Part II, and show side by side.
+chat.py's Part I alone, without the Part III machinery for a thousand
+members. The runs go baseline, Part I, Part III, and show side by side.
 
 The load generator is one grpc.aio process: N channels on one event loop.
 It shares the machine with the server, so absolute figures mean little;
@@ -148,13 +148,13 @@ class Bench:
 
     JOIN_STEP = 50  # members that join at once
     SEND_ATTEMPTS = 10  # tries of a Send shed by an overloaded server
-    IDLE_S = 5  # seconds of the idle CPU measurement
 
     def __init__(self, label, target, server, args, progress):
         self.label, self.target = label, target
         self.server = server  # a MeasuredServer, or None
         self.clients, self.messages = args.clients, args.messages
         self.rate, self.senders = args.rate, args.senders
+        self.idle_s = args.idle  # 0: no idle CPU measurement
         self.progress = progress
         self.ids = [f"b{n}" for n in range(self.clients)]
         # Our messages read "bench RUN NUMBER SENT_AT": RUN is this run's
@@ -211,7 +211,7 @@ class Bench:
         join_s = await self._join_all(stubs)
         await self._settle()
         deliver_s = await self._send_all(stubs)
-        if self.server:
+        if self.server and self.idle_s:
             self.idle_cpu_percent = await self._idle_cpu()
         return join_s, deliver_s
 
@@ -335,7 +335,7 @@ class Bench:
                        f"{len(self.latencies_ms):,}/{self.expected:,}")
 
     async def _idle_cpu(self):
-        """The server's CPU use, in percent of one core, over IDLE_S with
+        """The server's CPU use, in percent of one core, over --idle s with
         everyone online and nothing to do: it should be 0. MarkReads still
         planned are called off."""
         self.stop_confirming = True
@@ -343,8 +343,8 @@ class Bench:
             task.cancel()
         await asyncio.sleep(1)
         before = self.server.cpu_s()
-        await asyncio.sleep(self.IDLE_S)
-        return (self.server.cpu_s() - before) / self.IDLE_S * 100
+        await asyncio.sleep(self.idle_s)
+        return (self.server.cpu_s() - before) / self.idle_s * 100
 
     async def _member(self, stubs, index):
         """One member's Join stream, until the run cancels it."""
@@ -475,7 +475,7 @@ def servers_to_measure(args, tmp):
     if args.server:
         servers.append((args.server, None, None))
     else:
-        servers.append(("Part II", chat.__file__, chat_server(
+        servers.append(("Part III", chat.__file__, chat_server(
             os.path.join(tmp, "bench.db"))))
     return servers
 
@@ -567,7 +567,8 @@ def server_figures(server, bench, cpu_before):
     return {"server_cpu_s": round(server.cpu_s() - cpu_before, 2),
             "server_peak_rss_mb": server.peak_rss_mb(),
             "server_ready_s": round(server.ready_s, 3),
-            "server_idle_cpu_percent": round(bench.idle_cpu_percent, 1)}
+            "server_idle_cpu_percent": None if bench.idle_cpu_percent is None
+            else round(bench.idle_cpu_percent, 1)}
 
 
 # The figures, in the order shown: (label, key, key inside it, whether it
@@ -712,6 +713,11 @@ def build_parser():
     parser.add_argument("--plain", action="store_true",
                         help="also run it against `chat.py server --plain` "
                         "(Part I alone), before the default server")
+    parser.add_argument("--idle", type=chat.number(float, "0 or more",
+                                                   lambda n: n >= 0),
+                        default=5, metavar="S",
+                        help="seconds of the idle CPU measurement, after "
+                        "the messages (default: %(default)s; 0 skips it)")
     parser.add_argument("--json", action="store_true",
                         help="print the figures as JSON")
     return parser

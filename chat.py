@@ -30,16 +30,22 @@ The path of alice's "hi", hop by hop, with each hop's section:
 
 Had bob been online, Hub.publish would have put "hi" in his Session's
 queue, and his Join's live loop would have written it out. That is Part
-I's path (`--plain`); by default Part II changes three hops: RoundsHub
+I's path (`--plain`); by default Part III changes three hops: RoundsHub
 hands "hi" out at its next round, ThrottledReadReceipts sends the MarkRead
 2.5 to 7.5 s later, and BatchedReadsStore saves bob's read position within
 a second.
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
-up to the screen (7 to 9). Follow the path by its section numbers.
+up to the screen (7 and 8). Follow the path by its section numbers.
 
-Part I, the chat (a complete chat that keeps every promise in README):
+The file is in layers, each complete: cut it before any part's banner
+(keeping the closing `if __name__` lines) and what is left runs. A later
+part extends an earlier one only by subclasses, and by one hook on the
+command line (EXTENSIONS, section 9); nothing refers forward.
+
+Part I, the chat (a complete chat that keeps every promise in README), in
+two sittings: the server (1 to 6), then the client and the command line:
 
     1. The vocabulary      chat.proto, loaded when the program starts
     2. The rules           limits and input checks shared by both sides
@@ -49,16 +55,20 @@ Part I, the chat (a complete chat that keeps every promise in README):
     6. Serving             the grpc.aio server, its completion queue, start-up
     7. The client          channel, stub, the receive thread, read receipts
     8. The terminal client stdin -> Send, Join stream -> stdout
-    9. The window          the Tk client: threads and Tk, without polling
+    9. The command line    argparse, run_server, run_client, main(argv)
 
-Part II, for a thousand members (used unless `server --plain` or `client
+Part II, the window:
+
+   10. The window          the Tk client: threads and Tk, without polling
+
+Part III, for a thousand members (used unless `server --plain` or `client
 --plain`): each measured optimization as a small subclass or mixin of a
 Part I class, as socketserver's ThreadingMixIn changes its server:
 CoalescingSession, RoundsHub, BatchedReadsStore, BatchedPresence and
 ThousandMemberServicer (which also collects garbage less often) for the
 server, then ThrottledReadReceipts for the client.
 
-   10. main(argv)          the command line, and the demo
+Appendix: the demo (`python chat.py demo`).
 
 Where each gRPC lesson is taught:
 
@@ -76,9 +86,9 @@ Where each gRPC lesson is taught:
     keepalive, on both sides           server_options; CLIENT_OPTIONS
     cancellation                       ChatRoomServicer.Join; ChatClient.close
     TLS                                tls_credentials; open_channel
-    Tk and threads                     section 9's top; ChatWindow._post
+    Tk and threads                     section 10's top; ChatWindow._post
     serializing once, raw bytes        section 4's top; chat_room_handlers
-    batching writes (Part II)          CoalescingSession, RoundsHub
+    batching writes (Part III)          CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of streams. The client uses grpc's threaded API (blocking calls,
@@ -123,7 +133,7 @@ from google.protobuf.message import DecodeError  # noqa: E402
 log = logging.getLogger("chat")
 
 
-# Part I: the chat ==========================================================
+# Part I: the chat ===========================================================
 #
 # Every section in its plainest correct form. Code that is here only because
 # a promise needs it against careless or hostile clients says "Hardening":
@@ -131,7 +141,7 @@ log = logging.getLogger("chat")
 # (_too_slow), requests that do not parse and TLS (section 6), keepalive.
 
 
-# 1. The vocabulary ---------------------------------------------------------
+# 1. The vocabulary ----------------------------------------------------------
 #
 # protos_and_services() runs protoc inside this process (it needs
 # grpcio-tools) and returns the two modules that `python -m grpc_tools.protoc`
@@ -142,7 +152,7 @@ log = logging.getLogger("chat")
 pb, services = grpc.protos_and_services("chat.proto")
 
 
-# 2. The rules ----------------------------------------------------------------
+# 2. The rules ---------------------------------------------------------------
 #
 # Both sides use these checks: the server refuses bad input with
 # INVALID_ARGUMENT and a sentence, a client says what is wrong before it
@@ -224,7 +234,7 @@ def text_problem(text):
     return None
 
 
-# 3. The store ----------------------------------------------------------------
+# 3. The store ---------------------------------------------------------------
 #
 # Everything that must survive a restart lives in one SQLite file:
 #   messages  the history; its INTEGER PRIMARY KEY is the seq, so SQLite
@@ -393,7 +403,7 @@ class Store:
             parameters)]
 
 
-# 4. The hub ------------------------------------------------------------------
+# 4. The hub -----------------------------------------------------------------
 #
 # grpc.aio allows one write at a time per stream, and a broadcaster that
 # awaited each member's write in turn would stall everyone behind the slowest
@@ -481,7 +491,7 @@ class Hub:
                 asyncio.get_running_loop().call_soon(self.too_slow, session)
 
 
-# 5. The servicer -----------------------------------------------------------
+# 5. The servicer ------------------------------------------------------------
 #
 # One method per RPC in chat.proto, named as there. Each runs as a coroutine
 # on the event loop. A refusal is `await context.abort(code, sentence)`,
@@ -519,9 +529,10 @@ def to_message(stored):
 
 class ChatRoomServicer:
     """The chat room's RPCs. Runs on the event loop; owns the store and hub.
-    Part II swaps in a faster hub and sessions through the class attributes,
-    as socketserver's servers take their RequestHandlerClass."""
+    Part III swaps in a faster store, hub and sessions through the class
+    attributes, as socketserver's servers take their RequestHandlerClass."""
 
+    store_class = Store  # what serve() opens for it
     hub_class = Hub
     session_class = Session
     REPLAY_BATCH = 100  # messages per Event (and per read from SQLite)
@@ -805,7 +816,7 @@ class ChatRoomServicer:
                                timeout=timeout)
 
 
-# 6. Serving ------------------------------------------------------------------
+# 6. Serving -----------------------------------------------------------------
 #
 # How grpc.aio waits for the network. gRPC's core is C++ behind a C API: you
 # give it a batch of operations for one call (send these headers, send this
@@ -829,7 +840,7 @@ class ChatRoomServicer:
 # Python. Writes usually do not: starting a batch sends its bytes at once,
 # with sendmsg() on the thread that starts it, here the event loop's, GIL
 # held. So each context.write costs the loop a system call, about as much
-# for ten messages as for one (Part II makes use of that).
+# for ten messages as for one (Part III makes use of that).
 #
 # (grpcio's other server, grpc.server(), runs each handler on a pool thread,
 # which a stream holds for its whole life: the pool would cap the members
@@ -1045,11 +1056,10 @@ async def serve(args):
     credentials = tls_credentials(args) if args.tls_cert else None
     server = grpc.aio.server(options=server_options(args.keepalive))
     port = listen(server, args.host, args.port, credentials)
-    # Part I alone (--plain), or with Part II's subclasses (end of the file).
-    store_class, servicer_class = ((Store, ChatRoomServicer) if args.plain
-                                   else PART_TWO)
+    # Part I's classes, or Part III's subclasses (thousand_member_flags).
+    servicer_class = args.servicer_class
     try:
-        store = store_class(args.db)
+        store = servicer_class.store_class(args.db)
     except sqlite3.Error as error:
         raise StartUpError(db_problem(args.db, error))
     servicer = servicer_class(store, args.members, args.max_clients,
@@ -1066,7 +1076,7 @@ async def serve(args):
     where = ("memory only (:memory:)" if args.db == ":memory:"
              else os.path.abspath(args.db))
     log.info("%s; %s; history in %s; %s; %s",
-             "Part I only (--plain)" if args.plain else "Parts I and II",
+             f"serving with {servicer_class.__name__}",
              f"only ids {', '.join(servicer.group)} may join"
              if servicer.group else "open room: any id may join", where,
              "TLS" if credentials else "plaintext (no TLS)",
@@ -1090,7 +1100,7 @@ async def shut_down(server, servicer):
     await server.stop(grace=3)
 
 
-# 7. The client -------------------------------------------------------------
+# 7. The client --------------------------------------------------------------
 #
 # A channel is a virtual connection to a target, a name such as
 # "localhost:50051" that may resolve to several addresses. Creating one does
@@ -1263,7 +1273,7 @@ class ChatClient:
 
     It joins, reads the Join stream on a receive thread (joining again when
     the stream breaks), sends messages, and confirms what arrived with
-    `receipts` (ReadReceipts, or Part II's). The UI (terminal or Tk) gives
+    `receipts` (ReadReceipts, or Part III's). The UI (terminal or Tk) gives
     it two callbacks, both called on the receive thread, never the UI's:
       on_event(event, notices)  every pb.Event, in order, without repeats;
           notices are sentences for its presence changes ("bob joined",
@@ -1553,7 +1563,7 @@ def retry_delays():
         delay = min(delay * 2, 8.0)
 
 
-# 8. The terminal client ----------------------------------------------------
+# 8. The terminal client -----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
 #   stdin   one message a line. A line that starts with / is a command
@@ -1898,7 +1908,215 @@ class TerminalClient:
         print(text, file=sys.stderr, flush=True)
 
 
-# 9. The window -------------------------------------------------------------
+# 9. The command line: main(argv) --------------------------------------------
+#
+# argparse types: each turns a flag's text into a value or refuses it with a
+# sentence. argparse then prints "argument --rate: must be 0 or more, not
+# '-5'" under the command's usage and exits with status 2, its sign of a
+# mistake on the command line.
+
+
+def number(kind, rule, ok):
+    """An argparse type: an int or a float (kind) for which ok(value) holds;
+    rule says in words which values those are."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
+        return value
+    return parse
+
+
+PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
+COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
+
+
+def checked(problem):
+    """An argparse type that refuses text for which problem(text) gives a
+    sentence: the rule the server checks, checked here first."""
+    def parse(text):
+        if why := problem(text):
+            raise argparse.ArgumentTypeError(why)
+        return text
+    return parse
+
+
+valid_id, display_name = checked(id_problem), checked(name_problem)
+
+
+def member_list(text):
+    """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
+    ids = [valid_id(part.strip()) for part in text.split(",") if part.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
+    return list(dict.fromkeys(ids))  # without repeats, in the order given
+
+
+def server_address(text):
+    """client --server: HOST:PORT. gRPC would take a mistake here for a
+    server that cannot be reached, and keep trying."""
+    host, _, port = text.rpartition(":")
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{port!r} in {text!r} is not a port number (1 to 65535)")
+    return text
+
+
+def database(text):
+    """server --db: SQLite takes "" for a temporary file, deleted when it
+    closes, which would keep nothing without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "give a file name, or :memory: to keep nothing")
+    return text
+
+
+# Later parts add to the command line through one hook: each appends to
+# EXTENSIONS a function that takes argparse's subparsers (`commands`) and
+# adds its flags and commands, or sets other defaults. main() builds the
+# parser when it runs, so it has every part that this file holds.
+EXTENSIONS = []
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="chat.py",
+                                     description="A group chat over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    server = commands.add_parser(
+        "server", help="run the chat server",
+        description="Run the chat server: one room, until Ctrl-C.",
+        epilog="A room password, if you want one, comes from the environment "
+        "variable CHAT_PASSWORD, here and on every client (a flag would show "
+        "in `ps`).")
+    server.add_argument("--host", default="127.0.0.1", metavar="H",
+                        help="address to listen on (default: %(default)s; "
+                        "0.0.0.0 serves your LAN)")
+    server.add_argument("--port", type=PORT, default=50051, metavar="P",
+                        help="port to listen on (default: %(default)s; "
+                        "0 picks a free one)")
+    server.add_argument("--members", type=member_list, metavar="ID,ID,...",
+                        help="comma-separated ids allowed to join, e.g. "
+                        "1,2,3 (default: any id)")
+    server.add_argument("--max-clients", type=COUNT, default=0, metavar="N",
+                        help="most members online at once (default: 0, "
+                        "no limit)")
+    server.add_argument("--db", default="chat.db", type=database,
+                        metavar="PATH",
+                        help="SQLite file for history and read positions "
+                        "(default: %(default)s; :memory: keeps nothing)")
+    server.add_argument("--rate", default=RATE, metavar="N",
+                        type=number(float, "0 or more", lambda n: n >= 0),
+                        help="messages a second each member may send, with "
+                        "bursts of twice that (default: %(default)s; "
+                        "0: no limit)")
+    server.add_argument("--keepalive", default=30, metavar="S",
+                        type=number(float, "more than 0", lambda n: n > 0),
+                        help="seconds of silence from a client before the "
+                        "server pings it; one that does not answer is "
+                        "dropped (default: %(default)s)")
+    server.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate: serve TLS instead of "
+                        "plaintext (needs --tls-key)")
+    server.add_argument("--tls-key", metavar="FILE",
+                        help="PEM private key for --tls-cert")
+    server.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        metavar="LEVEL", help="DEBUG, INFO, WARNING or "
+                        "ERROR (default: %(default)s)")
+    server.set_defaults(func=run_server, servicer_class=ChatRoomServicer)
+    client = commands.add_parser(
+        "client", help="join the chat",
+        description="Join the chat: a window, or the terminal client.",
+        epilog="If the room has a password, give it in the environment "
+        "variable CHAT_PASSWORD.")
+    client.add_argument("--id", required=True, dest="client_id", metavar="ID",
+                        type=valid_id, help="your member id: 1 to 32 "
+                        "letters, digits, _ . or -, e.g. 1")
+    client.add_argument("--name", type=display_name,
+                        help="display name (default: the name the server "
+                        "remembers for your id, else the id)")
+    client.add_argument("--server", default="127.0.0.1:50051",
+                        metavar="HOST:PORT", type=server_address,
+                        help="HOST:PORT of the chat server "
+                        "(default: %(default)s)")
+    client.add_argument("--tls-ca", metavar="FILE",
+                        help="PEM certificate the server must present (its "
+                        "own, if self-signed, or its CA's): use TLS")
+    client.add_argument("--no-gui", action="store_true",
+                        help="use the terminal client instead of the window")
+    client.set_defaults(func=run_client, receipts=ReadReceipts,
+                        window=no_window)
+    for extend in EXTENSIONS:
+        extend(commands)
+    # argparse reports a flag it does not know with the top-level usage;
+    # main() uses the command's own parser instead, which shows its flags.
+    for command in commands.choices.values():
+        command.set_defaults(parser=command)
+    return parser
+
+
+def run_server(args):
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        args.parser.error("--tls-cert and --tls-key go together")
+    return asyncio.run(serve(args))
+
+
+def no_window(args):
+    """client's window: (exit status, None) once one has run, or (None,
+    why none can open). Part I has none; Part II's open_window does."""
+    return None, "this chat.py has no window (its Part II is not there)"
+
+
+def run_client(args):
+    if args.tls_ca:
+        check_tls_files("--tls-ca", args.tls_ca)
+    if not args.no_gui:
+        status, why_not = args.window(args)
+        if why_not is None:
+            return status
+        print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
+    # Neither a message with characters the terminal cannot show nor a line
+    # of bytes that are not UTF-8 (text_problem refuses it) may crash us.
+    if sys.stdout is not None:  # None: started with stdout closed (>&-)
+        sys.stdout.reconfigure(errors="replace")
+    stdin = sys.stdin or open(os.devnull)  # None: closed (<&-): no input
+    stdin.reconfigure(errors="surrogateescape")
+    client = TerminalClient(args.server, args.client_id, args.name or "",
+                            os.environ.get("CHAT_PASSWORD") or None,
+                            args.tls_ca, args.receipts)
+    return client.run(stdin)
+
+
+def main(argv=None):
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except StartUpError as error:
+        print(f"chat: {error}", file=sys.stderr)
+        return 1
+
+
+
+# Part II: the window ========================================================
+#
+# A Tk client for `client` (without --no-gui), added through Part I's one
+# hook, EXTENSIONS: window_flags, at the end of this part.
+
+
+# 10. The window -------------------------------------------------------------
 #
 # Tk's rule: only the thread that runs the mainloop (the main thread) may
 # touch widgets. A threaded Tcl (almost every build) passes other threads'
@@ -2564,7 +2782,35 @@ def run_window(args, root):
     return window.exit_status
 
 
-# Part II: for a thousand members ==========================================
+def open_window(args):
+    """client's window (Part I's no_window tells what it returns)."""
+    root, why_not = open_root()
+    if root is None:
+        return None, why_not
+    return run_window(args, root), None
+
+
+def geometry(text):
+    """client --geometry: Tk's WxH+X+Y (or WxH, or +X+Y), in pixels."""
+    if not re.fullmatch(r"\d+x\d+([+-]-?\d+[+-]-?\d+)?|[+-]-?\d+[+-]-?\d+",
+                        text):
+        raise argparse.ArgumentTypeError(
+            f"give WxH+X+Y in pixels, e.g. 420x520+0+0, not {text!r}")
+    return text
+
+
+def window_flags(commands):
+    """Part II on the command line: the window, and where it goes."""
+    client = commands.choices["client"]
+    client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
+                        help="size and place of the window, e.g. 420x520+0+0")
+    client.set_defaults(window=open_window)
+
+
+EXTENSIONS.append(window_flags)
+
+
+# Part III: for a thousand members ===========================================
 #
 # Each optimization is a small subclass (or mixin) of a Part I class, whose
 # docstring opens with what it buys; `server --plain` (for
@@ -2794,7 +3040,7 @@ class BatchedPresence:
 
 
 class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
-    """Part I's servicer with all of Part II: what `server` runs.
+    """Part I's servicer with all of Part III: what `server` runs.
 
     It also runs Python's cyclic garbage collector less often, which takes
     about 20 ms off p99 at 20 messages a second. Each write allocates
@@ -2805,6 +3051,7 @@ class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
     of 1,000 streams to find no garbage (reference counting frees them). A
     first threshold of GC_THRESHOLD makes both about 30 times rarer."""
 
+    store_class = BatchedReadsStore
     hub_class = RoundsHub
     session_class = CoalescingSession
     GC_THRESHOLD = 20_000
@@ -2814,10 +3061,9 @@ class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
         gc.set_threshold(self.GC_THRESHOLD, 10, 10)
 
 
-PART_TWO = (BatchedReadsStore, ThousandMemberServicer)  # for serve()
 
 
-# Part II, the client: read receipts for a thousand members -----------------
+# Part III, the client: read receipts for a thousand members ----------------
 
 
 class ThrottledReadReceipts(ReadReceipts):
@@ -2871,202 +3117,24 @@ class ThrottledReadReceipts(ReadReceipts):
         super().flush(timeout)
 
 
-# 10. main(argv) --------------------------------------------------------------
-#
-# argparse types: each turns a flag's text into a value or refuses it with a
-# sentence. argparse then prints "argument --rate: must be 0 or more, not
-# '-5'" under the command's usage and exits with status 2, its sign of a
-# mistake on the command line.
-
-
-def number(kind, rule, ok):
-    """An argparse type: an int or a float (kind) for which ok(value) holds;
-    rule says in words which values those are."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
-        return value
-    return parse
-
-
-PORT = number(int, "a port number from 0 to 65535", lambda n: 0 <= n < 65536)
-COUNT = number(int, "a whole number, 0 or more", lambda n: n >= 0)
-
-
-def checked(problem):
-    """An argparse type that refuses text for which problem(text) gives a
-    sentence: the rule the server checks, checked here first."""
-    def parse(text):
-        if why := problem(text):
-            raise argparse.ArgumentTypeError(why)
-        return text
-    return parse
-
-
-valid_id, display_name = checked(id_problem), checked(name_problem)
-
-
-def member_list(text):
-    """--members: '1,2,3' -> ['1', '2', '3'], each id once."""
-    ids = [valid_id(part.strip()) for part in text.split(",") if part.strip()]
-    if not ids:
-        raise argparse.ArgumentTypeError("give at least one id, e.g. 1,2,3")
-    return list(dict.fromkeys(ids))  # without repeats, in the order given
-
-
-def server_address(text):
-    """client --server: HOST:PORT. gRPC would take a mistake here for a
-    server that cannot be reached, and keep trying."""
-    host, _, port = text.rpartition(":")
-    if "://" in text:
-        raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
-    if not host:
-        raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
-    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(
-            f"{port!r} in {text!r} is not a port number (1 to 65535)")
-    return text
-
-
-def database(text):
-    """server --db: SQLite takes "" for a temporary file, deleted when it
-    closes, which would keep nothing without a word."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "give a file name, or :memory: to keep nothing")
-    return text
-
-
-def geometry(text):
-    """client --geometry: Tk's WxH+X+Y (or WxH, or +X+Y), in pixels."""
-    if not re.fullmatch(r"\d+x\d+([+-]-?\d+[+-]-?\d+)?|[+-]-?\d+[+-]-?\d+",
-                        text):
-        raise argparse.ArgumentTypeError(
-            f"give WxH+X+Y in pixels, e.g. 420x520+0+0, not {text!r}")
-    return text
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="chat.py",
-                                     description="A group chat over gRPC.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    server = commands.add_parser(
-        "server", help="run the chat server",
-        description="Run the chat server: one room, until Ctrl-C.",
-        epilog="A room password, if you want one, comes from the environment "
-        "variable CHAT_PASSWORD, here and on every client (a flag would show "
-        "in `ps`).")
-    server.add_argument("--host", default="127.0.0.1", metavar="H",
-                        help="address to listen on (default: %(default)s; "
-                        "0.0.0.0 serves your LAN)")
-    server.add_argument("--port", type=PORT, default=50051, metavar="P",
-                        help="port to listen on (default: %(default)s; "
-                        "0 picks a free one)")
-    server.add_argument("--members", type=member_list, metavar="ID,ID,...",
-                        help="comma-separated ids allowed to join, e.g. "
-                        "1,2,3 (default: any id)")
-    server.add_argument("--max-clients", type=COUNT, default=0, metavar="N",
-                        help="most members online at once (default: 0, "
-                        "no limit)")
-    server.add_argument("--db", default="chat.db", type=database,
-                        metavar="PATH",
-                        help="SQLite file for history and read positions "
-                        "(default: %(default)s; :memory: keeps nothing)")
-    server.add_argument("--rate", default=RATE, metavar="N",
-                        type=number(float, "0 or more", lambda n: n >= 0),
-                        help="messages a second each member may send, with "
-                        "bursts of twice that (default: %(default)s; "
-                        "0: no limit)")
-    server.add_argument("--keepalive", default=30, metavar="S",
-                        type=number(float, "more than 0", lambda n: n > 0),
-                        help="seconds of silence from a client before the "
-                        "server pings it; one that does not answer is "
-                        "dropped (default: %(default)s)")
-    server.add_argument("--plain", action="store_true",
+def thousand_member_flags(commands):
+    """Part III on the command line: used unless --plain."""
+    server, client = commands.choices["server"], commands.choices["client"]
+    server.add_argument("--plain", dest="servicer_class",
+                        action="store_const", const=ChatRoomServicer,
+                        default=ThousandMemberServicer,
                         help="run Part I of chat.py alone, without the "
                         "optimizations for a thousand members")
-    server.add_argument("--tls-cert", metavar="FILE",
-                        help="PEM certificate: serve TLS instead of "
-                        "plaintext (needs --tls-key)")
-    server.add_argument("--tls-key", metavar="FILE",
-                        help="PEM private key for --tls-cert")
-    server.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        metavar="LEVEL", help="DEBUG, INFO, WARNING or "
-                        "ERROR (default: %(default)s)")
-    server.set_defaults(func=run_server)
-    client = commands.add_parser(
-        "client", help="join the chat",
-        description="Join the chat: a window, or the terminal client.",
-        epilog="If the room has a password, give it in the environment "
-        "variable CHAT_PASSWORD.")
-    client.add_argument("--id", required=True, dest="client_id", metavar="ID",
-                        type=valid_id, help="your member id: 1 to 32 "
-                        "letters, digits, _ . or -, e.g. 1")
-    client.add_argument("--name", type=display_name,
-                        help="display name (default: the name the server "
-                        "remembers for your id, else the id)")
-    client.add_argument("--server", default="127.0.0.1:50051",
-                        metavar="HOST:PORT", type=server_address,
-                        help="HOST:PORT of the chat server "
-                        "(default: %(default)s)")
-    client.add_argument("--tls-ca", metavar="FILE",
-                        help="PEM certificate the server must present (its "
-                        "own, if self-signed, or its CA's): use TLS")
-    client.add_argument("--no-gui", action="store_true",
-                        help="use the terminal client instead of the window")
-    client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
-                        help="size and place of the window, e.g. 420x520+0+0")
     client.add_argument("--plain", dest="receipts", action="store_const",
                         const=ReadReceipts, default=ThrottledReadReceipts,
                         help="Part I only: confirm each batch of messages "
                         "at once, not every ~5 s")
-    client.set_defaults(func=run_client)
-    demo = commands.add_parser(
-        "demo", help="a throwaway server and windows for alice, bob, chad",
-        description="Start a server that keeps nothing (--db :memory:, "
-        "members 1, 2 and 3) and a window for each of alice, bob and chad. "
-        "It stops when the last window closes.")
-    demo.set_defaults(func=run_demo)
-    # argparse reports a flag it does not know with the top-level usage;
-    # main() uses the command's own parser instead, which shows its flags.
-    for command in commands.choices.values():
-        command.set_defaults(parser=command)
-    return parser
 
 
-def run_server(args):
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        args.parser.error("--tls-cert and --tls-key go together")
-    return asyncio.run(serve(args))
+EXTENSIONS.append(thousand_member_flags)
 
 
-def run_client(args):
-    if args.tls_ca:
-        check_tls_files("--tls-ca", args.tls_ca)
-    if not args.no_gui:
-        root, why_not = open_root()
-        if root is not None:
-            return run_window(args, root)
-        print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
-    # Neither a message with characters the terminal cannot show nor a line
-    # of bytes that are not UTF-8 (text_problem refuses it) may crash us.
-    if sys.stdout is not None:  # None: started with stdout closed (>&-)
-        sys.stdout.reconfigure(errors="replace")
-    stdin = sys.stdin or open(os.devnull)  # None: closed (<&-): no input
-    stdin.reconfigure(errors="surrogateescape")
-    client = TerminalClient(args.server, args.client_id, args.name or "",
-                            os.environ.get("CHAT_PASSWORD") or None,
-                            args.tls_ca, args.receipts)
-    return client.run(stdin)
+# Appendix: the demo =========================================================
 
 
 class ServerProcess:
@@ -3149,15 +3217,16 @@ def stop_demo(server, windows):
         server.stop()
 
 
-def main(argv=None):
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        return args.func(args)
-    except StartUpError as error:
-        print(f"chat: {error}", file=sys.stderr)
-        return 1
+def demo_command(commands):
+    demo = commands.add_parser(
+        "demo", help="a throwaway server and windows for alice, bob, chad",
+        description="Start a server that keeps nothing (--db :memory:, "
+        "members 1, 2 and 3) and a window for each of alice, bob and chad. "
+        "It stops when the last window closes.")
+    demo.set_defaults(func=run_demo)
+
+
+EXTENSIONS.append(demo_command)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,8 @@ class Process:
     lines so that a test can wait for one to appear."""
 
     def __init__(self, args, cwd, env=None, stdout=subprocess.PIPE,
-                 preexec_fn=None):
+                 preexec_fn=None, script=CHAT):
         self.args = args
-        script = CHAT
         if args[0] == "bench.py":  # start("bench.py", ...) runs bench.py
             script, args = BENCH, args[1:]
         self.popen = subprocess.Popen(
@@ -138,6 +137,7 @@ class ChatTestCase(unittest.TestCase):
     """Starts servers and clients in a temporary directory, ends them all."""
 
     plain = False  # True: start_server runs Part I alone (server --plain)
+    script = CHAT  # or a cut of it (CutTest)
 
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -145,7 +145,8 @@ class ChatTestCase(unittest.TestCase):
         self.db = os.path.join(self.tmp.name, "chat.db")
 
     def start(self, *args, env=None, **popen):
-        process = Process(args, self.tmp.name, env, **popen)
+        process = Process(args, self.tmp.name, env, script=self.script,
+                          **popen)
         self.addCleanup(process.stop)
         return process
 
@@ -1361,13 +1362,14 @@ class BenchTest(ChatTestCase):
     """`python bench.py` runs, and finds nothing lost (no timings)."""
 
     def test_quick_bench_is_correct(self):
-        """Against Part I (server --plain) and Part II (the default)."""
+        """Against Part I (server --plain) and Part III (the default)."""
         bench = self.start("bench.py", "--clients", "20", "--messages", "10",
-                           "--senders", "2", "--plain", "--json")
+                           "--senders", "2", "--plain", "--idle", "0",
+                           "--json")
         self.assertEqual(bench.wait(), 0)
         runs = json.loads("\n".join(bench.output()))
         self.assertEqual([run["server"] for run in runs],
-                         ["Part I", "Part II"])
+                         ["Part I", "Part III"])
         for run in runs:
             self.assertEqual(run["deliveries"], 10 * 19)
             self.assertEqual((run["lost"], run["duplicated"],
@@ -1461,7 +1463,7 @@ class BenchTest(ChatTestCase):
                 bench = self.start("bench.py", "--clients", "10",
                                    "--messages", "100", "--rate", "10",
                                    env={"TMPDIR": tmpdir})
-                line = bench.wait_for(r"^Part II: server started, pid \d+,")
+                line = bench.wait_for(r"^Part III: server started, pid \d+,")
                 pid = int(re.search(r"pid (\d+)", line)[1])
                 bench.wait_for(r"sent 1/100")
                 self.assertTrue(os.listdir(tmpdir))  # its folder, running
@@ -1493,6 +1495,85 @@ class BenchTest(ChatTestCase):
                                        stderr).group(1))
         self.assertEqual(sentences[0], sentences[1])
         self.assertIn("give HOST:PORT", sentences[0])
+
+
+def cut_before(banner, folder):
+    """chat.py up to the line that starts with banner, with the file's
+    closing `if __name__` lines and chat.proto, in folder; its path."""
+    with open(CHAT, encoding="utf-8") as file:
+        text = file.read()
+    start = text.index("\n" + banner) + 1
+    ending = text[text.index('\nif __name__ == "__main__":') + 1:]
+    cut = os.path.join(folder, "chat.py")
+    with open(cut, "w", encoding="utf-8") as file:
+        file.write(text[:start] + ending)
+    shutil.copy(os.path.join(HERE, "chat.proto"), folder)
+    return cut
+
+
+PART_II = "# Part II: the window ="
+PART_III = "# Part III: for a thousand members ="
+APPENDIX = "# Appendix: the demo ="
+
+
+class CutTest(ChatTestCase):
+    """Each part runs with none of the parts after it (issue: chat.py in
+    layers): Part I alone keeps the CS 2510 promises."""
+
+    def cut(self, banner):
+        folder = os.path.join(self.tmp.name, "cut")
+        os.mkdir(folder)
+        self.script = cut_before(banner, folder)
+
+    def test_part_one_alone_keeps_the_promises(self):
+        self.cut(PART_II)
+        server = self.start_server("--members", "1,2")
+        server.wait_for("serving with ChatRoomServicer")
+        alice = self.start_client(server, "1", "alice")
+        alice.type("hi")
+        alice.finish()
+        # No window in Part I: the client says so, and uses the terminal.
+        bob = self.start("client", "--id", "2", "--name", "bob", "--server",
+                         server.address, env={"DISPLAY": ":0"})
+        bob.wait_for(r"^chat: this chat\.py has no window .*; using the "
+                     r"terminal client$")
+        bob.wait_for("alice: hi$", stream="stdout")  # unread on join
+        self.assertEqual(bob.finish(), 0)
+        self.assertEqual(texts(alice), [])  # no echo
+        stranger = self.start_client(server, "9", "eve", expect_join=False)
+        self.assertEqual(stranger.finish(), 1)
+        self.assertRegex(stranger.output("stderr")[-1], "not a member")
+        self.assertEqual(stranger.output(), [])
+        # A restart keeps what bob has not read yet.
+        alice = self.start_client(server, "1", "alice")
+        alice.type("while you were away")
+        self.assertEqual(alice.finish(), 0)
+        server = self.restart_server(server, "--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        bob.wait_for("alice: while you were away$", stream="stdout")
+        self.assertEqual(bob.finish(), 0)
+
+    def test_part_one_alone_has_no_later_parts_flags(self):
+        self.cut(PART_II)
+        for flag in ("--plain", "--geometry"):
+            process = self.start("client", "--id", "1", flag)
+            self.assertEqual(process.wait(), 2)
+            self.assertRegex(process.output("stderr")[-1],
+                             f"unrecognized arguments: {flag}")
+        demo = self.start("demo")
+        self.assertEqual(demo.wait(), 2)
+        self.assertRegex(demo.output("stderr")[-1], "invalid choice: 'demo'")
+
+    def test_parts_one_to_three_without_the_appendix(self):
+        self.cut(APPENDIX)
+        server = self.start_server("--members", "1,2")
+        server.wait_for("serving with ThousandMemberServicer")
+        alice = self.start_client(server, "1", "alice")
+        bob = self.start_client(server, "2", "bob", "--plain")
+        alice.type("hi")
+        bob.wait_for("alice: hi$", stream="stdout")
+        self.assertEqual(alice.finish(), 0)
+        self.assertEqual(bob.finish(), 0)
 
 
 class XvfbTestCase(ChatTestCase):
@@ -1698,6 +1779,23 @@ class WindowTest(XvfbTestCase):
         self.assertEqual(window.wait(), 1)
 
 
+class CutWindowTest(XvfbTestCase):
+    """Parts I and II alone: a window joins and shows a message."""
+
+    def test_a_window_with_parts_one_and_two(self):
+        folder = os.path.join(self.tmp.name, "cut")
+        os.mkdir(folder)
+        self.script = cut_before(PART_III, folder)
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        bob.type("hi alice")
+        alice.wait_for("^tk: message bob: hi alice new$")
+        self.type_into("alice - chat", "hi bob", "Return")
+        bob.wait_for("alice: hi bob$", stream="stdout")
+
+
 class DemoTest(XvfbTestCase):
     """`python chat.py demo`: three windows; closing the last stops all."""
 
@@ -1719,8 +1817,14 @@ class DemoTest(XvfbTestCase):
 
     def test_demo_opens_three_windows_and_stops_with_the_last(self):
         demo, pids = self.start_demo()
-        for name in ("alice", "bob", "chad"):
-            self.type_into(f"{name} - chat", "ctrl+q")
+        # Found first: a search while another window closes can fail with
+        # that window's BadWindow.
+        found = [self.xdotool("search", "--sync", "--name",
+                              f"{name} - chat").split()[0]
+                 for name in ("alice", "bob", "chad")]
+        for window_id in found:
+            self.xdotool("windowfocus", "--sync", window_id)
+            self.xdotool("key", "ctrl+q")
         self.assertEqual(demo.wait(), 0)
         self.assertAllGone(pids)
 
@@ -1762,11 +1866,13 @@ class WindowViewTest(XvfbTestCase):
         self.window = chat.ChatWindow(self.root, self.server.address, "1",
                                       "alice")
         self.addCleanup(self.window.chat.close)
-        # Run Tk's event loop until the Welcome is shown (it comes in over
-        # the wake pipe), or WAIT seconds pass.
+        # Run Tk's event loop until the window is online, after the Welcome
+        # and the replay (they come in over the wake pipe), or WAIT seconds
+        # pass.
         expired = []
         timer = self.root.after(WAIT * 1000, expired.append, True)
-        while not (self.window.joined or expired):
+        while not (self.window.connection.startswith("Connected as")
+                   or expired):
             self.root.tk.dooneevent()
         self.root.after_cancel(timer)
         self.assertTrue(self.window.joined, "no Welcome")
@@ -2038,7 +2144,7 @@ class CommandLineTest(unittest.TestCase):
             readme = f.read().split("## Command line", 1)[1]
         flag = r"(--[a-z-]+)(?: ([^\]\s-][^\]\s]*))?"
         for command in ("server", "client"):
-            synopsis = re.search(rf"^python chat.py {command} [[-].*?\n(?! )",
+            synopsis = re.search(rf"^python chat.py {command} [\[-].*?\n(?! )",
                                  readme, re.S | re.M).group()
             usage = help_of(command).split("\n\n")[0]
             self.assertEqual(set(re.findall(flag, synopsis)),
