@@ -855,8 +855,10 @@ def server_options(keepalive):
     ours ping every 20 s (section 7), so with a --keepalive over 20 s (30 by
     default) it pings only vanished ones. A ping unanswered within
     ping_timeout_ms closes the connection and its Join. keepalive_timeout_ms
-    alone drops no silent peer: it becomes the socket's TCP_USER_TIMEOUT,
-    which closes a connection whose sent bytes stay unacknowledged so long.
+    becomes the socket's TCP_USER_TIMEOUT (its own timer is never armed in
+    grpcio 1.85): it drops a client whose network vanished, as the ping's
+    bytes stay unacknowledged, but not one whose TCP still answers while
+    its gRPC is silent (a hung process, a proxy); ping_timeout_ms drops both.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
