@@ -14,8 +14,7 @@ The path of alice's "hi", hop by hop, with each hop's section:
   alice   TerminalClient._read           the typed line goes to an outbox  8
           TerminalClient._send_messages  one message at a time             8
           ChatClient.send                a blocking unary call: Send ----> 7
-  server  parsed_as                      the request parsed, or refused    6
-          ChatRoomServicer.Send          checks; then                      5
+  server  ChatRoomServicer.Send          checks; then                      5
           Store.append                   committed: "hi" is seq 7          3
           Hub.publish                    into each online member's queue;  4
                                          bob is offline: he has none
@@ -30,10 +29,12 @@ The path of alice's "hi", hop by hop, with each hop's section:
 
 Had bob been online, Hub.publish would have put "hi" in his Session's
 queue, and his Join's live loop would have written it out. That is Part
-I's path (`--plain`); by default Part III changes three hops: RoundsHub
-hands "hi" out at its next round, ThrottledReadReceipts sends the MarkRead
-2.5 to 7.5 s later, and BatchedReadsStore saves bob's read position within
-a second.
+I's path; by default Part III changes four hops: SerializedOnce parses
+alice's request itself (parsed_as) and queues "hi" as bytes, serialized
+once for everyone, RoundsHub hands it out at its next round,
+ThrottledReadReceipts sends the MarkRead 2.5 to 7.5 s later, and
+BatchedReadsStore saves bob's read position within a second. (`--plain`
+runs Part I's classes, with SerializedOnce.)
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -87,7 +88,7 @@ Where each gRPC lesson is taught:
     cancellation                       ChatRoomServicer.Join; ChatClient.close
     TLS                                tls_credentials; open_channel
     Tk and threads                     section 10's top; ChatWindow._post
-    serializing once, raw bytes        section 4's top; chat_room_handlers
+    serializing once, raw bytes        SerializedOnce; chat_room_handlers
     batching writes (Part III)          CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
@@ -138,7 +139,7 @@ log = logging.getLogger("chat")
 # Every section in its plainest correct form. Code that is here only because
 # a promise needs it against careless or hostile clients says "Hardening":
 # the room password, flood control (TokenBucket), the queue limit
-# (_too_slow), requests that do not parse and TLS (section 6), keepalive.
+# (_too_slow), TLS (section 6) and keepalive.
 
 
 # 1. The vocabulary ----------------------------------------------------------
@@ -412,11 +413,10 @@ class Store:
 # 5). The hub only does put_nowait(): it never waits; a full queue means that
 # member is too far behind. All of it runs on the loop's thread: no locks.
 #
-# Events reach the hub already serialized (_fan_out, _announce), once, and
-# every queue gets the same bytes: one SerializeToString() per message, not
-# one per member. Join has no response serializer (section 6), so gRPC sends
-# these bytes as they are. alice's "hi": Send publishes it; if bob is
-# online, it lands in his queue at once, and his Join handler writes it out.
+# Every queue gets the same pb.Event object (_fan_out, _announce), which
+# gRPC serializes at each member's write. alice's "hi": Send publishes it;
+# if bob is online, it lands in his queue at once, and his Join handler
+# writes it out.
 
 
 class Session:
@@ -450,7 +450,7 @@ class Session:
 
 
 class Hub:
-    """Who is online, and fan-out of serialized events to their queues."""
+    """Who is online, and fan-out of events to their queues."""
 
     def __init__(self, too_slow):
         self.online = {}      # member id -> Session
@@ -527,8 +527,10 @@ def to_message(stored):
     return message
 
 
-class ChatRoomServicer:
-    """The chat room's RPCs. Runs on the event loop; owns the store and hub.
+class ChatRoomServicer(services.ChatRoomServicer):
+    """The chat room's RPCs: the generated base class's methods, which
+    answer UNIMPLEMENTED until overridden. Runs on the event loop; owns the
+    store and hub.
     Part III swaps in a faster store, hub and sessions through the class
     attributes, as socketserver's servers take their RequestHandlerClass."""
 
@@ -564,7 +566,7 @@ class ChatRoomServicer:
         # (With `yield`, it is raised inside grpc's loop around the
         # generator, and the client gets no status at all.)
         try:
-            await context.write(welcome.SerializeToString())
+            await context.write(self.wire(welcome))
             # The frame, and every local, lives as long as the stream: 1,000
             # streams would keep 1,000 Welcomes, each listing the whole group
             # (about 50 MB at 1,000 members).
@@ -672,11 +674,10 @@ class ChatRoomServicer:
         """Write the messages in (start, head], then CaughtUp."""
         while batch := self.store.messages_for(
                 start, head, self.REPLAY_BATCH, skip_sender):
-            await context.write(pb.Event(messages=[
-                to_message(stored) for stored in batch]).SerializeToString())
+            await context.write(self.wire(pb.Event(messages=[
+                to_message(stored) for stored in batch])))
             start = batch[-1].seq
-        await context.write(
-            pb.Event(caught_up=pb.CaughtUp()).SerializeToString())
+        await context.write(self.wire(pb.Event(caught_up=pb.CaughtUp())))
 
     async def Send(self, request, context):
         """Store one message, fan it out, and answer with its seq."""
@@ -781,13 +782,24 @@ class ChatRoomServicer:
         """Tell everyone else online that session's member came or went."""
         member = pb.Member(id=session.client_id, name=session.name,
                            online=online)
-        self.hub.publish(pb.Event(presence=[member]).SerializeToString(),
+        self.hub.publish(self.wire(pb.Event(presence=[member])),
                          skip={session.client_id})
 
     def _fan_out(self, stored):
-        """Hand a new message to everyone online but its sender."""
+        """Hand a new message to everyone online but its sender: the same
+        pb.Event object goes into every queue."""
         event = pb.Event(messages=[to_message(stored)])
-        self.hub.publish(event.SerializeToString(), skip={stored.sender_id})
+        self.hub.publish(self.wire(event), skip={stored.sender_id})
+
+    def wire(self, event):
+        """What Join writes, and the hub queues, for an Event: the Event,
+        which gRPC serializes for each write. (Part III's SerializedOnce
+        hands out its bytes instead.)"""
+        return event
+
+    def add_to(self, server):
+        """Register our RPCs with server, as every gRPC example does."""
+        services.add_ChatRoomServicer_to_server(self, server)
 
     def _too_slow(self, session):
         """Hardening: a member whose queue is full (QUEUE_LIMIT) goes now,
@@ -879,50 +891,6 @@ def server_options(keepalive):
         # between the two rooms. Off, the second one's bind fails.
         ("grpc.so_reuseport", 0),
     ]
-
-
-def chat_room_handlers(servicer):
-    """Our RPCs as gRPC method handlers, by method name: what the generated
-    services.add_ChatRoomServicer_to_server() registers, written out by
-    hand for two changes:
-      * Join has no response serializer: each event is serialized once,
-        before the hub (section 4), and gRPC sends those bytes as they are.
-      * Hardening: no request deserializers; each method parses its raw
-        bytes itself (parsed_as). For bytes that do not parse (say, a
-        string that is not UTF-8) gRPC's own would log a traceback and
-        answer UNKNOWN; we answer INVALID_ARGUMENT, with a sentence.
-    """
-    return {
-        "Join": grpc.unary_stream_rpc_method_handler(
-            parsed_as(pb.JoinRequest, servicer.Join)),
-        "Send": grpc.unary_unary_rpc_method_handler(
-            parsed_as(pb.SendRequest, servicer.Send),
-            response_serializer=pb.SendReply.SerializeToString),
-        "MarkRead": grpc.unary_unary_rpc_method_handler(
-            parsed_as(pb.MarkReadRequest, servicer.MarkRead),
-            response_serializer=pb.MarkReadReply.SerializeToString),
-        "ListMembers": grpc.unary_unary_rpc_method_handler(
-            parsed_as(pb.ListMembersRequest, servicer.ListMembers),
-            response_serializer=pb.ListMembersReply.SerializeToString),
-    }
-
-
-def parsed_as(request_class, method):
-    """Wrap an RPC method so that it receives raw bytes, parses them as
-    request_class, and refuses bytes that do not parse. (alice's Send of
-    "hi" arrives here as bytes, and reaches ChatRoomServicer.Send parsed.)"""
-    async def handler(raw, context):
-        try:
-            request = request_class.FromString(raw)
-        except DecodeError as error:
-            log.info("refused %s: not a valid %s (%s)", context.peer(),
-                     request_class.DESCRIPTOR.name, error)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {request_class.DESCRIPTOR.name}"
-                f" ({str(error).rsplit(': ', 1)[-1]}).")
-        return await method(request, context)
-    return handler
 
 
 class StartUpError(Exception):
@@ -1067,11 +1035,7 @@ async def serve(args):
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
-    # Registered methods (the generated code adds them as generic ones too):
-    # grpc.aio keeps a new-call request pending for each (and one for all
-    # generic ones), so a Send does not queue behind MarkReads to get in.
-    server.add_registered_method_handlers("chat.ChatRoom",
-                                          chat_room_handlers(servicer))
+    servicer.add_to(server)
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)  # tests wait for it
     # The full path: chat.db is relative, and another folder is another room.
@@ -3041,7 +3005,76 @@ class BatchedPresence:
                 self.hub.publish(b"".join(parts[seen:]), only=session)
 
 
-class ThousandMemberServicer(BatchedPresence, ChatRoomServicer):
+def chat_room_handlers(servicer):
+    """Our RPCs as gRPC method handlers, by method name: what the generated
+    services.add_ChatRoomServicer_to_server() registers, written out by
+    hand for two changes:
+      * Join has no response serializer: each event is serialized once,
+        before the hub (SerializedOnce.wire), and gRPC sends those bytes as
+        they are.
+      * Hardening: no request deserializers; each method parses its raw
+        bytes itself (parsed_as). For bytes that do not parse (say, a
+        string that is not UTF-8) gRPC's own would log a traceback and
+        answer UNKNOWN; we answer INVALID_ARGUMENT, with a sentence.
+    """
+    return {
+        "Join": grpc.unary_stream_rpc_method_handler(
+            parsed_as(pb.JoinRequest, servicer.Join)),
+        "Send": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.SendRequest, servicer.Send),
+            response_serializer=pb.SendReply.SerializeToString),
+        "MarkRead": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.MarkReadRequest, servicer.MarkRead),
+            response_serializer=pb.MarkReadReply.SerializeToString),
+        "ListMembers": grpc.unary_unary_rpc_method_handler(
+            parsed_as(pb.ListMembersRequest, servicer.ListMembers),
+            response_serializer=pb.ListMembersReply.SerializeToString),
+    }
+
+
+def parsed_as(request_class, method):
+    """Wrap an RPC method so that it receives raw bytes, parses them as
+    request_class, and refuses bytes that do not parse. (alice's Send of
+    "hi" arrives here as bytes, and reaches ChatRoomServicer.Send parsed.)"""
+    async def handler(raw, context):
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError as error:
+            log.info("refused %s: not a valid %s (%s)", context.peer(),
+                     request_class.DESCRIPTOR.name, error)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request_class.DESCRIPTOR.name}"
+                f" ({str(error).rsplit(': ', 1)[-1]}).")
+        return await method(request, context)
+    return handler
+
+
+class SerializedOnce:
+    """A mixin for ChatRoomServicer. Buys one SerializeToString() per event
+    instead of one per member and write, and the byte-joining that
+    CoalescingSession does (README, Performance); costs hand-written method
+    handlers. Hardening too: requests that do not parse get
+    INVALID_ARGUMENT and a sentence (parsed_as)."""
+
+    def wire(self, event):
+        return event.SerializeToString()
+
+    def add_to(self, server):
+        # Registered methods, as the generated code also adds them: grpc.aio
+        # keeps a new-call request pending for each (and one for all
+        # generic ones), so a Send does not queue behind MarkReads to get in.
+        server.add_registered_method_handlers("chat.ChatRoom",
+                                              chat_room_handlers(self))
+
+
+class PlainServicer(SerializedOnce, ChatRoomServicer):
+    """`server --plain`: Part I's servicer, with SerializedOnce's hardening
+    (and its serializing once, so that bench.py compares like with like)."""
+
+
+class ThousandMemberServicer(BatchedPresence, SerializedOnce,
+                             ChatRoomServicer):
     """Part I's servicer with all of Part III: what `server` runs.
 
     It also runs Python's cyclic garbage collector less often, which takes
@@ -3123,7 +3156,7 @@ def thousand_member_flags(commands):
     """Part III on the command line: used unless --plain."""
     server, client = commands.choices["server"], commands.choices["client"]
     server.add_argument("--plain", dest="servicer_class",
-                        action="store_const", const=ChatRoomServicer,
+                        action="store_const", const=PlainServicer,
                         default=ThousandMemberServicer,
                         help="run Part I of chat.py alone, without the "
                         "optimizations for a thousand members")
