@@ -9,7 +9,7 @@ times every delivery from the Send to its arrival at each member.
 grpc.aio fan-out server with no storage and no checks (BaselineServicer
 below), so every figure also shows as a ratio to what Python gRPC does with
 no work at all. --plain runs it against `python chat.py server --plain` too:
-chat.py's Part I alone, without the Part III machinery for a thousand
+chat.py's Part I classes, without the Part III machinery for a thousand
 members. The runs go baseline, Part I, Part III, and show side by side.
 
 The load generator is one grpc.aio process: N channels on one event loop.
@@ -712,7 +712,7 @@ def build_parser():
                         "server, first, and show ratios to it")
     parser.add_argument("--plain", action="store_true",
                         help="also run it against `chat.py server --plain` "
-                        "(Part I alone), before the default server")
+                        "(Part I's classes), before the default server")
     parser.add_argument("--idle", type=chat.number(float, "0 or more",
                                                    lambda n: n >= 0),
                         default=5, metavar="S",

@@ -89,7 +89,7 @@ Where each gRPC lesson is taught:
     TLS                                tls_credentials; open_channel
     Tk and threads                     section 10's top; ChatWindow._post
     serializing once, raw bytes        SerializedOnce; chat_room_handlers
-    batching writes (Part III)          CoalescingSession, RoundsHub
+    batching writes (Part III)         CoalescingSession, RoundsHub
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of streams. The client uses grpc's threaded API (blocking calls,
@@ -1725,7 +1725,8 @@ class TerminalClient:
         tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
-            if tty and len(line.encode(errors="surrogateescape")) >= self.TTY_LINE:
+            size = len(line.encode(errors="surrogateescape"))
+            if tty and size >= self.TTY_LINE:
                 self.say(f"not sent: {quoted(line)}: the terminal cut this "
                          f"line at {self.TTY_LINE:,} bytes (the limit is "
                          f"{MAX_TEXT_CHARS:,} characters).")
@@ -2075,7 +2076,6 @@ def main(argv=None):
         return 1
 
 
-
 # Part II: the window ========================================================
 #
 # A Tk client for `client` (without --no-gui), added through Part I's one
@@ -2398,9 +2398,10 @@ class ChatWindow:
             try:
                 self._post(self._sent, tag, self.chat.send(text))
             except Refused as refused:
-                if not self.chat.refusal:  # else the session is over, and
-                    self._post(self._failed, tag, refused.details)  # see
-                # run_window, which counts what is still unsent
+                # Once the session is over, the message stays unsent, and
+                # run_window counts it with the rest.
+                if not self.chat.refusal:
+                    self._post(self._failed, tag, refused.details)
 
     def _sent(self, tag, reply):
         """Stored: show the time the server gave it, which everyone sees."""
@@ -3069,8 +3070,9 @@ class SerializedOnce:
 
 
 class PlainServicer(SerializedOnce, ChatRoomServicer):
-    """`server --plain`: Part I's servicer, with SerializedOnce's hardening
-    (and its serializing once, so that bench.py compares like with like)."""
+    """`server --plain`: Part I's servicer, store, hub and sessions, with
+    SerializedOnce, so that a request that does not parse gets
+    INVALID_ARGUMENT there as well."""
 
 
 class ThousandMemberServicer(BatchedPresence, SerializedOnce,
@@ -3094,8 +3096,6 @@ class ThousandMemberServicer(BatchedPresence, SerializedOnce,
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         gc.set_threshold(self.GC_THRESHOLD, 10, 10)
-
-
 
 
 # Part III, the client: read receipts for a thousand members ----------------
@@ -3158,8 +3158,9 @@ def thousand_member_flags(commands):
     server.add_argument("--plain", dest="servicer_class",
                         action="store_const", const=PlainServicer,
                         default=ThousandMemberServicer,
-                        help="run Part I of chat.py alone, without the "
-                        "optimizations for a thousand members")
+                        help="run Part I's classes (parsing requests as "
+                        "SerializedOnce does), without the optimizations for "
+                        "a thousand members")
     client.add_argument("--plain", dest="receipts", action="store_const",
                         const=ReadReceipts, default=ThrottledReadReceipts,
                         help="Part I only: confirm each batch of messages "
