@@ -33,9 +33,9 @@ import traceback
 import uuid
 
 import chat  # sets GRPC_VERBOSITY before grpc is imported
-from chat import (RETRY, Refused, ServerProcess, ThrottledReadReceipts,
-                  join_refusal, listen, password_metadata, pb, retry_delays,
-                  server_options, services, until_stopped)
+from chat import (RETRY, Diagnose, Refused, ServerProcess,
+                  ThrottledReadReceipts, listen, password_metadata, pb,
+                  retry_delays, server_options, services, until_stopped)
 
 import grpc  # noqa: E402  (after chat, see above)
 
@@ -83,7 +83,7 @@ class BaselineServicer:
 async def serve_baseline(args):
     server = grpc.aio.server(options=server_options(30))
     services.add_ChatRoomServicer_to_server(BaselineServicer(), server)
-    port = listen(server, args.host, args.port)
+    port = listen(server, args.host, args.port, None, Diagnose())
     await server.start()
     print(f"listening on {args.host}:{port}", flush=True)
     await until_stopped()
@@ -424,8 +424,8 @@ class Bench:
             why = error.details() if error else "the server ended it"
             return f"member {self.ids[index]} lost its stream: {why}"
         if error.code() == grpc.StatusCode.UNAVAILABLE:
-            return join_refusal(Refused(error.code(), error.details()),
-                                self.target)
+            return Diagnose().join(Refused(error.code(), error.details()),
+                                   self.target)
         return (f"the server refused member {self.ids[index]}: "
                 f"{error.details()}")
 

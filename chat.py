@@ -9,32 +9,42 @@ where the message passes in each section, in the tests and in README:
     yet. alice does not get her own "hi" back. A stranger (id 9) is refused
     and gets nothing.
 
-The path of alice's "hi", hop by hop, with each hop's section:
+The path of alice's "hi", hop by hop, with the section (§) of each. With
+CHAT_TRACE=1 set, every process prints a line at each hop, naming its
+thread (README, "Watch a message travel"); test_chat.py checks that the
+lines come in this order. "(III)" marks the hops of the default server and
+client, which use Part III; with --plain, Part I's take their place.
 
-  alice   TerminalClient._read           the typed line goes to an outbox  8
-          TerminalClient._send_messages  one message at a time             8
-          ChatClient.send                a blocking unary call: Send ----> 7
-  server  ChatRoomServicer.Send          checks; then                      5
-          Store.append                   committed: "hi" is seq 7          3
-          Hub.publish                    into each online member's queue;  4
-                                         bob is offline: he has none
-          SendReply(seq=7) <---- returns from alice's ChatClient.send      7
-  bob     ChatClient._join               comes online: Join -------------> 7
-  server  ChatRoomServicer.Join          _admit, _go_online, then _replay  5
-                                         writes "hi" and CaughtUp
-  bob     ChatClient._read               the receive thread gets "hi"      7
-          TerminalClient.on_event        prints "[14:02:07] alice: hi"     8
-          ReadReceipts.received          MarkRead(up_to_seq=7) ----------> 7
-  server  ChatRoomServicer.MarkRead      Store.mark_read: 7 is read now    5
-
-Had bob been online, Hub.publish would have put "hi" in his Session's
-queue, and his Join's live loop would have written it out. That is Part
-I's path; by default Part III changes four hops: SerializedOnce parses
-alice's request itself (parsed_as) and queues "hi" as bytes, serialized
-once for everyone, RoundsHub hands it out at its next round,
-ThrottledReadReceipts sends the MarkRead 2.5 to 7.5 s later, and
-BatchedReadsStore saves bob's read position within a second. (`--plain`
-runs Part I's classes, with SerializedOnce.)
+  alice   TerminalClient.queue_message  §8   the stdin thread (_read) puts
+                                             the typed line in the outbox
+          TerminalClient._send_messages §8   the main thread takes it out
+          ChatClient.send               §7   a blocking unary call: Send -->
+  server  ChatRoomServicer.Send         §5   checks it (parsed_as first, III)
+          Store.append                  §3   commits it: "hi" is seq 7
+          ChatRoomServicer._fan_out     §5   one pb.Event for all but alice
+          SerializedOnce.wire           §11  (III) serialized once, for all
+          Hub.publish                   §4   into each online member's queue
+          RoundsHub.publish             §11  (III) the same, in the loop's
+          RoundsHub._round              §11  next round
+  alice   ChatClient.send               §7   <-- returns SendReply(seq=7)
+  bob was offline: later his ChatClient._receive thread calls _join, Join -->
+  server  ChatRoomServicer._replay      §5   after _admit and _go_online,
+          SerializedOnce.wire           §11  his Join writes "hi" (III: bytes)
+  or bob was online: "hi" went into his Session's queue, and
+          CoalescingSession.next_write  §11  (III) takes all that waits there
+          ChatRoomServicer.Join         §5   his Join's live loop writes it
+  bob     ChatClient._read              §7   his receive thread gets it
+          ChatClient._take              §7   keeps what is new for the UI
+          TerminalClient.on_event       §8   prints format_message's
+                                             "[14:02:07] alice: hi"
+          ReadReceipts._start           §7   MarkRead(up_to_seq=7) -->: at
+                                             once, or 2.5 to 7.5 s later
+                                             (III: ThrottledReadReceipts)
+  server  ChatRoomServicer.MarkRead     §5
+          Store.mark_read               §3   7 is read now (III: saved
+                                             within a second, as
+                                             BatchedReadsStore.save_reads
+                                             saves them together)
 
 The sections are in bottom-up order, not in the order of the path: the
 server from its storage outwards (3 to 6), then the client from the network
@@ -65,11 +75,15 @@ Part II, the window:
 Part III, for a thousand members (used unless `server --plain` or `client
 --plain`): each measured optimization as a small subclass or mixin of a
 Part I class, as socketserver's ThreadingMixIn changes its server:
-CoalescingSession, RoundsHub, BatchedReadsStore, BatchedPresence and
-ThousandMemberServicer (which also collects garbage less often) for the
-server, then ThrottledReadReceipts for the client.
 
-Appendix: the demo (`python chat.py demo`).
+   11. Serving a thousand members   CoalescingSession, RoundsHub,
+                                    BatchedReadsStore, BatchedPresence,
+                                    SerializedOnce, ThousandMemberServicer
+   12. Read receipts for a thousand members   ThrottledReadReceipts
+
+Appendix: Diagnose, which finds the cause of a start-up or connection
+mistake where Part I gives gRPC's own words (Explain), and the demo
+(`python chat.py demo`).
 
 Where each gRPC lesson is taught:
 
@@ -235,6 +249,39 @@ def text_problem(text):
     return None
 
 
+# Watching a message travel (README): with CHAT_TRACE=1 in its environment,
+# a process prints one line to stderr at each hop of a message that the
+# header's map lists, naming the thread it runs on:
+#   trace: server ChatRoomServicer.Send text='hi' thread=MainThread (event loop)
+TRACE = os.environ.get("CHAT_TRACE") == "1"
+
+
+def trace(side, hop, event=None, **details):
+    """Print a hop of a message: side is "server" or "client", hop the
+    function; event (a pb.Event or its bytes) gives the seqs of its
+    messages, and without messages nothing is printed."""
+    if not TRACE:
+        return
+    if event is not None:
+        if isinstance(event, bytes):
+            event = pb.Event.FromString(event)
+        if not event.messages:
+            return  # presence, CaughtUp: not a message's hop
+        first, last = event.messages[0].seq, event.messages[-1].seq
+        details = {"seq": first if first == last else f"{first}-{last}",
+                   **details}
+    thread = threading.current_thread().name
+    try:
+        asyncio.get_running_loop()
+        thread += " (event loop)"
+    except RuntimeError:
+        pass  # no event loop runs on this thread
+    print("trace:", side, hop, *(f"{key}={value!r}" if key == "text"
+                                 else f"{key}={value}"
+                                 for key, value in details.items()),
+          f"thread={thread}", file=sys.stderr, flush=True)
+
+
 # 3. The store ---------------------------------------------------------------
 #
 # Everything that must survive a restart lives in one SQLite file:
@@ -351,6 +398,7 @@ class Store:
             if self.read_seq(sender_id) == self.last_seq:
                 self.save_read(sender_id, seq)
         self.last_seq = seq
+        trace("server", "Store.append", seq=seq)
         return Stored(seq, sender_id, sender_name, text, sent_at_us), True
 
     def read_seq(self, client_id):
@@ -372,6 +420,7 @@ class Store:
         position = self.last_seq if from_others is None else from_others - 1
         if position != before:
             self.save_read(client_id, position)
+        trace("server", "Store.mark_read", seq=position)
         return position
 
     def save_read(self, client_id, position):
@@ -473,7 +522,9 @@ class Hub:
     def publish(self, data, skip=(), only=None):
         """Queue data for every member online, except the ids in skip; or,
         given only, for that one session, if it is still online."""
-        self.deliver(data, self.recipients(skip, only))
+        sessions = self.recipients(skip, only)
+        trace("server", "Hub.publish", data, to=len(sessions))
+        self.deliver(data, sessions)
 
     def recipients(self, skip=(), only=None):
         if only is not None:
@@ -567,13 +618,14 @@ class ChatRoomServicer(services.ChatRoomServicer):
         # generator, and the client gets no status at all.)
         try:
             await context.write(self.wire(welcome))
-            # The frame, and every local, lives as long as the stream: 1,000
-            # streams would keep 1,000 Welcomes, each listing the whole group
-            # (about 50 MB at 1,000 members).
+            # Every local lives as long as the stream; the Welcome, which
+            # lists the whole group, need not.
             del welcome
             await self._replay(context, *replay)
             while True:  # live: bob's "hi" goes out here if he was online
-                await context.write(await session.next_write())
+                data = await session.next_write()
+                trace("server", "ChatRoomServicer.Join", data)
+                await context.write(data)
         except asyncio.CancelledError:
             # On the server, a cancel means the client left (cancelled,
             # closed its channel, or lost its connection), server.stop() ran
@@ -674,13 +726,15 @@ class ChatRoomServicer(services.ChatRoomServicer):
         """Write the messages in (start, head], then CaughtUp."""
         while batch := self.store.messages_for(
                 start, head, self.REPLAY_BATCH, skip_sender):
-            await context.write(self.wire(pb.Event(messages=[
-                to_message(stored) for stored in batch])))
+            event = pb.Event(messages=[to_message(stored) for stored in batch])
+            trace("server", "ChatRoomServicer._replay", event)
+            await context.write(self.wire(event))
             start = batch[-1].seq
         await context.write(self.wire(pb.Event(caught_up=pb.CaughtUp())))
 
     async def Send(self, request, context):
         """Store one message, fan it out, and answer with its seq."""
+        trace("server", "ChatRoomServicer.Send", text=request.text)
         client_id = request.client_id
         await self._check_member(context, client_id)
         if problem := text_problem(request.text):
@@ -708,6 +762,7 @@ class ChatRoomServicer(services.ChatRoomServicer):
 
     async def MarkRead(self, request, context):
         """Record that the member's client has received up to a seq."""
+        trace("server", "ChatRoomServicer.MarkRead", seq=request.up_to_seq)
         await self._check_member(context, request.client_id)
         await self._check_seq(context, request.up_to_seq)
         if not self._ours(request.history_id):
@@ -789,6 +844,7 @@ class ChatRoomServicer(services.ChatRoomServicer):
         """Hand a new message to everyone online but its sender: the same
         pb.Event object goes into every queue."""
         event = pb.Event(messages=[to_message(stored)])
+        trace("server", "ChatRoomServicer._fan_out", event)
         self.hub.publish(self.wire(event), skip={stored.sender_id})
 
     def wire(self, event):
@@ -898,41 +954,51 @@ class StartUpError(Exception):
     message is one sentence. main() prints it and exits with status 1."""
 
 
-def check_tls_files(cert_flag, cert, key=None):
-    """Raise StartUpError, naming the flag, unless cert is a PEM certificate
-    and key, if given, its private key. (Given a bad file, gRPC says only
-    "Failed to bind to address", or fails every connection; Python's ssl
-    module says what is wrong.)"""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+class Explain:
+    """The sentences for mistakes at start-up and on joining, in the words
+    that gRPC, SQLite and the OS give: true, if often vague ("Failed to
+    bind to address"). Both commands take theirs as args.explain (section
+    9); the Appendix's Diagnose overrides each method to find the cause."""
+
+    def bind(self, host, port):
+        """Why the server could not listen on host:port."""
+        return (f"cannot listen on {host}:{port}: gRPC says only \"Failed to "
+                "bind to address\" (GRPC_VERBOSITY=error shows its reason).")
+
+    def database(self, path, error):
+        """Why SQLite could not open --db path; it raised error."""
+        return f"cannot open --db {path} ({error})."
+
+    def check_tls_files(self, flag, cert, key=None):
+        """Raise StartUpError if the PEM files given with flag (and
+        --tls-key) will not do. Here, nothing: read_pem says if one cannot
+        be read, and gRPC finds the rest when it uses them."""
+
+    def join(self, refused, target, tls_ca=None):
+        """Why the first Join failed (a Refused, section 7)."""
+        if refused.code in (grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED):
+            return f"cannot reach the server at {target}: {refused.details}"
+        return f"the server refused to let you join: {refused.details}"
+
+
+def read_pem(flag, path):
+    """The bytes of the file that flag names."""
     try:
-        context.load_verify_locations(cert)
-    except ssl.SSLError:
-        raise StartUpError(f"{cert_flag} {cert} is not a PEM certificate.")
+        with open(path, "rb") as pem:
+            return pem.read()
     except OSError as error:
-        raise StartUpError(f"cannot read {cert_flag} {cert} "
-                           f"({error.strerror}).")
-    if key is None:
-        return
-    try:
-        context.load_cert_chain(cert, key, password=b"")  # never prompts
-    except ssl.SSLError as error:
-        if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
-            raise StartUpError(f"--tls-key {key} is not the private key of "
-                               f"--tls-cert {cert}.")
-        raise StartUpError(f"--tls-key {key} is not a PEM private key "
-                           "without a passphrase.")
-    except OSError as error:
-        raise StartUpError(f"cannot read --tls-key {key} ({error.strerror}).")
+        raise StartUpError(f"cannot read {flag} {path} ({error.strerror}).")
 
 
 def tls_credentials(args):
     """Hardening: the server's certificate and private key, for TLS."""
-    check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
-    with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+    args.explain.check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
+    return grpc.ssl_server_credentials([(read_pem("--tls-key", args.tls_key),
+                                         read_pem("--tls-cert", args.tls_cert))])
 
 
-def listen(server, host, port, credentials=None):
+def listen(server, host, port, credentials, explain):
     """Make server listen on host:port, with TLS if credentials are given.
     Returns the port: the one the OS picked, for port 0."""
     address = f"{host}:{port}"
@@ -941,67 +1007,7 @@ def listen(server, host, port, credentials=None):
             return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
     except RuntimeError:  # "Failed to bind to address", and no reason
-        raise StartUpError(bind_problem(host, port))
-
-
-def bind_problem(host, port):
-    """Why host:port cannot be listened on, in a sentence: found by trying
-    the same bind with a plain socket, which reports the OS's errno."""
-    if ":" in host and not host.startswith("["):
-        return f"--host {host}: put an IPv6 address in brackets, [{host}]."
-    try:
-        addresses = socket.getaddrinfo(host.strip("[]"), port,
-                                       type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return f"--host {host}: no such name or address."
-    for family, kind, protocol, _, address in addresses:
-        error = bind_error(family, kind, protocol, address)
-        if error is None:
-            continue
-        if error.errno == errno.EADDRINUSE:
-            return (f"port {port} is already in use; stop what listens "
-                    "there, or choose another --port.")
-        if error.errno == errno.EADDRNOTAVAIL:
-            return (f"--host {host} is not an address of this machine; "
-                    "0.0.0.0 means all of them.")
-        return f"cannot listen on {host}:{port} ({error.strerror})."
-    return (f"cannot listen on {host}:{port}; GRPC_VERBOSITY=error shows "
-            "gRPC's reason.")
-
-
-def bind_error(family, kind, protocol, address):
-    """The OSError of binding a plain socket to address, or None."""
-    with socket.socket(family, kind, protocol) as probe:
-        # Like gRPC's: a connection of the last server on this port that is
-        # still closing (TIME_WAIT) does not count as in use.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            return error
-    return None
-
-
-def db_problem(path, error):
-    """Why SQLite could not open --db path (it raised error), in a sentence."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if "locked" in str(error):
-        return (f"--db {path} is in use by another chat server; stop it "
-                "first, or use another --db.")
-    if os.path.isdir(path):
-        return (f"--db {path} is a folder; name a file in it, e.g. "
-                f"{os.path.join(path, 'chat.db')}.")
-    if not os.path.isdir(folder):
-        return f"--db {path}: there is no folder {folder}."
-    if "not a database" in str(error):
-        return (f"--db {path} is not an SQLite database; name a new file or "
-                "one a chat server made.")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"--db {path} is read-only; the server must write to it."
-    if not os.access(folder, os.W_OK):
-        return (f"--db {path}: the folder {folder} is not writable (SQLite "
-                "keeps a journal file next to the database).")
-    return f"cannot open --db {path} ({error})."
+        raise StartUpError(explain.bind(host, port))
 
 
 async def until_stopped():
@@ -1025,13 +1031,14 @@ async def serve(args):
     raises StartUpError if it cannot start."""
     credentials = tls_credentials(args) if args.tls_cert else None
     server = grpc.aio.server(options=server_options(args.keepalive))
-    port = listen(server, args.host, args.port, credentials)
+    port = listen(server, args.host, args.port, credentials,
+                  args.explain)
     # Part I's classes, or Part III's subclasses (thousand_member_flags).
     servicer_class = args.servicer_class
     try:
         store = servicer_class.store_class(args.db)
     except sqlite3.Error as error:
-        raise StartUpError(db_problem(args.db, error))
+        raise StartUpError(args.explain.database(args.db, error))
     servicer = servicer_class(store, args.members, args.max_clients,
                               os.environ.get("CHAT_PASSWORD") or None,
                               args.rate)
@@ -1093,10 +1100,9 @@ async def shut_down(server, servicer):
 # UI's). Both wait in slices (the receive thread 0.1 s, the spin thread
 # 0.2 s), so even an idle client wakes at least 15 times a second in grpcio.
 
-# Keepalive, the client's side (server_options() in section 6 explains the
-# rest): ping every 20 s, even while the chat is quiet, so that a server
-# that vanished without a word (no FIN, no RST) is noticed within about
-# 30 s: 20 s, plus 10 s for the answer.
+# Keepalive, the client's side (server_options() in section 6 explains both
+# sides): ping every 20 s, even while the chat is quiet, so that a server
+# that vanished without a word is noticed within about 30 s.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.http2.ping_timeout_ms", 10_000),  # the deadline for the answer
@@ -1113,6 +1119,14 @@ CLIENT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
+# wait_for_ready, three ways. Without it a call fails at once (UNAVAILABLE)
+# while the channel cannot connect; with it the call waits for the channel.
+#   Send          waits, with a deadline (SEND_TIMEOUT) per attempt: it rides
+#                 out a reconnect, but never hangs without an answer.
+#   the first Join  does not wait: a wrong address or a stopped server is
+#                 told at once; CONNECT_TIMEOUT bounds a server that hangs.
+#   a rejoin      waits, without a deadline: we know the server exists, and
+#                 the channel's own backoff paces the attempts.
 SEND_TIMEOUT = 10  # seconds per attempt; a Send never hangs without an answer
 CONNECT_TIMEOUT = 10  # seconds the first Join may wait for its Welcome
 
@@ -1122,9 +1136,8 @@ def open_channel(target, tls_ca=None):
     file of the certificate (or its CA) that the server must present."""
     if tls_ca is None:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
-    with open(tls_ca, "rb") as pem:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=pem.read())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read_pem("--tls-ca", tls_ca))
     return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
 
@@ -1137,9 +1150,11 @@ def open_channel(target, tls_ca=None):
 #     carries the same message_id, so at most one copy is stored.
 #   FAILED_PRECONDITION on a Send: "not online": the server restarted
 #     and our Join has not been redone yet.
-#   CANCELLED, not by us (we check for that first): in practice a server
-#     that could not accept the call in time (seen with thousands of Joins
-#     at once). (On the server, CANCELLED means the client left.)
+#   CANCELLED, not by us (we check for that first): a server too busy to
+#     take the call in time; gRPC's core cancels a call that waits too
+#     long for the application. (In a server handler, a CancelledError is
+#     another thing: the client left, the server is stopping, or
+#     Session.close ended the stream.)
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
@@ -1208,6 +1223,7 @@ class ReadReceipts:
                 or self._received <= self._confirmed):
             return None
         self._sending = self._received
+        trace("client", "ReadReceipts._start", seq=self._received)
         self._call = self._stub.MarkRead.future(
             pb.MarkReadRequest(client_id=self._client_id,
                                up_to_seq=self._received,
@@ -1297,15 +1313,18 @@ class ChatClient:
         Raises Refused if the server says no."""
         if problem := text_problem(text):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        trace("client", "ChatClient.send", text=text)
         request = pb.SendRequest(client_id=self.client_id, text=text,
                                  message_id=uuid.uuid4().hex)
         delays = retry_delays()
         while True:
             self._wait_for("online")
             try:
-                return self.stub.Send(request, timeout=SEND_TIMEOUT,
-                                      wait_for_ready=True,
-                                      metadata=self.metadata)
+                reply = self.stub.Send(request, timeout=SEND_TIMEOUT,
+                                       wait_for_ready=True,
+                                       metadata=self.metadata)
+                trace("client", "ChatClient.send", seq=reply.seq)
+                return reply
             except grpc.RpcError as error:
                 if error.code() not in RETRY:
                     raise Refused(error.code(), error.details()) from None
@@ -1397,15 +1416,17 @@ class ChatClient:
         """Take each Event of the stream until it ends; return the RpcError
         that ended it, or None if the server ended it with OK."""
         # A stream lives for hours, so it has no deadline (timeout=): that
-        # would end it. But gRPC gives up on connecting after 20 s, and on a
-        # server that is connected but hung, never. So a timer cancels the
-        # first Join if no Welcome came within CONNECT_TIMEOUT. (cancel()
-        # works from any thread.)
+        # would end it. But gRPC gives each connection attempt 20 s (the
+        # default of grpc.min_reconnect_backoff_ms, which we leave unset),
+        # and on a server that is connected but hung, it waits forever. So a
+        # timer cancels the first Join if no Welcome came within
+        # CONNECT_TIMEOUT. (cancel() works from any thread.)
         no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
         if not self.joined:
             no_answer.start()
         try:
             for event in call:  # the spin thread wakes us for each Event
+                trace("client", "ChatClient._read", event)
                 if event.HasField("welcome"):
                     no_answer.cancel()
                 self._take(event)
@@ -1434,6 +1455,7 @@ class ChatClient:
             self._set_state("online")
         if event.messages and not self._keep_new(event.messages):
             return  # we have them all already
+        trace("client", "ChatClient._take", event)
         self.on_event(event, notices)
         if event.messages:
             self.receipts.received(self.last_seq)
@@ -1545,83 +1567,6 @@ def retry_delays():
 # is stored; ChatClient's receive thread prints what arrives. While the
 # server is away, a fourth says "still reconnecting" now and then.
 
-# How a first Join fails when the connection does, and what we tell the
-# user. gRPC's details end with the reason of its last connection attempt,
-# in its own words, which may change between versions ("failed to connect
-# to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: Failed to
-# connect to remote host: Connection refused"): the first clue found wins.
-CONNECT_FAILURES = [
-    ("Connection refused",
-     "cannot reach the server at {target}: nothing listens on that port. "
-     "Is `python chat.py server` running there?"),
-    ("errors resolving",  # "... Domain name not found"
-     "cannot reach the server at {target}: the name {host} does not "
-     "resolve to an address; check its spelling."),
-    ("WRONG_VERSION_NUMBER",  # our TLS hello got a plaintext answer
-     "the server at {target} does not use TLS: leave out --tls-ca (or start "
-     "the server with --tls-cert and --tls-key)."),
-    ("Handshake read failed",  # hung up on our TLS hello
-     "{target} hung up during the TLS handshake: is it the chat server, "
-     "started with --tls-cert?"),
-    ("Socket closed",  # hung up on our plaintext hello
-     "the server at {target} hung up at once: if it uses TLS, give its "
-     "certificate with --tls-ca."),
-    ("Hostname Verification",
-     "the server's certificate does not name {host}{names}: connect to a "
-     "name it has, or make a certificate that names {host}."),
-    ("CERTIFICATE_VERIFY_FAILED",
-     "the server's certificate does not check out against {tls_ca}: it is "
-     "neither that certificate nor signed by it, or it has expired."),
-    ("Failed parsing HTTP/2",  # e.g. a web server answered
-     "{target} is not a gRPC server: check the port."),
-]
-
-
-def join_refusal(refused, target, tls_ca=None):
-    """A sentence for a first Join that failed: what happened, and what to
-    do (stranger 9: "the server refused to let you join: id 9 is not a
-    member of this group."). tls_ca is the client's --tls-ca, if any."""
-    if refused.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ChatClient's
-        return (f"cannot reach the server at {target}: no answer within "
-                f"{CONNECT_TIMEOUT} s. Is the server stopped or busy, or a "
-                "firewall in the way?")
-    if refused.code == grpc.StatusCode.UNIMPLEMENTED:  # no ChatRoom.Join
-        return f"{target} is a gRPC server, but not a chat server."
-    if refused.code != grpc.StatusCode.UNAVAILABLE:
-        return f"the server refused to let you join: {refused.details}"
-    host = target.rsplit(":", 1)[0]
-    for clue, sentence in CONNECT_FAILURES:
-        if clue in refused.details:
-            names = ""
-            if "{names}" in sentence and tls_ca:
-                names = ", ".join(certificate_names(target, tls_ca))
-                names = names and f" (it names {names})"
-            return sentence.format(target=target, host=host, tls_ca=tls_ca,
-                                   names=names)
-    reason = re.sub(r".*last error: \w+: \S+: ", "", refused.details)
-    return f"cannot reach the server at {target} ({reason})."
-
-
-def certificate_names(target, tls_ca):
-    """The names in the certificate that the server at target presents,
-    or [] if it cannot be read. The ssl module checks it against tls_ca,
-    but not against the name, which is what we want to see."""
-    host, port = target.rsplit(":", 1)
-    context = ssl.create_default_context(cafile=tls_ca)
-    context.check_hostname = False
-    try:
-        with (socket.create_connection((host.strip("[]"), int(port)),
-                                       timeout=3) as connection,
-              context.wrap_socket(connection) as tls):
-            certificate = tls.getpeercert()
-    except (OSError, ValueError):
-        return []
-    names = [value for _kind, value in certificate.get("subjectAltName", ())]
-    # Without subjectAltName, gRPC checks the subject's commonName.
-    return names or [value for part in certificate.get("subject", ())
-                     for key, value in part if key == "commonName"]
-
-
 def format_message(message):
     """'[14:02:07] alice: hi', in this computer's time. A newline inside a
     message shows as '\\n', so that each message stays on one line."""
@@ -1656,9 +1601,10 @@ class TerminalClient:
     TTY_LINE = 4095  # Linux's terminal keeps at most this much of a line
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
-                 receipts=ReadReceipts):
+                 receipts=ReadReceipts, explain=Explain()):
         self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
         self.receipts = receipts  # for ChatClient
+        self.explain = explain    # for a refused Join
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
         self.unread = 0      # from the last Welcome
@@ -1684,8 +1630,8 @@ class TerminalClient:
                              name="stdin").start()
             self._send_messages()
         except Refused as refused:  # from connect(): never got in
-            self.say("chat: " + join_refusal(refused, self.target,
-                                             self.tls_ca))
+            self.say("chat: " + self.explain.join(refused, self.target,
+                                                  self.tls_ca))
         except KeyboardInterrupt:   # Ctrl-C: leave now, all sent or not
             pass
         with self.lock:
@@ -1749,6 +1695,7 @@ class TerminalClient:
         function(self, rest)
 
     def queue_message(self, text):
+        trace("client", "TerminalClient.queue_message", text=text)
         with self.lock:
             self.unsent += 1
         self.outbox.put(text)
@@ -1790,6 +1737,7 @@ class TerminalClient:
     def _send_messages(self):
         """Send each queued message, in order, until it is time to leave."""
         while (text := self.outbox.get()) is not None:
+            trace("client", "TerminalClient._send_messages", text=text)
             try:
                 self.chat.send(text)  # blocks until stored
             except Refused as refused:
@@ -1810,6 +1758,7 @@ class TerminalClient:
 
     # -- called on the receive thread --
     def on_event(self, event, notices):
+        trace("client", "TerminalClient.on_event", event)
         try:
             for message in event.messages:  # bob's: "[14:02:07] alice: hi"
                 print(format_message(message), flush=True)
@@ -1999,7 +1948,8 @@ def build_parser():
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         metavar="LEVEL", help="DEBUG, INFO, WARNING or "
                         "ERROR (default: %(default)s)")
-    server.set_defaults(func=run_server, servicer_class=ChatRoomServicer)
+    server.set_defaults(func=run_server, servicer_class=ChatRoomServicer,
+                        explain=Explain())
     client = commands.add_parser(
         "client", help="join the chat",
         description="Join the chat: a window, or the terminal client.",
@@ -2021,7 +1971,7 @@ def build_parser():
     client.add_argument("--no-gui", action="store_true",
                         help="use the terminal client instead of the window")
     client.set_defaults(func=run_client, receipts=ReadReceipts,
-                        window=no_window)
+                        window=no_window, explain=Explain())
     for extend in EXTENSIONS:
         extend(commands)
     # argparse reports a flag it does not know with the top-level usage;
@@ -2047,7 +1997,7 @@ def no_window(args):
 
 def run_client(args):
     if args.tls_ca:
-        check_tls_files("--tls-ca", args.tls_ca)
+        args.explain.check_tls_files("--tls-ca", args.tls_ca)
     if not args.no_gui:
         status, why_not = args.window(args)
         if why_not is None:
@@ -2061,7 +2011,7 @@ def run_client(args):
     stdin.reconfigure(errors="surrogateescape")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
-                            args.tls_ca, args.receipts)
+                            args.tls_ca, args.receipts, args.explain)
     return client.run(stdin)
 
 
@@ -2146,9 +2096,9 @@ def open_root():
         return None, f"cannot open a window ({error})"
 
 
-def trace(*parts):
-    """Test hook: with CHAT_TRACE=1 the window also prints what it shows to
-    stderr ("tk: message alice: hi new"), for test_chat.py to check."""
+def trace_view(*parts):
+    """With CHAT_TRACE=1, the window also prints what it shows to stderr
+    ("tk: message alice: hi new"), for test_chat.py to check."""
     if os.environ.get("CHAT_TRACE"):
         print("tk:", *parts, file=sys.stderr, flush=True)
 
@@ -2225,7 +2175,7 @@ def ask_name(root, default):
     root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
     entry.select_range(0, "end")
     entry.focus_set()
-    trace("name dialog", default)
+    trace_view("name dialog", default)
     root.wait_variable(answer)  # runs the event loop until answer is set
     frame.destroy()
     for event in ("<Return>", "<Escape>", "<<Quit>>"):
@@ -2240,10 +2190,11 @@ class ChatWindow:
     HISTORY = 20  # already-read messages shown above the unread ones
 
     def __init__(self, root, target, client_id, name, password=None,
-                 tls_ca=None, receipts=ReadReceipts):
+                 tls_ca=None, receipts=ReadReceipts, explain=Explain()):
         self.root, self.target, self.name = root, target, name
         self.client_id, self.tls_ca = client_id, tls_ca
         self.receipts = receipts  # for ChatClient
+        self.explain = explain    # for a refused Join
         self.exit_status = 0
         self.joined = False
         self.closed = False
@@ -2387,7 +2338,7 @@ class ChatWindow:
                       ("  ", ()), (f"{self.name}: ", "own"), (text, ()),
                       ("  sending...", ("sending", tag + "status"))], tag)
         self.view.see("end")  # whoever sends wants to see it
-        trace("message", f"{self.name}: {text}", "sending")
+        trace_view("message", f"{self.name}: {text}", "sending")
         self.outbox.put((tag, text))
 
     def _send_loop(self):
@@ -2408,7 +2359,7 @@ class ChatWindow:
         self.pending -= 1
         self._replace(tag + "status", "", ())
         self._replace(tag + "time", shown_time(reply.sent_at), "time")
-        trace("sent", reply.seq, shown_time(reply.sent_at))
+        trace_view("sent", reply.seq, shown_time(reply.sent_at))
 
     def _failed(self, tag, reason):
         self.pending -= 1
@@ -2460,7 +2411,7 @@ class ChatWindow:
               and "divider" in self.view.mark_names()):
             self.view.yview("divider")  # the first unread at the top
             self.view.mark_unset("divider")
-            trace("scrolled to divider")
+            trace_view("scrolled to divider")
         for notice in notices:
             self._notice(notice)
         if event.presence:
@@ -2486,7 +2437,7 @@ class ChatWindow:
             # it, so the mark stays on the divider; CaughtUp scrolls there.
             self.view.mark_set("divider", "end-1l linestart")
             self.view.mark_gravity("divider", "left")
-            trace("divider", welcome.unread)
+            trace_view("divider", welcome.unread)
 
     def _show_message(self, message, read=False):
         """One line of the view: where bob sees alice's "hi", as
@@ -2499,7 +2450,7 @@ class ChatWindow:
             (f"{message.sender_name}: ",
              style or ("own" if own else sender_tag(message.sender_id))),
             (message.text, style)])
-        trace("message", f"{message.sender_name}: {message.text}",
+        trace_view("message", f"{message.sender_name}: {message.text}",
               "read" if read else "new")
         if read or own:  # own: in the replay of a new process (Join)
             return
@@ -2527,7 +2478,7 @@ class ChatWindow:
 
     def _notice(self, text):
         self._append([(text, "notice")])
-        trace("notice", text)
+        trace_view("notice", text)
 
     def _show_state(self, state, text, away_since=None):
         self._stop_clock()
@@ -2559,7 +2510,8 @@ class ChatWindow:
         if self.closed:
             return
         sentence = (text if self.joined else
-                    join_refusal(self.chat.refusal, self.target, self.tls_ca))
+                    self.explain.join(self.chat.refusal, self.target,
+                                      self.tls_ca))
         self._show_status(sentence[0].upper() + sentence[1:], problem=True)
         self.exit_status = 1
         self._dialog(messagebox.showerror, "chat.py", sentence)
@@ -2572,7 +2524,7 @@ class ChatWindow:
             self.connection = text
         self.status.configure(
             text=text, foreground=COLORS["failed" if problem else "notice"])
-        trace("status", text)
+        trace_view("status", text)
 
     def _draw_members(self):
         """The member list: online ones first, then by name. While the
@@ -2588,7 +2540,7 @@ class ChatWindow:
             self.members.insert("end", f"{MARKS[state(member)]} "
                                 f"{member.name}{you}")
             self.members.itemconfigure("end", foreground=COLORS[state(member)])
-        trace("members", ", ".join(self.members.get(0, "end")))
+        trace_view("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):
         """Add one entry to the view; follow it if the view was at the
@@ -2653,7 +2605,7 @@ class ChatWindow:
         them = "it" if self.pending == 1 else "them"
         question = (f"{plural(self.pending, 'message')} not sent yet. Close "
                     f"anyway and lose {them}?")
-        trace("close dialog", question)
+        trace_view("close dialog", question)
         self.asking = True  # the close button again must not ask twice
         try:
             lose = self._dialog(messagebox.askyesno, "chat.py", question,
@@ -2661,7 +2613,7 @@ class ChatWindow:
         finally:
             self.asking = False
         if lose is False:  # not None: Ctrl-C did not close the window
-            trace("kept open")
+            trace_view("kept open")
         return lose
 
     def _dialog(self, dialog, *args, **options):
@@ -2681,7 +2633,7 @@ def ask_password(root, wrong):
     (Escape, Cancel, its close button, or Ctrl-C, which closes root)."""
     root.title("chat.py")
     root.bind("<<Quit>>", lambda _event: root.destroy())  # until rebound
-    trace("password dialog" + (" again" if wrong else ""))
+    trace_view("password dialog" + (" again" if wrong else ""))
     try:
         return simpledialog.askstring(
             "chat.py", f"{wrong}This room needs a password:", show="*",
@@ -2735,7 +2687,7 @@ def run_window(args, root):
         root.destroy()
         return 0
     window = ChatWindow(root, args.server, args.client_id, name, password,
-                        args.tls_ca, args.receipts)
+                        args.tls_ca, args.receipts, args.explain)
     if args.geometry:
         root.geometry(args.geometry)
     root.mainloop()
@@ -2786,13 +2738,15 @@ EXTENSIONS.append(window_flags)
 # sendmsg() (section 6): with 1,000 members it is the bottleneck.
 
 
+# 11. Serving a thousand members ---------------------------------------------
+
+
 class CoalescingSession(Session):
     """Each write carries every event waiting in the queue, up to MAX_BATCH,
     not one: a write (a gRPC batch, its completion, an HTTP/2 frame, a
-    sendmsg()) costs about as much for ten messages as for one. With
-    RoundsHub, one sender or ten at full speed reach 1,000 members 3 to 6
-    times as fast as the bare baseline, where Part I only keeps pace with
-    it (bench.py --rate 0; README's Performance section has the runs)."""
+    sendmsg()) costs about as much for ten messages as for one. Buys, with
+    RoundsHub, the throughput of a busy room (README, Performance); costs
+    nothing a member can see."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
     held = None  # an event taken from the queue, to write next
@@ -2817,7 +2771,9 @@ class CoalescingSession(Session):
                 self.held = event  # goes out next time
                 break
             parts.append(event)
-        return b"".join(parts)
+        data = b"".join(parts)
+        trace("server", "CoalescingSession.next_write", data)
+        return data
 
 
 class RoundsHub(Hub):
@@ -2860,6 +2816,7 @@ class RoundsHub(Hub):
 
     def publish(self, data, skip=(), only=None):
         """Queue data in the next round; rounds keep the order of publish."""
+        trace("server", "RoundsHub.publish", data)
         self.published += 1
         self.waiting.append((self.published, data, skip, only))
         if self.next_round is None:
@@ -2879,6 +2836,7 @@ class RoundsHub(Hub):
                 if number < self.last_added:  # someone came online since
                     sessions = [session for session in sessions
                                 if number >= session.first_event]
+                trace("server", "RoundsHub._round", data, to=len(sessions))
                 self.deliver(data, sessions)
         finally:
             # put_nowait() woke the writers; the loop runs their steps (each
@@ -2953,9 +2911,9 @@ class BatchedPresence:
     """A mixin for ChatRoomServicer: presence changes go out together, at
     most PRESENCE_DELAY after the first, as one Event. When 1,000 members
     come in at once (after a restart of the server), each gets a few dozen
-    writes instead of 1,000: bench.py's 1,000 members are all in after
-    about 2 s instead of about half a minute with Part I. A chat message
-    sends the waiting changes first, so the order stays true."""
+    writes instead of 1,000. Buys a fast join storm (README, Performance);
+    costs "bob joined" up to PRESENCE_DELAY late. A chat message sends the
+    waiting changes first, so the order stays true."""
 
     PRESENCE_DELAY = 0.1  # seconds
 
@@ -3059,6 +3017,7 @@ class SerializedOnce:
     INVALID_ARGUMENT and a sentence (parsed_as)."""
 
     def wire(self, event):
+        trace("server", "SerializedOnce.wire", event)
         return event.SerializeToString()
 
     def add_to(self, server):
@@ -3079,14 +3038,12 @@ class ThousandMemberServicer(BatchedPresence, SerializedOnce,
                              ChatRoomServicer):
     """Part I's servicer with all of Part III: what `server` runs.
 
-    It also runs Python's cyclic garbage collector less often, which takes
-    about 20 ms off p99 at 20 messages a second. Each write allocates
-    objects that the collector tracks (futures, grpc.aio's operations).
-    Python starts a young collection every 700 net such allocations, and a
-    full one at most every hundred of those: at 20 messages a second to
-    1,000 members, about every 0.7 s, some 20 ms of walking every object
-    of 1,000 streams to find no garbage (reference counting frees them). A
-    first threshold of GC_THRESHOLD makes both about 30 times rarer."""
+    It also runs Python's cyclic garbage collector less often. Each write
+    allocates objects the collector tracks (futures, grpc.aio's
+    operations), so with 1,000 streams a full collection comes often and
+    walks them all to find no garbage: reference counting frees it. Buys
+    a lower p99 (README, Performance); costs memory that cycles hold a
+    little longer."""
 
     store_class = BatchedReadsStore
     hub_class = RoundsHub
@@ -3098,19 +3055,15 @@ class ThousandMemberServicer(BatchedPresence, SerializedOnce,
         gc.set_threshold(self.GC_THRESHOLD, 10, 10)
 
 
-# Part III, the client: read receipts for a thousand members ----------------
+# 12. Read receipts for a thousand members -----------------------------------
 
 
 class ThrottledReadReceipts(ReadReceipts):
     """ReadReceipts that confirm about once every 5 seconds, not after each
-    batch of messages.
-
-    What it buys: in a room of 1,000 members at 20 messages a second, Part
-    I's receipts are up to 20,000 MarkReads a second (one per member and
-    message); these are 200, however busy the room is (README's Performance
-    section has what that is worth). The price: if the client dies, its last
-    few seconds of messages count as unread and show again. None is lost.
-    """
+    batch of messages: one MarkRead per member every few seconds, however
+    busy the room. Buys the server's time (README, Performance); costs, if
+    the client dies, its last few seconds of messages shown again as
+    unread. None is lost."""
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
 
@@ -3170,7 +3123,187 @@ def thousand_member_flags(commands):
 EXTENSIONS.append(thousand_member_flags)
 
 
-# Appendix: the demo =========================================================
+# Appendix: diagnoses and the demo ===========================================
+#
+# Two conveniences that are not the lesson: the sentences that find the
+# cause of a start-up or connection mistake, and the demo. Both join the
+# command line through Part I's one hook, EXTENSIONS.
+
+
+# Diagnoses ------------------------------------------------------------------
+#
+# gRPC reports most mistakes in words of its own that do not say what to
+# do ("Failed to bind to address"; "failed to connect to all addresses; last
+# error: ... Socket closed"). Diagnose retraces each with a tool that says
+# more (a plain socket, Python's ssl module, os.access) and names the flag
+# to change.
+
+
+class Diagnose(Explain):
+    """Part I's Explain, with the cause found."""
+
+    # How a first Join fails when the connection does, and what we tell the
+    # user. gRPC's details end with the reason of its last connection
+    # attempt, in its own words, which may change between versions ("failed
+    # to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051:
+    # Failed to connect to remote host: Connection refused"): the first clue
+    # found wins.
+    CONNECT_FAILURES = [
+        ("Connection refused",
+         "cannot reach the server at {target}: nothing listens on that port. "
+         "Is `python chat.py server` running there?"),
+        ("errors resolving",  # "... Domain name not found"
+         "cannot reach the server at {target}: the name {host} does not "
+         "resolve to an address; check its spelling."),
+        ("WRONG_VERSION_NUMBER",  # our TLS hello got a plaintext answer
+         "the server at {target} does not use TLS: leave out --tls-ca (or "
+         "start the server with --tls-cert and --tls-key)."),
+        ("Handshake read failed",  # hung up on our TLS hello
+         "{target} hung up during the TLS handshake: is it the chat server, "
+         "started with --tls-cert?"),
+        ("Socket closed",  # hung up on our plaintext hello
+         "the server at {target} hung up at once: if it uses TLS, give its "
+         "certificate with --tls-ca."),
+        ("Hostname Verification",
+         "the server's certificate does not name {host}{names}: connect to a "
+         "name it has, or make a certificate that names {host}."),
+        ("CERTIFICATE_VERIFY_FAILED",
+         "the server's certificate does not check out against {tls_ca}: it "
+         "is neither that certificate nor signed by it, or it has expired."),
+        ("Failed parsing HTTP/2",  # e.g. a web server answered
+         "{target} is not a gRPC server: check the port."),
+    ]
+
+    def bind(self, host, port):
+        """Found by trying the same bind with a plain socket, which reports
+        the OS's errno."""
+        if ":" in host and not host.startswith("["):
+            return f"--host {host}: put an IPv6 address in brackets, [{host}]."
+        try:
+            addresses = socket.getaddrinfo(host.strip("[]"), port,
+                                           type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return f"--host {host}: no such name or address."
+        for family, kind, protocol, _, address in addresses:
+            with socket.socket(family, kind, protocol) as probe:
+                # Like gRPC's: a connection of the last server on this port
+                # that is still closing (TIME_WAIT) does not count as in use.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                    continue
+                except OSError as error:
+                    reason = error
+            if reason.errno == errno.EADDRINUSE:
+                return (f"port {port} is already in use; stop what listens "
+                        "there, or choose another --port.")
+            if reason.errno == errno.EADDRNOTAVAIL:
+                return (f"--host {host} is not an address of this machine; "
+                        "0.0.0.0 means all of them.")
+            return f"cannot listen on {host}:{port} ({reason.strerror})."
+        return super().bind(host, port)
+
+    def database(self, path, error):
+        folder = os.path.dirname(os.path.abspath(path))
+        if "locked" in str(error):
+            return (f"--db {path} is in use by another chat server; stop it "
+                    "first, or use another --db.")
+        if os.path.isdir(path):
+            return (f"--db {path} is a folder; name a file in it, e.g. "
+                    f"{os.path.join(path, 'chat.db')}.")
+        if not os.path.isdir(folder):
+            return f"--db {path}: there is no folder {folder}."
+        if "not a database" in str(error):
+            return (f"--db {path} is not an SQLite database; name a new file "
+                    "or one a chat server made.")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return f"--db {path} is read-only; the server must write to it."
+        if not os.access(folder, os.W_OK):
+            return (f"--db {path}: the folder {folder} is not writable "
+                    "(SQLite keeps a journal file next to the database).")
+        return super().database(path, error)
+
+    def check_tls_files(self, flag, cert, key=None):
+        """Given a bad file, gRPC says only "Failed to bind to address", or
+        fails every connection; Python's ssl module says what is wrong."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cert)
+        except ssl.SSLError:
+            raise StartUpError(f"{flag} {cert} is not a PEM certificate.")
+        except OSError as error:
+            raise StartUpError(f"cannot read {flag} {cert} "
+                               f"({error.strerror}).")
+        if key is None:
+            return
+        try:
+            context.load_cert_chain(cert, key, password=b"")  # never prompts
+        except ssl.SSLError as error:
+            if error.reason in ("KEY_VALUES_MISMATCH",
+                                "NO_CERTIFICATE_ASSIGNED"):
+                raise StartUpError(f"--tls-key {key} is not the private key "
+                                   f"of --tls-cert {cert}.")
+            raise StartUpError(f"--tls-key {key} is not a PEM private key "
+                               "without a passphrase.")
+        except OSError as error:
+            raise StartUpError(f"cannot read --tls-key {key} "
+                               f"({error.strerror}).")
+
+    def join(self, refused, target, tls_ca=None):
+        """What happened, and what to do (stranger 9: "the server refused
+        to let you join: id 9 is not a member of this group.")."""
+        if refused.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ChatClient's
+            return (f"cannot reach the server at {target}: no answer within "
+                    f"{CONNECT_TIMEOUT} s. Is the server stopped or busy, or "
+                    "a firewall in the way?")
+        if refused.code == grpc.StatusCode.UNIMPLEMENTED:  # no ChatRoom.Join
+            return f"{target} is a gRPC server, but not a chat server."
+        if refused.code != grpc.StatusCode.UNAVAILABLE:
+            return super().join(refused, target, tls_ca)
+        host = target.rsplit(":", 1)[0]
+        for clue, sentence in self.CONNECT_FAILURES:
+            if clue in refused.details:
+                names = ""
+                if "{names}" in sentence and tls_ca:
+                    names = ", ".join(self.certificate_names(target, tls_ca))
+                    names = names and f" (it names {names})"
+                return sentence.format(target=target, host=host,
+                                       tls_ca=tls_ca, names=names)
+        reason = re.sub(r".*last error: \w+: \S+: ", "", refused.details)
+        return f"cannot reach the server at {target} ({reason})."
+
+    @staticmethod
+    def certificate_names(target, tls_ca):
+        """The names in the certificate that the server at target presents,
+        or [] if it cannot be read. The ssl module checks it against tls_ca,
+        but not against the name, which is what we want to see."""
+        host, port = target.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=tls_ca)
+        context.check_hostname = False
+        try:
+            with (socket.create_connection((host.strip("[]"), int(port)),
+                                           timeout=3) as connection,
+                  context.wrap_socket(connection) as tls):
+                certificate = tls.getpeercert()
+        except (OSError, ValueError):
+            return []
+        names = [value for _kind, value
+                 in certificate.get("subjectAltName", ())]
+        # Without subjectAltName, gRPC checks the subject's commonName.
+        return names or [value for part in certificate.get("subject", ())
+                         for key, value in part if key == "commonName"]
+
+
+def diagnoses(commands):
+    """The Appendix on the command line: Diagnose for both commands."""
+    for name in ("server", "client"):
+        commands.choices[name].set_defaults(explain=Diagnose())
+
+
+EXTENSIONS.append(diagnoses)
+
+
+# The demo -------------------------------------------------------------------
 
 
 class ServerProcess:

@@ -17,6 +17,7 @@ Run: python -m unittest -v
 import asyncio
 import fcntl
 import json
+import itertools
 import os
 import pty
 import re
@@ -1516,7 +1517,7 @@ def cut_before(banner, folder):
 
 PART_II = "# Part II: the window ="
 PART_III = "# Part III: for a thousand members ="
-APPENDIX = "# Appendix: the demo ="
+APPENDIX = "# Appendix: diagnoses and the demo ="
 
 
 class CutTest(ChatTestCase):
@@ -1567,6 +1568,38 @@ class CutTest(ChatTestCase):
         self.assertEqual(demo.wait(), 2)
         self.assertRegex(demo.output("stderr")[-1], "invalid choice: 'demo'")
 
+    def test_part_one_alone_says_what_grpc_and_sqlite_say(self):
+        """Without the Appendix's Diagnose, mistakes get the words of gRPC
+        and SQLite: one line, status 1, no traceback."""
+        self.cut(PART_II)
+        probe, address = listener()
+        port = address.rsplit(":", 1)[1]
+        cases = [
+            (("server", "--port", port),
+             f'^chat: cannot listen on 127.0.0.1:{port}: gRPC says only '
+             '"Failed to bind to address"'),
+            (("server", "--port", "0", "--db",
+              os.path.join(self.tmp.name, "no", "chat.db")),
+             r"^chat: cannot open --db .*no/chat\.db \(unable to open "
+             r"database file\)\.$"),
+            (("client", "--no-gui", "--id", "1", "--tls-ca", "missing.pem"),
+             r"^chat: cannot read --tls-ca missing\.pem \(No such file or "
+             r"directory\)\.$"),
+        ]
+        for command, sentence in cases:
+            process = self.start(*command)
+            self.assertEqual(process.wait(), 1)
+            self.assertEqual(len(process.output("stderr")), 1)
+            self.assertRegex(process.output("stderr")[0], sentence)
+        probe.close()  # now nothing listens there
+        client = self.start("client", "--no-gui", "--id", "1", "--server",
+                            address)
+        self.assertEqual(client.wait(), 1)
+        self.assertRegex(client.output("stderr")[-1],
+                         f"^chat: cannot reach the server at {address}: "
+                         "failed to connect to all addresses")
+        self.assertNotIn("Traceback", "\n".join(client.output("stderr")))
+
     def test_parts_one_to_three_without_the_appendix(self):
         self.cut(APPENDIX)
         server = self.start_server("--members", "1,2")
@@ -1577,6 +1610,95 @@ class CutTest(ChatTestCase):
         bob.wait_for("alice: hi$", stream="stdout")
         self.assertEqual(alice.finish(), 0)
         self.assertEqual(bob.finish(), 0)
+
+
+HOP = re.compile(r"^  (alice|server|bob|     ) +([A-Za-z_][\w.]*) +§(\d+)\b")
+
+
+def map_hops():
+    """The hops of the header's map, in order: (side, function, section)."""
+    text = chat.__doc__
+    text = text[text.index("The path of alice's"):
+                text.index("The sections are in")]
+    hops, side = [], None
+    for line in text.splitlines():
+        if match := HOP.match(line):
+            side = match[1].strip() or side
+            hops.append((side, match[2], int(match[3])))
+    return hops, text
+
+
+def is_subsequence(items, sequence):
+    """Do items appear in sequence in this order (not necessarily next to
+    each other)?"""
+    remaining = iter(sequence)
+    return all(item in remaining for item in items)
+
+
+class MapTest(ChatTestCase):
+    """The header's map tells the truth (issue: chat.py in layers, #6):
+    every function it names exists in the section it gives, and with
+    CHAT_TRACE=1 each process prints alice's "hi" hops in the map's order,
+    on both servers, with bob online and offline."""
+
+    def test_every_function_the_map_names_exists_in_its_section(self):
+        hops, text = map_hops()
+        self.assertGreater(len(hops), 15)
+        with open(CHAT, encoding="utf-8") as file:
+            source = file.read().splitlines()
+        for _side, name, section in hops:
+            owner, _, function = name.rpartition(".")
+            where = getattr(chat, owner) if owner else chat
+            self.assertIn(function, vars(where), name)  # defined there
+            line = vars(where)[function].__code__.co_firstlineno
+            headings = [int(match[1]) for text_line in source[:line]
+                        if (match := re.match(r"# (\d+)\. ", text_line))]
+            self.assertEqual(headings[-1], section, name)
+        for owner, function in re.findall(r"\b([A-Z]\w+)\.(\w+)\b", text):
+            self.assertTrue(hasattr(getattr(chat, owner), function),
+                            f"{owner}.{function}")
+        for function in ("format_message", "parsed_as"):
+            self.assertIn(function, text)
+            self.assertTrue(callable(getattr(chat, function)))
+
+    def test_alices_hi_travels_as_the_map_says(self):
+        hops, _text = map_hops()
+        seen = set()
+        trace = {"CHAT_TRACE": "1"}
+        for plain, online in itertools.product((False, True), repeat=2):
+            flags = ("--plain",) if plain else ()
+            server = self.start_server(*flags, db=os.path.join(
+                self.tmp.name, f"{plain}-{online}.db"), env=trace)
+            alice = self.start_client(server, "1", "alice", *flags, env=trace)
+            if online:
+                bob = self.start_client(server, "2", "bob", *flags, env=trace)
+            alice.type("hi")
+            self.assertEqual(alice.finish(), 0)
+            if not online:
+                bob = self.start_client(server, "2", "bob", *flags, env=trace)
+            bob.wait_for("alice: hi$", stream="stdout")
+            self.assertEqual(bob.finish(), 0)
+            server.wait_for(r"^trace: server Store.mark_read seq=1 ")
+            for side, process in (("alice", alice), ("server", server),
+                                  ("bob", bob)):
+                traced = [line.split()[2] for line in process.output("stderr")
+                          if re.match(r"trace: \w+ \S+ (seq=1|text='hi') ",
+                                      line)]
+                path = [name for hop_side, name, _ in hops if hop_side == side]
+                self.assertTrue(traced, (plain, online, side))
+                self.assertTrue(is_subsequence(traced, path),
+                                f"--plain={plain}, bob online={online}, "
+                                f"{side}: {traced} is not in the map's order "
+                                f"{path}")
+                seen.update((side, name) for name in traced)
+                for line in process.output("stderr"):
+                    if line.startswith("trace: server"):
+                        self.assertRegex(line, r" thread=MainThread "
+                                         r"\(event loop\)$")
+            server.popen.terminate()
+            self.assertEqual(server.wait(), 0)
+        self.assertEqual(seen, {(side, name) for side, name, _ in hops},
+                         "hops of the map that no run went through")
 
 
 class XvfbTestCase(ChatTestCase):
