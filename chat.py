@@ -252,7 +252,7 @@ def text_problem(text):
 # Watching a message travel (README): with CHAT_TRACE=1 in its environment,
 # a process prints one line to stderr at each hop of a message that the
 # header's map lists, naming the thread it runs on:
-#   trace: server ChatRoomServicer.Send text='hi' thread=MainThread (event loop)
+#   trace: server Store.append seq=7 thread=MainThread (event loop)
 TRACE = os.environ.get("CHAT_TRACE") == "1"
 
 
@@ -276,10 +276,17 @@ def trace(side, hop, event=None, **details):
         thread += " (event loop)"
     except RuntimeError:
         pass  # no event loop runs on this thread
-    print("trace:", side, hop, *(f"{key}={value!r}" if key == "text"
-                                 else f"{key}={value}"
-                                 for key, value in details.items()),
-          f"thread={thread}", file=sys.stderr, flush=True)
+    say_line(" ".join(["trace:", side, hop, *(
+        f"{key}={value!r}" if key == "text" else f"{key}={value}"
+        for key, value in details.items()), f"thread={thread}"]))
+
+
+def say_line(text):
+    """Write text and a newline to stderr in one write, so that lines from
+    several threads never mix (print writes its parts one by one)."""
+    if sys.stderr is not None:  # None: started with stderr closed (2>&-)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 # 3. The store ---------------------------------------------------------------
@@ -994,8 +1001,9 @@ def read_pem(flag, path):
 def tls_credentials(args):
     """Hardening: the server's certificate and private key, for TLS."""
     args.explain.check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
-    return grpc.ssl_server_credentials([(read_pem("--tls-key", args.tls_key),
-                                         read_pem("--tls-cert", args.tls_cert))])
+    key = read_pem("--tls-key", args.tls_key)
+    return grpc.ssl_server_credentials(
+        [(key, read_pem("--tls-cert", args.tls_cert))])
 
 
 def listen(server, host, port, credentials, explain):
@@ -1551,6 +1559,51 @@ def retry_delays():
         delay = min(delay * 2, 8.0)
 
 
+# The commands, the same in every UI: a line that starts with / is one of
+# these, run at once and never sent; "//" sends the rest with one / removed.
+# /help lists them in this order. To add one (README's exercise: "/me
+# waves"), add it here, then its method to TerminalClient and ChatWindow.
+COMMANDS = {
+    "/help": "lists the commands",
+    "/who": "lists the members and who is online",
+    "/quit": "leaves once every message typed so far is stored",
+}
+
+
+def typed(line):
+    """What a typed line asks for: (command, the rest of the line) for a
+    command, or (None, the text to send)."""
+    if line.startswith("/") and not line.startswith("//"):
+        command, _, rest = line.partition(" ")
+        return command, rest
+    return None, line.removeprefix("/")  # "//x" sends "/x"
+
+
+def command_problem(command):
+    """Why command is not one, or None if it is."""
+    if command in COMMANDS:
+        return None
+    return (f"{command} is not a command; /help lists them; start a line "
+            "with // to send it as text.")
+
+
+def help_lines():
+    return (["commands:"]
+            + [f"  {command:<7}{what}" for command, what in COMMANDS.items()]
+            + ["  //...  sends a line that starts with / (one / removed)"])
+
+
+def who_line(chat):
+    """/who's answer: "members: alice (1, online), bob (2)". Blocks for a
+    ListMembers call, so never on a UI's own thread."""
+    try:
+        members = chat.list_members()
+    except Refused as refused:
+        return f"/who failed: {refused.details}"
+    return "members: " + ", ".join(
+        f"{m.name} ({m.id}{', online' if m.online else ''})" for m in members)
+
+
 # 8. The terminal client -----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
@@ -1567,12 +1620,20 @@ def retry_delays():
 # is stored; ChatClient's receive thread prints what arrives. While the
 # server is away, a fourth says "still reconnecting" now and then.
 
+def shown_time(timestamp):
+    """A pb Timestamp in this computer's time: '14:02:07' today, else
+    '2026-11-03 14:02'."""
+    when = datetime.datetime.fromtimestamp(timestamp.ToMicroseconds() / 1e6)
+    if when.date() == datetime.date.today():
+        return f"{when:%H:%M:%S}"
+    return f"{when:%Y-%m-%d %H:%M}"
+
+
 def format_message(message):
-    """'[14:02:07] alice: hi', in this computer's time. A newline inside a
-    message shows as '\\n', so that each message stays on one line."""
-    sent_at = datetime.datetime.fromtimestamp(message.sent_at.seconds)
+    """'[14:02:07] alice: hi', at shown_time(). A newline inside a message
+    shows as '\\n', so that each message stays on one line."""
     text = message.text.replace("\n", "\\n")
-    return f"[{sent_at:%H:%M:%S}] {message.sender_name}: {text}"
+    return f"[{shown_time(message.sent_at)}] {message.sender_name}: {text}"
 
 
 def plural(count, noun):
@@ -1671,28 +1732,27 @@ class TerminalClient:
         tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
+            command, rest = typed(line)
             size = len(line.encode(errors="surrogateescape"))
             if tty and size >= self.TTY_LINE:
                 self.say(f"not sent: {quoted(line)}: the terminal cut this "
                          f"line at {self.TTY_LINE:,} bytes (the limit is "
                          f"{MAX_TEXT_CHARS:,} characters).")
-            elif line.startswith("/") and not line.startswith("//"):
-                self.command(line)
+            elif command:
+                self.command(line, command, rest)
             else:
-                self.queue_message(line.removeprefix("/"))  # "//x" sends "/x"
+                self.queue_message(rest)
             if self.leaving:
                 return
         self.quit("")  # end of input
 
-    def command(self, line):
-        name, _, rest = line.partition(" ")
-        if name not in self.COMMANDS:
-            self.say(f"not sent: {quoted(line)}: {name} is not a command; "
-                     "/help lists them; start a line with // to send it as "
-                     "text.")
+    def command(self, line, command, rest):
+        """Run a command (COMMANDS, section 7) at once."""
+        if problem := command_problem(command):
+            self.say(f"not sent: {quoted(line)}: {problem}")
             return
-        function, _what = self.COMMANDS[name]
-        function(self, rest)
+        run = {"/help": self.help, "/who": self.who, "/quit": self.quit}
+        run[command](rest)
 
     def queue_message(self, text):
         trace("client", "TerminalClient.queue_message", text=text)
@@ -1702,36 +1762,16 @@ class TerminalClient:
 
     # The commands. Each gets the rest of its line.
     def help(self, _rest):
-        self.say("\n".join(
-            ["commands:"]
-            + [f"  {name:<7}{what}" for name, (_f, what) in
-               self.COMMANDS.items()]
-            + ["  //...  sends a line that starts with / (one / removed)"]))
+        self.say("\n".join(help_lines()))
 
     def who(self, _rest):
-        try:
-            members = self.chat.list_members()
-        except Refused as refused:
-            self.say(f"/who failed: {refused.details}")
-            return
-        self.say("members: " + ", ".join(
-            f"{m.name} ({m.id}{', online' if m.online else ''})"
-            for m in members))
+        self.say(who_line(self.chat))
 
     def quit(self, _rest):
         with self.lock:
             self.leaving = True
             self.outbox.put(None)
             self._tell_waiting()
-
-    # One line for each, listed by /help in this order. To add a command
-    # (README's exercise: "/me waves"), write its method and add it here.
-    COMMANDS = {
-        "/help": (help, "lists the commands"),
-        "/who": (who, "lists the members and who is online"),
-        "/quit": (quit, "leaves once every message typed so far is stored "
-                        "(so does end of input)"),
-    }
 
     # -- the main thread --
     def _send_messages(self):
@@ -1821,7 +1861,7 @@ class TerminalClient:
 
     @staticmethod
     def say(text):
-        print(text, file=sys.stderr, flush=True)
+        say_line(text)
 
 
 # 9. The command line: main(argv) --------------------------------------------
@@ -2074,15 +2114,6 @@ def sender_tag(sender_id):
     return f"sender{sum(sender_id.encode()) % len(SENDER_COLORS)}"
 
 
-def shown_time(timestamp):
-    """A pb Timestamp in this computer's time: '14:02:07' today, else
-    '2026-11-03 14:02'."""
-    when = datetime.datetime.fromtimestamp(timestamp.ToMicroseconds() / 1e6)
-    if when.date() == datetime.date.today():
-        return f"{when:%H:%M:%S}"
-    return f"{when:%Y-%m-%d %H:%M}"
-
-
 def open_root():
     """Tk's root window, and None; or None, and why no window can open
     here (DISPLAY may be set and still lead nowhere)."""
@@ -2100,7 +2131,7 @@ def trace_view(*parts):
     """With CHAT_TRACE=1, the window also prints what it shows to stderr
     ("tk: message alice: hi new"), for test_chat.py to check."""
     if os.environ.get("CHAT_TRACE"):
-        print("tk:", *parts, file=sys.stderr, flush=True)
+        say_line(" ".join(["tk:", *map(str, parts)]))
 
 
 def wake_pipe(root, on_wake):
@@ -2203,7 +2234,6 @@ class ChatWindow:
         self.pending = 0           # own messages not yet acknowledged
         self.next_own = 0          # numbers own messages, to find them again
         self.below = 0             # new messages below the view's bottom
-        self.roster = {}           # member id -> pb.Member, for the list
         self.away = False          # the server is away: online unknown
         self.clock = None          # the Tk timer that updates "Away for"
         self.inbox = queue.Queue()   # calls: worker threads -> main thread
@@ -2321,7 +2351,11 @@ class ChatWindow:
 
     def send_typed(self):
         """Send what is in the message box (Enter or the Send button)."""
-        text = self.entry.get("1.0", "end-1c").strip("\n")
+        line = self.entry.get("1.0", "end-1c").strip("\n")
+        command, text = typed(line)
+        if command:
+            self._command(command)
+            return
         if problem := text_problem(text):
             # Refused here, with the reason; the text stays in the box.
             self._show_status(f"Not sent: {problem}", problem=True)
@@ -2340,6 +2374,24 @@ class ChatWindow:
         self.view.see("end")  # whoever sends wants to see it
         trace_view("message", f"{self.name}: {text}", "sending")
         self.outbox.put((tag, text))
+
+    def _command(self, command):
+        """Run a command typed in the message box (COMMANDS, section 7);
+        an unknown one stays in the box, with the reason."""
+        if problem := command_problem(command):
+            self._show_status(f"Not sent: {problem}", problem=True)
+            self.root.bell()
+            return
+        self.entry.delete("1.0", "end")
+        if command == "/help":
+            for line in help_lines():
+                self._notice(line)
+        elif command == "/who":  # ListMembers blocks: not on this thread
+            threading.Thread(target=lambda: self._post(
+                self._notice, who_line(self.chat)), daemon=True,
+                name="who").start()
+        else:  # /quit
+            self.close()
 
     def _send_loop(self):
         """Runs on the sender thread: send queued messages one by one, in
@@ -2415,12 +2467,10 @@ class ChatWindow:
         for notice in notices:
             self._notice(notice)
         if event.presence:
-            self.roster.update((each.id, each) for each in event.presence)
             self._draw_members()
 
     def _show_welcome(self, welcome):
         self.away = False
-        self.roster = {member.id: member for member in welcome.members}
         self._draw_members()
         if self.joined:
             self._notice("reconnected")
@@ -2527,19 +2577,23 @@ class ChatWindow:
         trace_view("status", text)
 
     def _draw_members(self):
-        """The member list: online ones first, then by name. While the
-        server is away, nobody knows who is online."""
-        def state(member):
+        """The member list, from ChatClient's roster: online ones first,
+        then by name. While the server is away, nobody knows who is online.
+        (The receive thread updates the roster before it posts the event
+        that brought us here; dict() copies it in one step.)"""
+        def state(online):
             if self.away:
                 return "away"
-            return "online" if member.online else "offline"
+            return "online" if online else "offline"
         self.members.delete(0, "end")
-        for member in sorted(self.roster.values(), key=lambda m: (
-                state(m) == "offline", m.name.lower())):
-            you = " (you)" if member.id == self.chat.client_id else ""
-            self.members.insert("end", f"{MARKS[state(member)]} "
-                                f"{member.name}{you}")
-            self.members.itemconfigure("end", foreground=COLORS[state(member)])
+        def order(item):
+            _client_id, (name, online) = item
+            return state(online) == "offline", name.lower()
+        roster = dict(self.chat.roster)  # member id -> (name, online)
+        for client_id, (name, online) in sorted(roster.items(), key=order):
+            you = " (you)" if client_id == self.chat.client_id else ""
+            self.members.insert("end", f"{MARKS[state(online)]} {name}{you}")
+            self.members.itemconfigure("end", foreground=COLORS[state(online)])
         trace_view("members", ", ".join(self.members.get(0, "end")))
 
     def _append(self, chunks, tag=None):

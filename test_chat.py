@@ -1776,6 +1776,29 @@ class WindowTest(XvfbTestCase):
         bob.finish()
         alice.wait_for("^tk: notice bob left$")
 
+    def test_the_window_takes_the_terminals_commands(self):
+        """One command table (COMMANDS) for both UIs: /who's answer and
+        /help show in the chat, an unknown command is refused and stays in
+        the box, "//" sends a line that starts with /, and /quit leaves."""
+        server = self.start_server("--members", "1,2")
+        bob = self.start_client(server, "2", "bob")
+        alice = self.start_window(server, "1", "--name", "alice")
+        alice.wait_for("^tk: status Connected as alice")
+        self.type_into("alice - chat", "/who", "Return")
+        alice.wait_for(r"^tk: notice members: alice \(1, online\), "
+                       r"bob \(2, online\)$")
+        self.type_into("alice - chat", "/help", "Return")
+        alice.wait_for(r"^tk: notice   /quit +leaves")
+        self.type_into("alice - chat", "/nick al", "Return")
+        alice.wait_for(r"^tk: status Not sent: /nick is not a command; "
+                       r"/help lists them")
+        self.type_into("alice - chat", "ctrl+a", "//nick is IRC", "Return")
+        bob.wait_for("alice: /nick is IRC$", stream="stdout")
+        self.type_into("alice - chat", "/quit", "Return")
+        self.assertEqual(alice.wait(), 0)
+        bob.wait_for(r"^\* alice left$")
+        self.assertEqual(texts(bob), ["alice: /nick is IRC"])
+
     def test_name_dialog_comes_first(self):
         server = self.start_server("--members", "1,2")
         bob = self.start_client(server, "2", "bob")
