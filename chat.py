@@ -12,8 +12,10 @@ where the message passes in each section, in the tests and in README:
 The path of alice's "hi", hop by hop, with the section (§) of each. With
 CHAT_TRACE=1 set, every process prints a line at each hop, naming its
 thread (README, "Watch a message travel"); test_chat.py checks that the
-lines come in this order. "(III)" marks the hops of the default server and
-client, which use Part III; with --plain, Part I's take their place.
+lines come in this order. "(III)" marks the hops of Part III's classes,
+which the default server and client take; "(plain)" the Part I hop they
+replace, taken with --plain. SerializedOnce (and so parsed_as) runs on
+both servers; only a file cut after Part I goes without it.
 
   alice   TerminalClient.queue_message  §8   the stdin thread (_read) puts
                                              the typed line in the outbox
@@ -23,7 +25,8 @@ client, which use Part III; with --plain, Part I's take their place.
           Store.append                  §3   commits it: "hi" is seq 7
           ChatRoomServicer._fan_out     §5   one pb.Event for all but alice
           SerializedOnce.wire           §11  (III) serialized once, for all
-          Hub.publish                   §4   into each online member's queue
+          Hub.publish                   §4   (plain) into each online
+                                             member's queue
           RoundsHub.publish             §11  (III) the same, in the loop's
           RoundsHub._round              §11  next round
   alice   ChatClient.send               §7   <-- returns SendReply(seq=7)
@@ -38,8 +41,10 @@ client, which use Part III; with --plain, Part I's take their place.
           TerminalClient.on_event       §8   prints format_message's
                                              "[14:02:07] alice: hi"
           ReadReceipts._start           §7   MarkRead(up_to_seq=7) -->: at
-                                             once, or 2.5 to 7.5 s later
-                                             (III: ThrottledReadReceipts)
+                                             once, or (III) 2.5 to 7.5 s
+                                             later, when ThrottledReadReceipts
+                                             ._due (§12) calls it on its
+                                             timer thread
   server  ChatRoomServicer.MarkRead     §5
           Store.mark_read               §3   7 is read now (III: saved
                                              within a second, as
@@ -1566,7 +1571,8 @@ def retry_delays():
 COMMANDS = {
     "/help": "lists the commands",
     "/who": "lists the members and who is online",
-    "/quit": "leaves once every message typed so far is stored",
+    "/quit": "leaves once every message typed so far is stored (the "
+             "window asks, if some are not)",
 }
 
 
@@ -1600,6 +1606,8 @@ def who_line(chat):
         members = chat.list_members()
     except Refused as refused:
         return f"/who failed: {refused.details}"
+    except ValueError:  # the channel was closed: we are leaving
+        return "/who failed: leaving the room."
     return "members: " + ", ".join(
         f"{m.name} ({m.id}{', online' if m.online else ''})" for m in members)
 
@@ -2354,7 +2362,7 @@ class ChatWindow:
         line = self.entry.get("1.0", "end-1c").strip("\n")
         command, text = typed(line)
         if command:
-            self._command(command)
+            self._command(command, text)
             return
         if problem := text_problem(text):
             # Refused here, with the reason; the text stays in the box.
@@ -2375,7 +2383,7 @@ class ChatWindow:
         trace_view("message", f"{self.name}: {text}", "sending")
         self.outbox.put((tag, text))
 
-    def _command(self, command):
+    def _command(self, command, rest):
         """Run a command typed in the message box (COMMANDS, section 7);
         an unknown one stays in the box, with the reason."""
         if problem := command_problem(command):
@@ -2383,15 +2391,23 @@ class ChatWindow:
             self.root.bell()
             return
         self.entry.delete("1.0", "end")
-        if command == "/help":
-            for line in help_lines():
-                self._notice(line)
-        elif command == "/who":  # ListMembers blocks: not on this thread
-            threading.Thread(target=lambda: self._post(
-                self._notice, who_line(self.chat)), daemon=True,
-                name="who").start()
-        else:  # /quit
-            self.close()
+        run = {"/help": self.help, "/who": self.who, "/quit": self.quit}
+        run[command](rest)
+
+    # The commands. Each gets the rest of its line.
+    def help(self, _rest):
+        for line in help_lines():
+            self._notice(line)
+
+    def who(self, _rest):
+        # ListMembers blocks: on a thread of its own, never Tk's.
+        threading.Thread(target=lambda: self._post(
+            self._notice, who_line(self.chat)), daemon=True,
+            name="who").start()
+
+    def quit(self, _rest):
+        """Close the window; with messages not yet stored, ask first."""
+        self.close()
 
     def _send_loop(self):
         """Runs on the sender thread: send queued messages one by one, in
@@ -2787,7 +2803,8 @@ EXTENSIONS.append(window_flags)
 #
 # Each optimization is a small subclass (or mixin) of a Part I class, whose
 # docstring opens with what it buys; `server --plain` (for
-# ThrottledReadReceipts, `client --plain`) leaves them out. They all spare
+# ThrottledReadReceipts, `client --plain`) leaves them out, all but
+# SerializedOnce, which PlainServicer keeps. They all spare
 # the event loop's thread, which runs every handler step and every write's
 # sendmsg() (section 6): with 1,000 members it is the bottleneck.
 
