@@ -1132,8 +1132,9 @@ CLIENT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
-# wait_for_ready, three ways. Without it a call fails at once (UNAVAILABLE)
-# while the channel cannot connect; with it the call waits for the channel.
+# wait_for_ready, three ways. Without it a call fails (UNAVAILABLE) as soon
+# as the channel's attempt to connect fails; with it the call waits, through
+# the channel's retries, until it connects or the call's deadline passes.
 #   Send          waits, with a deadline (SEND_TIMEOUT) per attempt: it rides
 #                 out a reconnect, but never hangs without an answer.
 #   the first Join  does not wait: a wrong address or a stopped server is
