@@ -10,12 +10,11 @@ where the message passes in each section, in the tests and in README:
     and gets nothing.
 
 The path of alice's "hi", hop by hop, with the section (§) of each. With
-CHAT_TRACE=1 set, every process prints a line at each hop, naming its
-thread (README, "Watch a message travel"); test_chat.py checks that the
-lines come in this order. "(III)" marks the hops of Part III's classes,
-which the default server and client take; "(plain)" the Part I hop they
-replace, taken with --plain. SerializedOnce (and so parsed_as) runs on
-both servers; only a file cut after Part I goes without it.
+CHAT_TRACE=1, every process prints a line at each hop, naming its thread
+(README, "Watch a message travel"), and test_chat.py checks that they come
+in this order. "(III)" marks the hops of Part III's classes, which the
+default server and client take; "(plain)" the one they replace, taken with
+--plain. SerializedOnce (with parsed_as) runs on both servers.
 
   alice   TerminalClient.queue_message  §8   the stdin thread (_read) puts
                                              the typed line in the outbox
@@ -51,13 +50,12 @@ both servers; only a file cut after Part I goes without it.
                                              BatchedReadsStore.save_reads
                                              saves them together)
 
-The sections are in bottom-up order, not in the order of the path: the
-server from its storage outwards (3 to 6), then the client from the network
-up to the screen (7 and 8). Follow the path by its section numbers.
+The sections are in bottom-up order: the server from its storage outwards
+(3 to 6), then the client from the network up to the screen (7 and 8).
 
 The file is in layers, each complete: cut it before any part's banner
 (keeping the closing `if __name__` lines) and what is left runs. A later
-part extends an earlier one only by subclasses, and by one hook on the
+part extends an earlier one only by subclasses and by one hook on the
 command line (EXTENSIONS, section 9); nothing refers forward.
 
 Part I, the chat (a complete chat that keeps every promise in README), in
@@ -77,7 +75,7 @@ Part II, the window:
 
    10. The window          the Tk client: threads and Tk, without polling
 
-Part III, for a thousand members (used unless `server --plain` or `client
+Part III, for a thousand members (unless `server --plain`, `client
 --plain`): each measured optimization as a small subclass or mixin of a
 Part I class, as socketserver's ThreadingMixIn changes its server:
 
@@ -112,9 +110,9 @@ Where each gRPC lesson is taught:
 
 The server uses grpc.aio: one asyncio event loop runs every handler, for
 any number of streams. The client uses grpc's threaded API (blocking calls,
-and one thread that reads the stream), as a terminal or a Tk window has a
-main loop of its own that is not asyncio. So the file shows both of
-grpcio's APIs, and how each waits for the network.
+and a thread that reads the stream), as a terminal or a Tk window has a
+main loop of its own. So the file shows both of grpcio's APIs, and how
+each waits for the network.
 """
 
 import argparse
@@ -2802,38 +2800,33 @@ EXTENSIONS.append(window_flags)
 
 # Part III: for a thousand members ===========================================
 #
-# Each optimization is a small subclass (or mixin) of a Part I class, whose
-# docstring opens with what it buys; `server --plain` (for
-# ThrottledReadReceipts, `client --plain`) leaves them out, all but
-# SerializedOnce, which PlainServicer keeps. They all spare
-# the event loop's thread, which runs every handler step and every write's
-# sendmsg() (section 6): with 1,000 members it is the bottleneck.
+# Each optimization is a small subclass (or mixin) of a Part I class that
+# says what it buys and what it costs; the figures are in README's
+# Performance. `server --plain` and `client --plain` leave them out, all but
+# SerializedOnce. They spare the event loop's thread, which runs every
+# handler step and every write's sendmsg() (section 6): with 1,000 members
+# online, it is the bottleneck.
 
 
 # 11. Serving a thousand members ---------------------------------------------
 
 
 class CoalescingSession(Session):
-    """Each write carries every event waiting in the queue, up to MAX_BATCH,
-    not one: a write (a gRPC batch, its completion, an HTTP/2 frame, a
-    sendmsg()) costs about as much for ten messages as for one. Buys, with
-    RoundsHub, the throughput of a busy room (README, Performance); costs
-    nothing a member can see."""
+    """Each write carries every event waiting in the queue (up to
+    MAX_BATCH), as a write costs about as much for ten messages as for one.
+    Buys, with RoundsHub, a busy room's throughput; costs nothing a member
+    can see."""
 
     MAX_BATCH = 100  # events per write, at most (a message: up to 16 KB)
     held = None  # an event taken from the queue, to write next
 
     async def next_write(self):
         """The next event (waits for one), joined with the events of the
-        same kind queued right behind it.
-
-        Each waits as a serialized Event with only `messages` (or only
-        `presence`), and such Events' bytes, joined, are one Event with all
-        their elements (chat.proto says why). Only runs of one kind are joined,
-        so messages and presence changes keep their order. The first byte is
-        the field's key, (field number << 3) | wire type: 0x12 for `messages`
-        (field 2, wire type 2: length-delimited), 0x22 for field 4, `presence`.
-        """
+        same kind queued right behind it. Serialized Events that hold only
+        `messages` (or only `presence`), joined, are one Event with all
+        their elements (chat.proto says why). The first byte tells the kind:
+        the field's key, (field number << 3) | wire type 2, is 0x12 for
+        `messages` (field 2), 0x22 for `presence` (field 4)."""
         first = self.held or await self.queue.get()
         self.held = None
         parts = [first]
@@ -2849,21 +2842,15 @@ class CoalescingSession(Session):
 
 
 class RoundsHub(Hub):
-    """Fan-out in rounds, with rests while the loop is busy, so that
-    CoalescingSession finds many messages to put in one write (alone,
-    either buys little).
-
-    A round puts everything published since the last one into the queues,
-    which wakes the writers; the loop then runs each writer's step, which
-    starts its write. If the round and those steps took more than
-    BUSY_SHARE of the time since the last round began, the loop is busy
-    writing, and for BUSY_FOR seconds each round is followed by a rest
-    half as long as it took. What is published meanwhile goes out in the
-    next round: one write per member for all of it. The busier the loop,
-    the more each write carries, instead of the loop falling behind; and
-    the rest lets in the Sends waiting to get in. A quiet room never
-    rests: a message's round runs at the next pass of the loop.
-    """
+    """Fan-out in rounds, so that CoalescingSession finds several messages
+    for each write. A round puts everything published since the last one
+    into the queues, and the loop runs each woken writer's step. If that
+    took more than BUSY_SHARE of the time since the last round began, then
+    for BUSY_FOR seconds each round is followed by a rest half as long: what
+    is published meanwhile goes out in the next round, one write per member,
+    and the rest lets waiting Sends in. A quiet room never rests. Buys, with
+    CoalescingSession, a busy room's throughput; costs a message published
+    during a rest that wait."""
 
     BUSY_SHARE = 0.3  # of the loop's time spent starting one round's writes
     REST = 0.5        # while busy, rest this many times as long as the round
@@ -2931,12 +2918,11 @@ class RoundsHub(Hub):
 
 
 class BatchedReadsStore(Store):
-    """Read positions saved together within SAVE_DELAY, in one commit. With
-    1,000 members online, hundreds confirm something every second; each
-    commit adds a 4 KB page to the WAL file, and every 1,000 pages a
-    checkpoint stalls the event loop. The price: a server killed before it
-    saves shows those members their last second again: twice, never lost.
-    """
+    """Read positions saved together, in one commit within SAVE_DELAY,
+    instead of a commit (and a page of the WAL file) for each MarkRead.
+    Buys the loop's time in a busy room; costs, if the server is killed
+    before it saves, those members their last second of messages shown
+    again: twice, never lost."""
 
     SAVE_DELAY = 1.0  # seconds
 
@@ -2981,11 +2967,9 @@ class BatchedReadsStore(Store):
 
 class BatchedPresence:
     """A mixin for ChatRoomServicer: presence changes go out together, at
-    most PRESENCE_DELAY after the first, as one Event. When 1,000 members
-    come in at once (after a restart of the server), each gets a few dozen
-    writes instead of 1,000. Buys a fast join storm (README, Performance);
-    costs "bob joined" up to PRESENCE_DELAY late. A chat message sends the
-    waiting changes first, so the order stays true."""
+    most PRESENCE_DELAY after the first, as one Event (a chat message sends
+    those waiting first, so the order stays true). Buys a fast join storm,
+    as after a restart; costs "bob joined" up to PRESENCE_DELAY late."""
 
     PRESENCE_DELAY = 0.1  # seconds
 
@@ -3037,17 +3021,13 @@ class BatchedPresence:
 
 
 def chat_room_handlers(servicer):
-    """Our RPCs as gRPC method handlers, by method name: what the generated
-    services.add_ChatRoomServicer_to_server() registers, written out by
-    hand for two changes:
-      * Join has no response serializer: each event is serialized once,
-        before the hub (SerializedOnce.wire), and gRPC sends those bytes as
-        they are.
-      * Hardening: no request deserializers; each method parses its raw
-        bytes itself (parsed_as). For bytes that do not parse (say, a
-        string that is not UTF-8) gRPC's own would log a traceback and
-        answer UNKNOWN; we answer INVALID_ARGUMENT, with a sentence.
-    """
+    """Our RPCs as gRPC method handlers, by name: what the generated
+    add_ChatRoomServicer_to_server() registers, by hand for two changes.
+    Join has no response serializer: gRPC sends the bytes that
+    SerializedOnce.wire made. And no request deserializers (hardening):
+    for bytes that do not parse (a string that is not UTF-8, say), gRPC's
+    would log a traceback and answer UNKNOWN; parsed_as answers
+    INVALID_ARGUMENT, with a sentence."""
     return {
         "Join": grpc.unary_stream_rpc_method_handler(
             parsed_as(pb.JoinRequest, servicer.Join)),
@@ -3082,11 +3062,10 @@ def parsed_as(request_class, method):
 
 
 class SerializedOnce:
-    """A mixin for ChatRoomServicer. Buys one SerializeToString() per event
-    instead of one per member and write, and the byte-joining that
-    CoalescingSession does (README, Performance); costs hand-written method
-    handlers. Hardening too: requests that do not parse get
-    INVALID_ARGUMENT and a sentence (parsed_as)."""
+    """A mixin for ChatRoomServicer: each event serialized once, not once
+    per member. Buys the loop's time, and the byte-joining that
+    CoalescingSession does; costs hand-written method handlers, which also
+    refuse requests that do not parse (parsed_as)."""
 
     def wire(self, event):
         trace("server", "SerializedOnce.wire", event)
@@ -3108,14 +3087,11 @@ class PlainServicer(SerializedOnce, ChatRoomServicer):
 
 class ThousandMemberServicer(BatchedPresence, SerializedOnce,
                              ChatRoomServicer):
-    """Part I's servicer with all of Part III: what `server` runs.
-
-    It also runs Python's cyclic garbage collector less often. Each write
-    allocates objects the collector tracks (futures, grpc.aio's
-    operations), so with 1,000 streams a full collection comes often and
-    walks them all to find no garbage: reference counting frees it. Buys
-    a lower p99 (README, Performance); costs memory that cycles hold a
-    little longer."""
+    """Part I's servicer with all of Part III: what `server` runs. It also
+    runs Python's cyclic garbage collector less often: each write makes
+    objects it tracks, and with many streams a collection comes often and
+    walks them all to find nothing (reference counting frees them). Buys a
+    lower p99; costs memory that cycles hold a little longer."""
 
     store_class = BatchedReadsStore
     hub_class = RoundsHub
@@ -3131,19 +3107,17 @@ class ThousandMemberServicer(BatchedPresence, SerializedOnce,
 
 
 class ThrottledReadReceipts(ReadReceipts):
-    """ReadReceipts that confirm about once every 5 seconds, not after each
-    batch of messages: one MarkRead per member every few seconds, however
-    busy the room. Buys the server's time (README, Performance); costs, if
-    the client dies, its last few seconds of messages shown again as
-    unread. None is lost."""
+    """ReadReceipts that confirm about every INTERVAL seconds, not after
+    each batch of messages, however busy the room. Buys the server's time;
+    costs, if the client dies, its last seconds of messages shown again as
+    unread (none is lost)."""
 
     INTERVAL = 5.0  # seconds between MarkReads, on average
 
     @classmethod
     def pause(cls):
-        """INTERVAL, give or take half. Every client gets a message at
-        about the same moment: with a fixed pause, all 1,000 would confirm
-        it together too and stall the server. Random pauses spread them."""
+        """INTERVAL, give or take half: every client gets a message at the
+        same moment, and random pauses spread their MarkReads."""
         return cls.INTERVAL * (0.5 + random.random())
 
     def __init__(self, stub, client_id, metadata):

@@ -2307,5 +2307,52 @@ class CommandLineTest(unittest.TestCase):
                                 f"README does not explain {flag}")
 
 
+# Most of a test's time is spent waiting for its processes, so the classes
+# run two at a time (CHAT_TEST_WORKERS=1: one at a time). Each class runs
+# whole on one thread, with its setUpClass and tearDownClass, into a result
+# of its own that records what happened; these are then told to unittest's
+# result in the file's order, as if the classes had run one by one.
+
+class Recording(unittest.TestResult):
+    """A result that keeps each call made to it, to replay them later."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def replay(self, result):
+        for name, args in self.calls:
+            getattr(result, name)(*args)
+
+
+for _name in ("startTest", "stopTest", "addSuccess", "addFailure", "addError",
+              "addSkip", "addExpectedFailure", "addUnexpectedSuccess",
+              "addSubTest"):
+    setattr(Recording, _name, lambda self, *args, _name=_name:
+            self.calls.append((_name, args)))
+
+
+class ConcurrentSuite(unittest.TestSuite):
+    def run(self, result, debug=False):
+        workers = int(os.environ.get("CHAT_TEST_WORKERS", "2"))
+
+        def run_class(suite):
+            recording = Recording()
+            suite.run(recording)
+            return recording
+        with futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+            for recording in pool.map(run_class, self):
+                recording.replay(result)
+                if result.shouldStop:  # failfast: start no more classes
+                    pool.shutdown(cancel_futures=True)
+                    break
+        return result
+
+
+def load_tests(loader, tests, pattern):
+    """unittest's hook: this module's tests, one suite per class."""
+    return ConcurrentSuite(tests)
+
+
 if __name__ == "__main__":
     unittest.main()
