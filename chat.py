@@ -395,8 +395,8 @@ class Store:
         moves past it, in the same commit: a new client process of alice's
         then replays her "hi" only if something unread came before it."""
         if message_id:
-            copies = self._select("sender_id = ? AND message_id = ?",
-                                  (sender_id, message_id))
+            copies = self._select("sender_id = :member AND message_id = :id",
+                                  member=sender_id, id=message_id)
             if copies:
                 return copies[0], False
         sent_at_us = time.time_ns() // 1000
@@ -427,8 +427,9 @@ class Store:
         before = self.read_seq(client_id)
         position = max(before, min(up_to_seq, self.last_seq))
         from_others = self.db.execute(
-            "SELECT MIN(seq) FROM messages WHERE seq > ? AND sender_id != ?",
-            (position, client_id)).fetchone()[0]
+            f"SELECT MIN(seq) FROM messages WHERE {self.may_see(own=False)} "
+            "AND seq > :after", {"member": client_id, "after": position}
+        ).fetchone()[0]
         position = self.last_seq if from_others is None else from_others - 1
         if position != before:
             self.save_read(client_id, position)
@@ -439,26 +440,40 @@ class Store:
         self.db.execute("UPDATE members SET read_seq = ? WHERE id = ?",
                         (position, client_id))
 
+    def may_see(self, own=True):
+        """The one rule of which messages the member :member may see, as an
+        SQL condition: all of them, or all but its own (own=False). Each
+        read of messages for a member uses it, and ChatRoomServicer._fan_out
+        follows it live: private messages would change these two places."""
+        return "TRUE" if own else "sender_id != :member"
+
     def count_unread(self, client_id, after_seq, up_to_seq):
         """How many messages from others lie in (after_seq, up_to_seq]."""
         return self.db.execute(
-            "SELECT COUNT(*) FROM messages "
-            "WHERE seq > ? AND seq <= ? AND sender_id != ?",
-            (after_seq, up_to_seq, client_id)).fetchone()[0]
+            f"SELECT COUNT(*) FROM messages WHERE {self.may_see(own=False)} "
+            "AND seq > :after AND seq <= :up_to",
+            {"member": client_id, "after": after_seq, "up_to": up_to_seq}
+        ).fetchone()[0]
 
-    def recent(self, up_to_seq, limit):
-        """The last limit messages up to up_to_seq, anyone's, oldest first."""
-        return self._select("seq <= ? ORDER BY seq DESC LIMIT ?",
-                            (up_to_seq, limit))[::-1]
-
-    def messages_for(self, after_seq, up_to_seq, limit, skip_sender=None):
-        """Up to limit messages in (after_seq, up_to_seq], oldest first,
-        leaving out those of skip_sender (None: anyone's)."""
+    def recent(self, client_id, up_to_seq, limit):
+        """The last limit messages up to up_to_seq that client_id may see,
+        its own too, oldest first."""
         return self._select(
-            "seq > ? AND seq <= ? AND sender_id IS NOT ? ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq, skip_sender, limit))
+            f"{self.may_see(own=True)} AND seq <= :up_to "
+            "ORDER BY seq DESC LIMIT :limit",
+            member=client_id, up_to=up_to_seq, limit=limit)[::-1]
 
-    def _select(self, where, parameters):
+    def messages_for(self, client_id, after_seq, up_to_seq, limit, resuming):
+        """Up to limit messages in (after_seq, up_to_seq] for client_id's
+        replay, oldest first: its own too, unless it is resuming. A new
+        client process has not seen them; a resuming one showed each when
+        its Send returned (chat.proto, JoinRequest.resuming)."""
+        return self._select(
+            f"{self.may_see(own=not resuming)} AND seq > :after "
+            "AND seq <= :up_to ORDER BY seq LIMIT :limit",
+            member=client_id, after=after_seq, up_to=up_to_seq, limit=limit)
+
+    def _select(self, where, **parameters):
         """The messages that match an SQL condition, as Stored rows."""
         return [Stored(*row) for row in self.db.execute(
             f"SELECT {STORED_COLUMNS} FROM messages WHERE {where}",
@@ -684,8 +699,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
         return name
 
     def _go_online(self, request, name):
-        """Put the member online; return its session, its Welcome, and what
-        to replay: (after seq, up to seq, sender to leave out).
+        """Put the member online; return its session, its Welcome, and the
+        arguments of its _replay.
 
         No await here: the session goes online (gets every publish from now
         on) in the same loop step that reads `head`, the last stored seq, and
@@ -705,18 +720,18 @@ class ChatRoomServicer(services.ChatRoomServicer):
                            "this session was closed.")
         if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
-        recent = self.store.recent(start, min(request.history,
-                                              self.MAX_HISTORY))
+        recent = self.store.recent(client_id, start,
+                                   min(request.history, self.MAX_HISTORY))
         welcome = pb.Event(welcome=pb.Welcome(
             unread=self.store.count_unread(client_id, start, head),
             read_seq=start, members=self._members(),
             recent=[to_message(stored) for stored in recent],
             history_id=self.store.history_id))
-        # A resuming client's replay leaves out its own messages (chat.proto,
-        # JoinRequest.resuming); one from another history has none of ours.
+        # Resuming counts only in this history: a client from another one
+        # has none of its messages (chat.proto, JoinRequest.history_id).
         resuming = ((request.resuming or request.after_seq > 0)
                     and self._ours(request.history_id))
-        return session, welcome, (start, head, client_id if resuming else None)
+        return session, welcome, (client_id, start, head, resuming)
 
     def _read_up_to(self, request):
         """The seq up to which the member has read, in this history."""
@@ -734,10 +749,11 @@ class ChatRoomServicer(services.ChatRoomServicer):
         """Is history_id this room's history (or not given)?"""
         return history_id in ("", self.store.history_id)
 
-    async def _replay(self, context, start, head, skip_sender):
-        """Write the messages in (start, head], then CaughtUp."""
+    async def _replay(self, context, client_id, start, head, resuming):
+        """Write the member's messages in (start, head] (Store.messages_for),
+        then CaughtUp."""
         while batch := self.store.messages_for(
-                start, head, self.REPLAY_BATCH, skip_sender):
+                client_id, start, head, self.REPLAY_BATCH, resuming):
             event = pb.Event(messages=[to_message(stored) for stored in batch])
             trace("server", "ChatRoomServicer._replay", event)
             await context.write(self.wire(event))
@@ -853,7 +869,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
                          skip={session.client_id})
 
     def _fan_out(self, stored):
-        """Hand a new message to everyone online but its sender: the same
+        """Hand a new message to everyone online but its sender, which has
+        it from its SendReply: Store.may_see(own=False), live. The same
         pb.Event object goes into every queue."""
         event = pb.Event(messages=[to_message(stored)])
         trace("server", "ChatRoomServicer._fan_out", event)
