@@ -190,10 +190,9 @@ MAX_REQUEST_BYTES = 256 * 1024
 QUEUE_LIMIT = 1000
 
 # The room password goes with every call as metadata, an HTTP/2 header: its
-# value is ASCII text, unless the key ends in "-bin" (then bytes, base64 on
-# the wire). An ASCII key refuses "é" on the client (INTERNAL "Invalid
-# metadata"), so the password goes as UTF-8 under a -bin key. Both sides
-# read it from CHAT_PASSWORD, not argv (`ps` shows argv).
+# value is ASCII, unless the key ends in "-bin" (bytes, base64 on the wire).
+# A typed "é" would fail on the client (INTERNAL "Invalid metadata"), so it
+# goes as UTF-8 under a -bin key, read from CHAT_PASSWORD (`ps` shows argv).
 PASSWORD_KEY = "chat-password-bin"
 
 
@@ -328,10 +327,9 @@ class Store:
     def __init__(self, path):
         # isolation_level=None: no hidden BEGIN; each statement commits.
         self.db = sqlite3.connect(path, isolation_level=None, timeout=0.1)
-        # EXCLUSIVE: the file stays locked while we run, so a second server
-        # on it fails at start ("database is locked") instead of handing out
-        # the same seqs (and WAL needs no shared memory). The OS drops the
-        # lock if we die.
+        # EXCLUSIVE: the file stays locked while we run (the OS drops the
+        # lock if we die), so a second server on it fails at start ("database
+        # is locked") instead of handing out the same seqs.
         self.db.execute("PRAGMA locking_mode = EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(SCHEMA)
@@ -422,9 +420,8 @@ class Store:
 
     def messages_for(self, client_id, after_seq, up_to_seq, limit, resuming):
         """Up to limit messages in (after_seq, up_to_seq], oldest first, for
-        client_id's replay: its own too, unless it is resuming. A new client
-        process has not seen them; a resuming one showed each when its Send
-        returned (chat.proto, JoinRequest.resuming)."""
+        client_id's replay: its own too, unless it resumes (a new client
+        process has not seen them; chat.proto, JoinRequest.resuming)."""
         return [Stored(*row) for row in self._select(
             STORED_COLUMNS, "seq > :after AND seq <= :up_to "
             "ORDER BY seq LIMIT :limit", own=not resuming, member=client_id,
@@ -438,8 +435,7 @@ class Store:
         return "TRUE" if own else "sender_id != :member"
 
     def _select(self, columns, where, own=True, **parameters):
-        """SELECT columns FROM the messages that :member may see and that
-        match the SQL condition where (named parameters)."""
+        """SELECT columns of the messages :member may see that match where."""
         return self.db.execute(f"SELECT {columns} FROM messages WHERE "
                                f"({self.may_see(own)}) AND {where}",
                                parameters)
@@ -546,8 +542,8 @@ def to_message(stored):
 
 class ChatRoomServicer(services.ChatRoomServicer):
     """The room's RPCs, overriding the generated base class's (which answer
-    UNIMPLEMENTED); owns the store and hub. Part III swaps in its classes
-    below, as socketserver's servers take a RequestHandlerClass, and
+    UNIMPLEMENTED); owns the store and hub. Part III swaps in the three
+    classes below, as socketserver's servers take a RequestHandlerClass, and
     overrides _announce, _go_online, _fan_out, wire and add_to."""
 
     store_class = Store  # what serve() opens for it
@@ -581,7 +577,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
         # bytes out, not when the client reads them: a client that stops
         # reading stalls only this handler, while its queue fills. We write
         # rather than `yield` so that a cancel during a write raises
-        # CancelledError here, where we can still send a status.
+        # CancelledError here, where we can still send a status (with
+        # `yield`, grpc's loop around the generator gets it: no status).
         try:
             await context.write(self.wire(welcome))
             del welcome  # it lists the whole group; the stream lives on
@@ -636,7 +633,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
         overlap. (bob, back, gets "hi" replayed.)"""
         client_id = request.client_id
         self.store.remember(client_id, name)
-        start, head = self._read_up_to(request), self.store.last_seq
+        start, resuming = self._read_up_to(request)
+        head = self.store.last_seq
         session = self.session_class(client_id, name)
         if replaced := self.hub.add(session):
             # The same member again (its client reconnecting before we saw
@@ -653,21 +651,21 @@ class ChatRoomServicer(services.ChatRoomServicer):
             read_seq=start, members=self._members(),
             recent=[to_message(stored) for stored in recent],
             history_id=self.store.history_id))
-        # From another history, a client has none of its messages.
-        resuming = ((request.resuming or request.after_seq > 0)
-                    and self._ours(request.history_id))
         return session, welcome, (client_id, start, head, resuming)
 
     def _read_up_to(self, request):
-        """The seq up to which the member has read, in this history: all a
-        resuming client has (recorded as read), else the position stored."""
-        if request.after_seq and self._ours(request.history_id):
+        """The seq up to which the member has read, in this history, and
+        whether it resumes: all that a resuming client has counts as read.
+        A client from another history has none of this one's messages."""
+        ours = self._ours(request.history_id)
+        if request.after_seq and ours:
             self.store.mark_read(request.client_id, request.after_seq)
-            return min(request.after_seq, self.store.last_seq)
+            return min(request.after_seq, self.store.last_seq), True
         if request.after_seq:
             log.info("%s resumes from another history; it starts over from "
                      "its read position in this one", request.client_id)
-        return self.store.read_seq(request.client_id)
+        return (self.store.read_seq(request.client_id),
+                ours and request.resuming)
 
     def _ours(self, history_id):
         """Is history_id this room's history (or not given)?"""
