@@ -153,55 +153,44 @@ log = logging.getLogger("chat")
 
 # Part I: the chat ===========================================================
 #
-# Every section in its plainest correct form. Code that is here only because
-# a promise needs it against careless or hostile clients says "Hardening":
-# the room password, flood control (TokenBucket), the queue limit
-# (_too_slow), TLS (section 6) and keepalive.
+# Every section in its plainest correct form. "Hardening" marks code that a
+# promise needs against careless or hostile clients: the room password,
+# flood control, the queue limit, TLS and keepalive.
 
 
 # 1. The vocabulary ----------------------------------------------------------
 #
-# protos_and_services() runs protoc inside this process (it needs
-# grpcio-tools) and returns the two modules that `python -m grpc_tools.protoc`
-# would write to chat_pb2.py and chat_pb2_grpc.py: pb, the message classes
-# (pb.JoinRequest, ...), and services (ChatRoomStub, for the client). The
-# path is looked up on sys.path, where `python chat.py` puts chat.py's
-# folder first, so this works from any working directory.
+# protos_and_services() runs protoc in this process (it needs grpcio-tools)
+# and returns the modules it would write to chat_pb2.py and chat_pb2_grpc.py:
+# pb, the message classes, and services (the servicer's base class,
+# add_ChatRoomServicer_to_server, ChatRoomStub). chat.proto is looked up on
+# sys.path, which `python chat.py` starts with chat.py's folder.
 pb, services = grpc.protos_and_services("chat.proto")
 
 
 # 2. The rules ---------------------------------------------------------------
 #
-# Both sides use these checks: the server refuses bad input with
-# INVALID_ARGUMENT and a sentence, a client says what is wrong before it
-# sends. Only the server's check counts: a client can be anything.
+# Checks for both sides: the server refuses bad input with INVALID_ARGUMENT
+# and a sentence, a client says what is wrong before it sends. Only the
+# server's check counts: a client can be anything.
 
 MAX_TEXT_CHARS = 4000  # one message; about two pages of text
 MAX_NAME_CHARS = 32
 MAX_MESSAGE_ID_CHARS = 64
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer; seqs come from its rowid
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-
 RATE = 20  # flood control: messages a second per member (server --rate)
-
-# The largest request the server reads at all; gRPC refuses a bigger one
-# (RESOURCE_EXHAUSTED) before our code runs. Far above MAX_TEXT_CHARS (at
-# most 16 KB of UTF-8), so too long a message still gets our own sentence.
+# gRPC refuses a bigger request (RESOURCE_EXHAUSTED) before our code runs;
+# a message at MAX_TEXT_CHARS (16 KB of UTF-8 at most) gets our sentence.
 MAX_REQUEST_BYTES = 256 * 1024
-
-# Hardening: the most events that wait in one member's queue on the server.
-# Past it (its client stopped reading) the member is taken offline, so memory
-# cannot grow without bound; it catches up from its read position later.
+# Hardening: past this many events waiting for it (its client stopped
+# reading), a member is taken offline; it catches up from its read position.
 QUEUE_LIMIT = 1000
 
-# The room password travels with every call as call metadata under this
-# key. A metadata value is ASCII text (it becomes an HTTP/2 header), unless
-# its key ends in "-bin": then it is bytes, which gRPC base64-encodes on
-# the wire. A password is whatever a person types ("crème brûlée"), so it
-# goes as UTF-8 bytes under a -bin key. (An ASCII-only key would refuse
-# "é" on the client itself, before any byte is sent: INTERNAL "Invalid
-# metadata".) Both sides read it from CHAT_PASSWORD, not argv (`ps` shows
-# argv).
+# The room password goes with every call as metadata, an HTTP/2 header: its
+# value is ASCII, unless the key ends in "-bin" (bytes, base64 on the wire).
+# A typed "é" would fail on the client (INTERNAL "Invalid metadata"), so it
+# goes as UTF-8 under a -bin key, read from CHAT_PASSWORD (`ps` shows argv).
 PASSWORD_KEY = "chat-password-bin"
 
 
@@ -217,7 +206,6 @@ def id_problem(client_id):
     if not ID_PATTERN.fullmatch(client_id):
         return (f"the client id {client_id[:40]!r} is not valid: use 1 to 32 "
                 "letters, digits, '_', '.' or '-'.")
-    return None
 
 
 def name_problem(name):
@@ -229,7 +217,6 @@ def name_problem(name):
         return "the name must be one line of printable characters."
     if name and not name.strip():
         return "the name must not be only spaces."
-    return None
 
 
 def text_problem(text):
@@ -239,37 +226,34 @@ def text_problem(text):
     if len(text) > MAX_TEXT_CHARS:
         return (f"the message is {len(text):,} characters long; the limit is "
                 f"{MAX_TEXT_CHARS:,}.")
-    # A terminal in another encoding gives bytes that are not UTF-8, which
-    # Python's stdin keeps as lone surrogates: no protobuf string holds them.
+    # Bytes that are not UTF-8 (a terminal in another encoding) come from
+    # stdin as lone surrogates, which no protobuf string holds.
     if any("\ud800" <= ch <= "\udfff" for ch in text):
         return ("the message is not valid UTF-8 text; is the terminal set to "
                 "another encoding?")
-    # Control characters could rewrite other people's terminals (an escape
-    # sequence that clears the screen, say), so only newline and tab pass.
+    # Control characters could rewrite others' terminals (clear the screen).
     if any(not ch.isprintable() and ch not in "\n\t" for ch in text):
         return ("the message contains control characters; only newlines and "
                 "tabs are allowed.")
-    return None
 
 
-# Watching a message travel (README): with CHAT_TRACE=1 in its environment,
-# a process prints one line to stderr at each hop of a message that the
-# header's map lists, naming the thread it runs on:
+# Watching a message travel (README): with CHAT_TRACE=1, a process prints a
+# line to stderr at each hop of the header's map, naming its thread:
 #   trace: server Store.append seq=7 thread=MainThread (event loop)
 TRACE = os.environ.get("CHAT_TRACE") == "1"
 
 
 def trace(side, hop, event=None, **details):
-    """Print a hop of a message: side is "server" or "client", hop the
-    function; event (a pb.Event or its bytes) gives the seqs of its
-    messages, and without messages nothing is printed."""
+    """Print one hop: side is "server" or "client", hop the function. An
+    event (a pb.Event or its bytes) gives the seqs of its messages; one
+    without messages (presence, CaughtUp) is no message's hop: no line."""
     if not TRACE:
         return
     if event is not None:
         if isinstance(event, bytes):
             event = pb.Event.FromString(event)
         if not event.messages:
-            return  # presence, CaughtUp: not a message's hop
+            return
         first, last = event.messages[0].seq, event.messages[-1].seq
         details = {"seq": first if first == last else f"{first}-{last}",
                    **details}
@@ -285,8 +269,8 @@ def trace(side, hop, event=None, **details):
 
 
 def say_line(text):
-    """Write text and a newline to stderr in one write, so that lines from
-    several threads never mix (print writes its parts one by one)."""
+    """Write a line to stderr in one write, so that lines from several
+    threads never mix (print writes its parts one by one)."""
     if sys.stderr is not None:  # None: started with stderr closed (2>&-)
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
@@ -294,30 +278,21 @@ def say_line(text):
 
 # 3. The store ---------------------------------------------------------------
 #
-# Everything that must survive a restart lives in one SQLite file:
-#   messages  the history; its INTEGER PRIMARY KEY is the seq, so SQLite
-#             hands out the room's single total order.
-#   members   each member's last name and read position (read_seq): the
-#             member has every message up to it, received or its own.
-#   history   one row: the history's identity, made with the file.
+# What must survive a restart lives in one SQLite file. A message's seq is
+# its INTEGER PRIMARY KEY, so SQLite hands out the room's single order. A
+# seq means something only in the history that gave it out, as a Kafka
+# offset does only in its topic: on another file (or :memory:, or from
+# another folder: chat.db is relative) seq 5 is someone else's message, or
+# none. So the Welcome names the history (history_id), a resuming client
+# says which one its after_seq counts in, and a Join from another history
+# starts over from the member's read position here, as a new client would.
 #
-# A seq means something only inside the history that gave it out, as a
-# Kafka offset does only in its topic. Start the server on another file
-# (or :memory:, or from another folder: chat.db is relative) and seq 5 is
-# someone else's message, or none. So the Welcome names the history
-# (history_id), a resuming client says which one its after_seq counts in,
-# and a Join from another history starts over from the member's read
-# position in this one, as a new client process would.
-#
-# Durability: Send answers only after its INSERT has committed, MarkRead
-# after its UPDATE. WAL mode appends each commit to chat.db-wal, and
-# synchronous=FULL fsyncs that file before the commit returns, so an
-# acknowledged message survives `kill -9` of the server and even a power
-# cut (NORMAL would survive only the kill).
-#
-# The event loop calls the store directly, and waits for each commit's
-# fsync (about 1 ms on an SSD). That is the price of the plainest design:
-# calls in order on one thread keep "commit, then fan out" in seq order.
+# Durability: Send answers once its INSERT has committed, MarkRead once its
+# UPDATE has. WAL mode appends each commit to chat.db-wal, and
+# synchronous=FULL fsyncs that before the commit returns: an acknowledged
+# message survives `kill -9` of the server and a power cut (NORMAL survives
+# only the kill). The event loop calls the store and waits for each fsync
+# (about 1 ms): the plainest design, and it keeps commits in seq order.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -330,14 +305,12 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_copy_per_retry
     ON messages (sender_id, message_id);            -- NULLs never collide
-CREATE TABLE IF NOT EXISTS members (
+CREATE TABLE IF NOT EXISTS members (                -- all who ever joined
     id       TEXT PRIMARY KEY,
-    name     TEXT NOT NULL,
-    read_seq INTEGER NOT NULL DEFAULT 0             -- last seq confirmed read
+    name     TEXT NOT NULL,                         -- the last one used
+    read_seq INTEGER NOT NULL DEFAULT 0  -- has all up to it: read, or its own
 );
-CREATE TABLE IF NOT EXISTS history (
-    id TEXT NOT NULL                                -- random, made once
-);
+CREATE TABLE IF NOT EXISTS history (id TEXT NOT NULL);  -- one row, random
 """
 
 Stored = collections.namedtuple(  # one row of the messages table
@@ -346,17 +319,15 @@ STORED_COLUMNS = ", ".join(Stored._fields)
 
 
 class Store:
-    """History and read positions in SQLite. Every change is committed
-    before the method returns."""
+    """History and read positions in SQLite; every change is committed
+    before the method returns. Part III overrides read_seq and save_read."""
 
     def __init__(self, path):
-        # isolation_level=None: no hidden BEGIN; each statement commits by
-        # itself, which is exactly the "stored before acknowledged" we want.
+        # isolation_level=None: no hidden BEGIN; each statement commits.
         self.db = sqlite3.connect(path, isolation_level=None, timeout=0.1)
-        # EXCLUSIVE locking keeps the file locked while this server runs,
-        # so a second server on it fails at start ("database is locked")
-        # instead of handing out the same seq twice. (It also lets WAL work
-        # without its shared-memory index.) The OS drops the lock if we die.
+        # EXCLUSIVE: the file stays locked while we run (the OS drops the
+        # lock if we die), so a second server on it fails at start ("database
+        # is locked") instead of handing out the same seqs.
         self.db.execute("PRAGMA locking_mode = EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(SCHEMA)
@@ -365,8 +336,8 @@ class Store:
                         "(SELECT * FROM history)", (uuid.uuid4().hex,))
         self.history_id = self.db.execute(
             "SELECT id FROM history").fetchone()[0]
-        # Kept in memory too, as every Join needs them: everyone who ever
-        # joined (id -> last name, in order of first join), and the last seq.
+        # In memory too, as every Join needs them: the members' last names
+        # (in order of first join), and the last seq.
         self.names = dict(self.db.execute(
             "SELECT id, name FROM members ORDER BY rowid"))
         self.last_seq = self.db.execute(
@@ -377,26 +348,23 @@ class Store:
 
     def remember(self, client_id, name):
         """Record that client_id has joined and now calls itself name."""
-        if self.names.get(client_id) == name:
-            return  # nothing new: no commit
-        self.db.execute(
-            "INSERT INTO members (id, name) VALUES (?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-            (client_id, name))
-        self.names[client_id] = name
+        if self.names.get(client_id) != name:  # else nothing to commit
+            self.db.execute(
+                "INSERT INTO members (id, name) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                (client_id, name))
+            self.names[client_id] = name
 
     def append(self, sender_id, sender_name, text, message_id):
-        """Store a message; return (Stored, is_new). (alice's "hi" is
-        committed here as seq 7.) A retried Send (same message_id) of a
-        stored one gets that row and is_new=False: no second copy.
-        If the sender had read everything before it, its read position
-        moves past it, in the same commit: a new client process of alice's
-        then replays her "hi" only if something unread came before it."""
-        if message_id:
-            copies = self._select("sender_id = ? AND message_id = ?",
-                                  (sender_id, message_id))
-            if copies:
-                return copies[0], False
+        """Store a message (alice's "hi", as seq 7); return (Stored, is_new).
+        A retried Send (same message_id) gets the stored row, is_new False.
+        A sender that had read everything has read this too, in the same
+        commit: a new client process of alice's then replays her "hi" only
+        if something unread came before it."""
+        if message_id and (row := self._select(
+                STORED_COLUMNS, "sender_id = :member AND message_id = :id",
+                member=sender_id, id=message_id).fetchone()):
+            return Stored(*row), False
         sent_at_us = time.time_ns() // 1000
         with self.db:  # BEGIN ... COMMIT, or ROLLBACK if anything raises
             self.db.execute("BEGIN")
@@ -418,16 +386,15 @@ class Store:
 
     def mark_read(self, client_id, up_to_seq):
         """Move client_id's read position forward to up_to_seq (never back,
-        never past the last stored message), and on past its own messages
-        that follow; return the new position, committed."""
+        never past the last message), and on past its own messages that
+        follow; return the new position, committed."""
         if client_id not in self.names:
             return 0  # never joined: no row, no position
         before = self.read_seq(client_id)
         position = max(before, min(up_to_seq, self.last_seq))
-        from_others = self.db.execute(
-            "SELECT MIN(seq) FROM messages WHERE seq > ? AND sender_id != ?",
-            (position, client_id)).fetchone()[0]
-        position = self.last_seq if from_others is None else from_others - 1
+        (after,) = self._select("MIN(seq)", "seq > :after", own=False,
+                                member=client_id, after=position).fetchone()
+        position = self.last_seq if after is None else after - 1
         if position != before:
             self.save_read(client_id, position)
         trace("server", "Store.mark_read", seq=position)
@@ -439,51 +406,56 @@ class Store:
 
     def count_unread(self, client_id, after_seq, up_to_seq):
         """How many messages from others lie in (after_seq, up_to_seq]."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM messages "
-            "WHERE seq > ? AND seq <= ? AND sender_id != ?",
-            (after_seq, up_to_seq, client_id)).fetchone()[0]
+        return self._select("COUNT(*)", "seq > :after AND seq <= :up_to",
+                            own=False, member=client_id, after=after_seq,
+                            up_to=up_to_seq).fetchone()[0]
 
-    def recent(self, up_to_seq, limit):
-        """The last limit messages up to up_to_seq, anyone's, oldest first."""
-        return self._select("seq <= ? ORDER BY seq DESC LIMIT ?",
-                            (up_to_seq, limit))[::-1]
+    def recent(self, client_id, up_to_seq, limit):
+        """The last limit messages up to up_to_seq, oldest first."""
+        return [Stored(*row) for row in self._select(
+            STORED_COLUMNS, "seq <= :up_to ORDER BY seq DESC LIMIT :limit",
+            member=client_id, up_to=up_to_seq, limit=limit)][::-1]
 
-    def messages_for(self, after_seq, up_to_seq, limit, skip_sender=None):
-        """Up to limit messages in (after_seq, up_to_seq], oldest first,
-        leaving out those of skip_sender (None: anyone's)."""
-        return self._select(
-            "seq > ? AND seq <= ? AND sender_id IS NOT ? ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq, skip_sender, limit))
+    def messages_for(self, client_id, after_seq, up_to_seq, limit, resuming):
+        """Up to limit messages in (after_seq, up_to_seq], oldest first, for
+        client_id's replay: its own too, unless it resumes (a new client
+        process has not seen them; chat.proto, JoinRequest.resuming)."""
+        return [Stored(*row) for row in self._select(
+            STORED_COLUMNS, "seq > :after AND seq <= :up_to "
+            "ORDER BY seq LIMIT :limit", own=not resuming, member=client_id,
+            after=after_seq, up_to=up_to_seq, limit=limit)]
 
-    def _select(self, where, parameters):
-        """The messages that match an SQL condition, as Stored rows."""
-        return [Stored(*row) for row in self.db.execute(
-            f"SELECT {STORED_COLUMNS} FROM messages WHERE {where}",
-            parameters)]
+    def may_see(self, own):
+        """The one rule of which messages the member :member may see, as an
+        SQL condition: all, or all but its own (own=False). Every read of
+        messages applies it (_select), and ChatRoomServicer._fan_out follows
+        it live: private messages would change those two places."""
+        return "TRUE" if own else "sender_id != :member"
+
+    def _select(self, columns, where, own=True, **parameters):
+        """SELECT columns of the messages :member may see that match where."""
+        return self.db.execute(f"SELECT {columns} FROM messages WHERE "
+                               f"({self.may_see(own)}) AND {where}",
+                               parameters)
 
 
 # 4. The hub -----------------------------------------------------------------
 #
 # grpc.aio allows one write at a time per stream, and a broadcaster that
-# awaited each member's write in turn would stall everyone behind the slowest
-# reader. So each online member gets a Session with its own bounded
-# asyncio.Queue, which its own Join handler drains into its stream (section
-# 5). The hub only does put_nowait(): it never waits; a full queue means that
-# member is too far behind. All of it runs on the loop's thread: no locks.
-#
-# Every queue gets the same pb.Event object (_fan_out, _announce), which
-# gRPC serializes at each member's write. alice's "hi": Send publishes it;
-# if bob is online, it lands in his queue at once, and his Join handler
-# writes it out.
+# awaited each member's write in turn would stall everyone behind the
+# slowest reader. So each online member has a Session with a bounded
+# asyncio.Queue, which its own Join handler drains into its stream; the hub
+# only calls put_nowait(), and a full queue means that member is too far
+# behind. All of it runs on the loop's thread: no locks. (alice's "hi": if
+# bob is online, it lands in his queue at once, and his Join writes it.)
 
 
 class Session:
-    """One open Join stream: a member's queue and the task that drains it."""
+    """One open Join stream: a member's queue and the task that drains it.
+    Part III overrides next_write."""
 
     def __init__(self, client_id, name):
-        self.client_id = client_id
-        self.name = name
+        self.client_id, self.name = client_id, name
         self.queue = asyncio.Queue(QUEUE_LIMIT)
         # grpc.aio runs each RPC in its own asyncio task: cancelling this
         # one (the member's Join) ends its stream and touches no other.
@@ -491,33 +463,31 @@ class Session:
         self.closing = None  # (code, details) once the server ends the stream
 
     async def next_write(self):
-        """The bytes of the next write: the next event (waits for one)."""
+        """What Join writes next: the next event (waits for one)."""
         return await self.queue.get()
 
     def close(self, code, details):
-        """End this stream with a status. Runs on the loop, from any task.
-
-        The cancel raises CancelledError in the Join handler at its current
-        await, and the handler sends (code, details). The status goes behind
-        what the client has not read: flow control lets up to its HTTP/2
-        receive window (a few MB) through, to wait in the client's process,
-        so a client that stopped reading gets the status when it reads again.
-        """
+        """End this stream with a status; runs on the loop, from any task.
+        The cancel raises CancelledError in the Join handler, which sends
+        the status. It queues behind what flow control let through unread
+        (up to the client's HTTP/2 receive window, a few MB, which wait in
+        its process): a client that stopped reading gets it when it reads."""
         if self.closing is None:
             self.closing = (code, details)
             self.task.cancel()
 
 
 class Hub:
-    """Who is online, and fan-out of events to their queues."""
+    """Who is online, and fan-out of events to their queues. Part III
+    overrides add and publish, which recipients and deliver serve."""
 
     def __init__(self, too_slow):
-        self.online = {}      # member id -> Session
+        self.online = {}  # member id -> Session
         self.too_slow = too_slow  # called with a session whose queue is full
 
     def add(self, session):
-        """Put session online; return the session it replaces, if any.
-        The session gets the events published from now on."""
+        """Put session online, to get what is published from now on; return
+        the session it replaces, if any."""
         replaced = self.online.get(session.client_id)
         self.online[session.client_id] = session
         return replaced
@@ -530,8 +500,8 @@ class Hub:
         return True
 
     def publish(self, data, skip=(), only=None):
-        """Queue data for every member online, except the ids in skip; or,
-        given only, for that one session, if it is still online."""
+        """Queue data for every member online but the ids in skip; or, given
+        only, for that one session, if it is still online."""
         sessions = self.recipients(skip, only)
         trace("server", "Hub.publish", data, to=len(sessions))
         self.deliver(data, sessions)
@@ -554,30 +524,10 @@ class Hub:
 
 # 5. The servicer ------------------------------------------------------------
 #
-# One method per RPC in chat.proto, named as there. Each runs as a coroutine
-# on the event loop. A refusal is `await context.abort(code, sentence)`,
-# which raises, ends the handler, and sends the client that status code with
-# the sentence as its details.
-
-
-class TokenBucket:
-    """Hardening (flood control): allows `rate` events a second on
-    average, and bursts of `burst`."""
-
-    def __init__(self, rate, burst):
-        self.rate, self.burst, self.tokens = rate, burst, burst
-        self.stamp = time.monotonic()
-
-    def take(self):
-        """Use one token if there is one; False means "too fast"."""
-        now = time.monotonic()
-        self.tokens = min(self.burst,
-                          self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+# One method per RPC in chat.proto, named as there, each a coroutine on the
+# event loop. A refusal is `await context.abort(code, sentence)`: it raises,
+# ends the handler, and sends the client that status code with the sentence
+# as its details (an exception left uncaught reaches it as UNKNOWN).
 
 
 def to_message(stored):
@@ -589,11 +539,10 @@ def to_message(stored):
 
 
 class ChatRoomServicer(services.ChatRoomServicer):
-    """The chat room's RPCs: the generated base class's methods, which
-    answer UNIMPLEMENTED until overridden. Runs on the event loop; owns the
-    store and hub.
-    Part III swaps in a faster store, hub and sessions through the class
-    attributes, as socketserver's servers take their RequestHandlerClass."""
+    """The room's RPCs, overriding the generated base class's (which answer
+    UNIMPLEMENTED); owns the store and hub. Part III swaps in the three
+    classes below, as socketserver's servers take a RequestHandlerClass, and
+    overrides _announce, _go_online, _fan_out, wire and add_to."""
 
     store_class = Store  # what serve() opens for it
     hub_class = Hub
@@ -605,44 +554,42 @@ class ChatRoomServicer(services.ChatRoomServicer):
                  rate=RATE):
         self.store = store
         self.hub = self.hub_class(too_slow=self._too_slow)
-        # The group (--members): the only ids that may call us, in the order
-        # given (a dict, as an ordered set). None: any valid id may.
+        # --members, the only ids that may call us, in order (a dict as an
+        # ordered set); None: any valid id may.
         self.group = dict.fromkeys(members) if members else None
         self.max_clients = max_clients    # 0: no limit
         self.password = password          # None: no password
         self.rate = rate                  # messages a second; 0: no limit
-        self.buckets = {}                 # member id -> TokenBucket
+        self.buckets = {}  # member id -> (tokens, time), for _check_rate
         self.closed_with = None  # (code, details) once everyone was sent off
 
     # -- the RPCs, in the order a member uses them --
     async def Join(self, request, context):
-        """Replay what the member has not read, then stream live events:
-        admit (or refuse), go online, replay, live."""
+        """Admit the member, put it online, replay what it has not read,
+        then stream live events."""
         name = await self._admit(request, context)
         session, welcome, replay = self._go_online(request, name)
         log.info("%s (%s) joined from %s; %d unread", name, request.client_id,
                  context.peer(), welcome.welcome.unread)
-        # We write ourselves rather than `yield`: a cancel during a write
-        # then raises CancelledError here, where we can still send a status.
-        # (With `yield`, it is raised inside grpc's loop around the
-        # generator, and the client gets no status at all.)
+        # `await context.write` returns once HTTP/2 flow control lets the
+        # bytes out, not when the client reads them: a client that stops
+        # reading stalls only this handler, while its queue fills. We write
+        # rather than `yield` so that a cancel during a write raises
+        # CancelledError here, where we can still send a status (with
+        # `yield`, grpc's loop around the generator gets it: no status).
         try:
             await context.write(self.wire(welcome))
-            # Every local lives as long as the stream; the Welcome, which
-            # lists the whole group, need not.
-            del welcome
+            del welcome  # it lists the whole group; the stream lives on
             await self._replay(context, *replay)
             while True:  # live: bob's "hi" goes out here if he was online
                 data = await session.next_write()
                 trace("server", "ChatRoomServicer.Join", data)
                 await context.write(data)
         except asyncio.CancelledError:
-            # On the server, a cancel means the client left (cancelled,
-            # closed its channel, or lost its connection), server.stop() ran
-            # out of grace, or Session.close ended the stream. In that last
-            # case (session.closing is set) the client is still there and
-            # should hear why. Having caught the CancelledError we may still
-            # await: abort() sends the status.
+            # In a handler, a cancel means the client left (cancelled,
+            # closed its channel, lost its connection), server.stop() ran out
+            # of grace, or Session.close ended the stream (session.closing):
+            # then the client should hear why, and abort() still sends.
             if session.closing:
                 await context.abort(*session.closing)
             raise
@@ -652,25 +599,20 @@ class ChatRoomServicer(services.ChatRoomServicer):
                 self._announce(session, online=False)
 
     async def _admit(self, request, context):
-        """Refuse a Join that may not go online; return the member's name.
-        Hardening: the password and id checks, and the room's limit."""
+        """Refuse a Join that may not go online; return the member's name."""
         client_id = request.client_id
         await self._check_member(context, client_id)
         # No name given: the one the member used last time, else its id.
         name = request.name or self.store.names.get(client_id, client_id)
-        if problem := name_problem(name):
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               problem)
+        await self._check(context, name_problem(name))
         await self._check_seq(context, request.after_seq)
-        # The response headers go now, before anyone can end this stream
-        # (Session.close). Else the first write carries them; if it were
-        # cancelled, grpc.aio would send them again with the status, core
-        # would refuse that batch (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and
-        # the client would get no status at all.
+        # The headers go now, before anything can end this stream: if the
+        # first write carried them and was cancelled, grpc.aio would send
+        # them again with the status, a batch that core refuses
+        # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS): the client would get none.
         await context.send_initial_metadata(())
-        # Checked after that await, in the step that goes online, so two
-        # Joins cannot both take the last place, and none goes online after
-        # disconnect_everyone().
+        # After that await, in the step that goes online: two Joins cannot
+        # both take the last place, nor one come after disconnect_everyone.
         if self.closed_with:
             await self._refuse(context, *self.closed_with)
         if (self.max_clients and client_id not in self.hub.online
@@ -682,60 +624,56 @@ class ChatRoomServicer(services.ChatRoomServicer):
         return name
 
     def _go_online(self, request, name):
-        """Put the member online; return its session, its Welcome, and what
-        to replay: (after seq, up to seq, sender to leave out).
-
-        No await here: the session goes online (gets every publish from now
-        on) in the same loop step that reads `head`, the last stored seq, and
-        the Welcome's member list. The replay covers up to head, the queue
-        what follows: no gap, no overlap. (bob, back, gets "hi" replayed.)
-        """
+        """Put the member online; return its session, Welcome and _replay's
+        arguments. No await: in one loop step the session goes online (gets
+        every publish from now on) and head, the last seq, is read. The
+        replay covers up to head, the queue what follows: no gap, no
+        overlap. (bob, back, gets "hi" replayed.)"""
         client_id = request.client_id
         self.store.remember(client_id, name)
-        start, head = self._read_up_to(request), self.store.last_seq
+        start, resuming = self._read_up_to(request)
+        head = self.store.last_seq
         session = self.session_class(client_id, name)
-        replaced = self.hub.add(session)
-        if replaced:
-            # The same member again, e.g. its client reconnecting before the
-            # server noticed the old connection was dead. The newest wins.
+        if replaced := self.hub.add(session):
+            # The same member again (its client reconnecting before we saw
+            # the old connection die): the newest wins.
             replaced.close(grpc.StatusCode.ABORTED,
                            f"id {client_id} joined again from another client; "
                            "this session was closed.")
         if not replaced or replaced.name != name:  # new, or a new name
             self._announce(session, online=True)
-        recent = self.store.recent(start, min(request.history,
-                                              self.MAX_HISTORY))
+        recent = self.store.recent(client_id, start,
+                                   min(request.history, self.MAX_HISTORY))
         welcome = pb.Event(welcome=pb.Welcome(
             unread=self.store.count_unread(client_id, start, head),
             read_seq=start, members=self._members(),
             recent=[to_message(stored) for stored in recent],
             history_id=self.store.history_id))
-        # A resuming client's replay leaves out its own messages (chat.proto,
-        # JoinRequest.resuming); one from another history has none of ours.
-        resuming = ((request.resuming or request.after_seq > 0)
-                    and self._ours(request.history_id))
-        return session, welcome, (start, head, client_id if resuming else None)
+        return session, welcome, (client_id, start, head, resuming)
 
     def _read_up_to(self, request):
-        """The seq up to which the member has read, in this history."""
-        if request.after_seq and self._ours(request.history_id):
-            # A client resuming after a reconnect.
+        """The seq up to which the member has read, in this history, and
+        whether it resumes: all that a resuming client has counts as read.
+        A client from another history has none of this one's messages."""
+        ours = self._ours(request.history_id)
+        if request.after_seq and ours:
             self.store.mark_read(request.client_id, request.after_seq)
-            return min(request.after_seq, self.store.last_seq)
+            return min(request.after_seq, self.store.last_seq), True
         if request.after_seq:
             log.info("%s resumes from another history; it starts over from "
                      "its read position in this one", request.client_id)
-        # "I have no message" (of this history): the position we stored.
-        return self.store.read_seq(request.client_id)
+        return (self.store.read_seq(request.client_id),
+                ours and request.resuming)
 
     def _ours(self, history_id):
         """Is history_id this room's history (or not given)?"""
         return history_id in ("", self.store.history_id)
 
-    async def _replay(self, context, start, head, skip_sender):
-        """Write the messages in (start, head], then CaughtUp."""
+    async def _replay(self, context, client_id, start, head, resuming):
+        """Write the member's messages in (start, head] (Store.messages_for),
+        then CaughtUp."""
         while batch := self.store.messages_for(
-                start, head, self.REPLAY_BATCH, skip_sender):
+                client_id, start, head, self.REPLAY_BATCH, resuming):
             event = pb.Event(messages=[to_message(stored) for stored in batch])
             trace("server", "ChatRoomServicer._replay", event)
             await context.write(self.wire(event))
@@ -747,24 +685,17 @@ class ChatRoomServicer(services.ChatRoomServicer):
         trace("server", "ChatRoomServicer.Send", text=request.text)
         client_id = request.client_id
         await self._check_member(context, client_id)
-        if problem := text_problem(request.text):
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               problem)
-        if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               "message_id is longer than "
-                               f"{MAX_MESSAGE_ID_CHARS} characters.")
-        session = self.hub.online.get(client_id)
-        if session is None:
+        await self._check(context, text_problem(request.text) or (
+            len(request.message_id) > MAX_MESSAGE_ID_CHARS and "message_id "
+            f"is longer than {MAX_MESSAGE_ID_CHARS} characters."))
+        if (session := self.hub.online.get(client_id)) is None:
             await self._refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION,
                 f"id {client_id} is not online; Join the room before sending.")
         await self._check_rate(context, client_id)
         stored, is_new = self.store.append(client_id, session.name,
                                            request.text, request.message_id)
-        if is_new:
-            # Same loop step as the commit, so publish() order, and with it
-            # every member's order, is seq order.
+        if is_new:  # in the commit's loop step, so fan-out is in seq order
             self._fan_out(stored)
         reply = pb.SendReply(seq=stored.seq)
         reply.sent_at.FromMicroseconds(stored.sent_at_us)
@@ -780,8 +711,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
                 context, grpc.StatusCode.FAILED_PRECONDITION,
                 f"seq {request.up_to_seq} is from another history: this "
                 "server's was reset or replaced since. Join again.")
-        read_seq = self.store.mark_read(request.client_id, request.up_to_seq)
-        return pb.MarkReadReply(read_seq=read_seq)
+        return pb.MarkReadReply(read_seq=self.store.mark_read(
+            request.client_id, request.up_to_seq))
 
     async def ListMembers(self, request, context):
         """The group, and who is online (for members only)."""
@@ -789,47 +720,53 @@ class ChatRoomServicer(services.ChatRoomServicer):
         return pb.ListMembersReply(members=self._members())
 
     # -- helpers --
-    async def _check_password(self, context):
-        """Hardening: refuse a call without the room's password."""
-        if self.password is None:
-            return
-        given = dict(context.invocation_metadata()).get(PASSWORD_KEY, b"")
-        # compare_digest takes as long for a wrong first character as for a
-        # wrong last one, so response times do not leak the password.
-        if not hmac.compare_digest(given, self.password.encode()):
-            await self._refuse(
-                context, grpc.StatusCode.UNAUTHENTICATED,
-                "wrong or missing room password; set CHAT_PASSWORD to the "
-                "room's password.")
-
     async def _check_member(self, context, client_id):
         """Refuse calls without the password (UNAUTHENTICATED), bad ids
         (INVALID_ARGUMENT) and, with --members, every id not in it
         (PERMISSION_DENIED), even one that joined this room before."""
         await self._check_password(context)
-        if problem := id_problem(client_id):
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               problem)
+        await self._check(context, id_problem(client_id))
         if self.group is not None and client_id not in self.group:
             await self._refuse(
                 context, grpc.StatusCode.PERMISSION_DENIED,
                 f"id {client_id} is not a member of this group.")
 
-    async def _check_seq(self, context, seq):
-        if seq > MAX_SEQ:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"seq {seq} is beyond any message.")
+    async def _check_password(self, context):
+        """Hardening: refuse a call without the room's password (metadata).
+        compare_digest takes as long for a wrong first character as for a
+        wrong last one, so response times do not leak the password."""
+        given = dict(context.invocation_metadata()).get(PASSWORD_KEY, b"")
+        if (self.password is not None
+                and not hmac.compare_digest(given, self.password.encode())):
+            await self._refuse(
+                context, grpc.StatusCode.UNAUTHENTICATED,
+                "wrong or missing room password; set CHAT_PASSWORD to the "
+                "room's password.")
 
     async def _check_rate(self, context, client_id):
-        """Hardening (flood control): refuse a Send beyond the member's
-        --rate, so that no one can flood the room."""
-        if client_id not in self.buckets:
-            self.buckets[client_id] = TokenBucket(self.rate, 2 * self.rate)
-        if self.rate and not self.buckets[client_id].take():
+        """Hardening (flood control): a token bucket per member, holding up
+        to 2 * --rate tokens, gaining --rate a second; a Send takes one."""
+        if not self.rate:
+            return
+        now = time.monotonic()
+        tokens, then = self.buckets.get(client_id, (2 * self.rate, now))
+        tokens = min(2 * self.rate, tokens + (now - then) * self.rate)
+        self.buckets[client_id] = (tokens - 1 if tokens >= 1 else tokens, now)
+        if tokens < 1:
             await self._refuse(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"you are sending too fast: the limit is {self.rate} messages "
                 "a second. Wait a moment and send again.")
+
+    async def _check_seq(self, context, seq):
+        if seq > MAX_SEQ:
+            await self._check(context, f"seq {seq} is beyond any message.")
+
+    async def _check(self, context, problem):
+        """Refuse the call with INVALID_ARGUMENT if there is a problem."""
+        if problem:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               problem)
 
     async def _refuse(self, context, code, sentence):
         log.info("refused %s: %s %s", context.peer(), code.name, sentence)
@@ -851,16 +788,15 @@ class ChatRoomServicer(services.ChatRoomServicer):
                          skip={session.client_id})
 
     def _fan_out(self, stored):
-        """Hand a new message to everyone online but its sender: the same
-        pb.Event object goes into every queue."""
+        """Queue a new message, one pb.Event for all, for everyone online but
+        its sender, which has it from Send: Store.may_see(own=False), live."""
         event = pb.Event(messages=[to_message(stored)])
         trace("server", "ChatRoomServicer._fan_out", event)
         self.hub.publish(self.wire(event), skip={stored.sender_id})
 
     def wire(self, event):
-        """What Join writes, and the hub queues, for an Event: the Event,
-        which gRPC serializes for each write. (Part III's SerializedOnce
-        hands out its bytes instead.)"""
+        """What Join writes and the hub queues for an Event: the Event,
+        which gRPC serializes at each write (SerializedOnce: its bytes)."""
         return event
 
     def add_to(self, server):
@@ -868,8 +804,7 @@ class ChatRoomServicer(services.ChatRoomServicer):
         services.add_ChatRoomServicer_to_server(self, server)
 
     def _too_slow(self, session):
-        """Hardening: a member whose queue is full (QUEUE_LIMIT) goes now,
-        and the others are told it left."""
+        """Hardening: a member whose queue is full goes offline now."""
         if session.closing:
             return  # its queue was found full more than once
         log.warning("%s (%s) fell %d events behind; disconnecting it",
@@ -881,9 +816,8 @@ class ChatRoomServicer(services.ChatRoomServicer):
                       "behind; reconnect to catch up.")
 
     async def disconnect_everyone(self, code, details, timeout):
-        """Close every stream with a status, and refuse Joins from now on
-        with the same; wait (up to timeout seconds) until the statuses are
-        on their way."""
+        """Close every stream with a status, and refuse Joins with it from
+        now on; wait (up to timeout seconds) for the statuses to go out."""
         self.closed_with = (code, details)
         sessions = list(self.hub.online.values())
         for session in sessions:
@@ -912,31 +846,30 @@ class ChatRoomServicer(services.ChatRoomServicer):
 # Every `await` on a gRPC operation (context.write, reading a request, ...)
 # starts a batch whose tag wraps an asyncio Future, and awaits that Future;
 # new calls come through the same queue. So 1,000 open streams cost 1,000
-# suspended coroutines and their queues, not 1,000 threads.
-#
-# Socket reads happen on core's own threads (the EventEngine), unseen by
-# Python. Writes usually do not: starting a batch sends its bytes at once,
-# with sendmsg() on the thread that starts it, here the event loop's, GIL
-# held. So each context.write costs the loop a system call, about as much
-# for ten messages as for one (Part III makes use of that).
-#
-# (grpcio's other server, grpc.server(), runs each handler on a pool thread,
-# which a stream holds for its whole life: the pool would cap the members
-# online, and the ones over it would hang without an error.)
+# suspended coroutines and their queues, not 1,000 threads. Socket reads
+# happen on core's own threads (the EventEngine), unseen by Python; writes
+# usually go out at once, with sendmsg() on the thread that starts the
+# batch, here the event loop's, GIL held. So each context.write costs the
+# loop a system call, about as much for ten messages as for one (Part III
+# makes use of that). grpcio's other server, grpc.server(), runs each
+# handler on a pool thread, which a stream holds for its whole life: the
+# pool would cap the members online, and those over it would hang silently.
 
 def server_options(keepalive):
     """Channel arguments for the server; keepalive is in seconds.
 
-    Hardening, keepalive: HTTP/2 PINGs notice a client whose network
-    vanished without a FIN or RST (a laptop lid closed). The server pings
-    only after `keepalive` seconds of hearing nothing from a client, and
-    ours ping every 20 s (section 7), so with a --keepalive over 20 s (30 by
+    Hardening, keepalive, for both sides: HTTP/2 PINGs notice a peer whose
+    network vanished without a FIN or RST (a laptop lid closed), on a Join
+    that may be quiet for hours. Our clients ping every 20 s
+    (CLIENT_OPTIONS); the server pings a client only after `keepalive`
+    seconds of hearing nothing from it, so with more than 20 s (30 by
     default) it pings only vanished ones. A ping unanswered within
-    ping_timeout_ms closes the connection and its Join. keepalive_timeout_ms
-    becomes the socket's TCP_USER_TIMEOUT (its own timer is never armed in
-    grpcio 1.85): it drops a client whose network vanished, as the ping's
-    bytes stay unacknowledged, but not one whose TCP still answers while
-    its gRPC is silent (a hung process, a proxy); ping_timeout_ms drops both.
+    http2.ping_timeout_ms closes the connection, and its Join.
+    keepalive_timeout_ms, despite its name, sets no such deadline in grpcio
+    1.85: it becomes the socket's TCP_USER_TIMEOUT, which drops a peer whose
+    network vanished (the ping's bytes stay unacknowledged), but not one
+    whose TCP still answers while its gRPC is silent (a hung process, a
+    proxy). ping_timeout_ms drops both.
     """
     timeout_ms = int(min(keepalive, 10) * 1000)
     return [
@@ -944,17 +877,16 @@ def server_options(keepalive):
         ("grpc.keepalive_time_ms", int(keepalive * 1000)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        # A client ping sooner than this after the last is a "strike"; the
-        # third closes the connection (more in chat.proto's Join). Default:
-        # 5 minutes. chat.proto asks clients to ping at most every 20 s; we
-        # allow every 10 s, as a ping 1 ms early is a strike too, and timers
-        # fire early. permit_without_calls=1: the same with no call open
-        # (else 2 hours).
+        # A client ping sooner than this after the last is a "strike", and
+        # the third closes its connection (GOAWAY "too_many_pings"); default
+        # 5 minutes. Ours ping every 20 s; we allow 10 s, as timers fire
+        # early and a ping 1 ms early is a strike too. permit_without_calls:
+        # the same with no call open (else 2 hours).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # grpcio sets SO_REUSEPORT, so a second server on our port would
-        # start without an error, and the kernel would split new clients
-        # between the two rooms. Off, the second one's bind fails.
+        # grpcio sets SO_REUSEPORT: a second server on our port would start
+        # without an error, and the kernel would split new clients between
+        # the two rooms. Off, the second one's bind fails.
         ("grpc.so_reuseport", 0),
     ]
 
@@ -966,23 +898,19 @@ class StartUpError(Exception):
 
 class Explain:
     """The sentences for mistakes at start-up and on joining, in the words
-    that gRPC, SQLite and the OS give: true, if often vague ("Failed to
-    bind to address"). Both commands take theirs as args.explain (section
-    9); the Appendix's Diagnose overrides each method to find the cause."""
+    gRPC, SQLite and the OS give: true, if often vague. Both commands take
+    theirs as args.explain; the Appendix's Diagnose finds the causes."""
 
     def bind(self, host, port):
-        """Why the server could not listen on host:port."""
         return (f"cannot listen on {host}:{port}: gRPC says only \"Failed to "
                 "bind to address\" (GRPC_VERBOSITY=error shows its reason).")
 
     def database(self, path, error):
-        """Why SQLite could not open --db path; it raised error."""
         return f"cannot open --db {path} ({error})."
 
     def check_tls_files(self, flag, cert, key=None):
-        """Raise StartUpError if the PEM files given with flag (and
-        --tls-key) will not do. Here, nothing: read_pem says if one cannot
-        be read, and gRPC finds the rest when it uses them."""
+        """Raise StartUpError if the PEM files will not do; here, never:
+        read_pem says if one cannot be read, gRPC finds the rest."""
 
     def join(self, refused, target, tls_ca=None):
         """Why the first Join failed (a Refused, section 7)."""
@@ -1010,8 +938,8 @@ def tls_credentials(args):
 
 
 def listen(server, host, port, credentials, explain):
-    """Make server listen on host:port, with TLS if credentials are given.
-    Returns the port: the one the OS picked, for port 0."""
+    """Make server listen on host:port, with TLS given credentials; return
+    the port (the one the OS picked, for port 0)."""
     address = f"{host}:{port}"
     try:
         if credentials is not None:
@@ -1022,11 +950,10 @@ def listen(server, host, port, credentials, explain):
 
 
 async def until_stopped():
-    """Wait for Ctrl-C (SIGINT) or SIGTERM. The loop runs the handler, so
-    no KeyboardInterrupt lands in the middle of a gRPC callback. After the
-    first, both are ignored: shutting down takes a few seconds at most
-    (shut_down), and a second Ctrl-C would otherwise land as the loop
-    closes, in a KeyboardInterrupt or a wakeup fd already closed."""
+    """Wait for Ctrl-C (SIGINT) or SIGTERM, which the loop handles, so that
+    no KeyboardInterrupt lands in a gRPC callback. Then both are ignored
+    while we shut down: a second one would land as the loop closes, as a
+    KeyboardInterrupt or in a wakeup fd already closed."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1038,14 +965,12 @@ async def until_stopped():
 
 
 async def serve(args):
-    """Run the server until SIGINT or SIGTERM. Returns the exit status;
-    raises StartUpError if it cannot start."""
+    """Run the server until SIGINT or SIGTERM; return the exit status.
+    Raises StartUpError if it cannot start."""
     credentials = tls_credentials(args) if args.tls_cert else None
     server = grpc.aio.server(options=server_options(args.keepalive))
-    port = listen(server, args.host, args.port, credentials,
-                  args.explain)
-    # Part I's classes, or Part III's subclasses (thousand_member_flags).
-    servicer_class = args.servicer_class
+    port = listen(server, args.host, args.port, credentials, args.explain)
+    servicer_class = args.servicer_class  # Part I's, or Part III's
     try:
         store = servicer_class.store_class(args.db)
     except sqlite3.Error as error:
@@ -1066,22 +991,17 @@ async def serve(args):
              "TLS" if credentials else "plaintext (no TLS)",
              "password required" if servicer.password else "no password")
     await until_stopped()
-    await shut_down(server, servicer)
-    store.close()
-    log.info("stopped; %s closed", where)
-    return 0
-
-
-async def shut_down(server, servicer):
-    """Tell every client why its stream ends (they reconnect when we are
-    back). Then let Sends already running finish: stop() refuses new calls
-    at once and waits up to `grace` seconds for the rest, then cancels
-    whatever still runs ("Cancelling all calls")."""
+    # Tell every client why its stream ends (they reconnect when we are
+    # back), then let running Sends finish: stop() refuses new calls at
+    # once, waits up to `grace` seconds, then cancels the rest.
     log.info("shutting down")
     await servicer.disconnect_everyone(
         grpc.StatusCode.UNAVAILABLE,
         "the server is shutting down; your client will reconnect.", timeout=2)
     await server.stop(grace=3)
+    store.close()
+    log.info("stopped; %s closed", where)
+    return 0
 
 
 # 7. The client --------------------------------------------------------------
