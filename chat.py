@@ -1567,9 +1567,8 @@ def who_line(chat):
 # 8. The terminal client -----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
-#   stdin   one message a line. A line that starts with / is a command
-#           (/help lists them); "//" sends the rest with one / removed.
-#           "/quit" or end of input leaves once all typed so far is stored.
+#   stdin   one message a line, or a command (section 7); "/quit" or end of
+#           input leaves once all typed so far is stored.
 #   stdout  chat messages only, one a line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
@@ -1620,18 +1619,16 @@ class TerminalClient:
 
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
     TTY_LINE = 4095  # Linux's terminal keeps at most this much of a line
+    say = staticmethod(say_line)
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
                  receipts=ReadReceipts, explain=Explain()):
         self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
-        self.receipts = receipts  # for ChatClient
-        self.explain = explain    # for a refused Join
+        self.receipts, self.explain = receipts, explain
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
         self.unread = 0      # from the last Welcome
-        # Messages typed, in order, for the main thread to send; None when
-        # it is time to leave. Commands do not go here: they run at once.
-        self.outbox = queue.Queue()
+        self.outbox = queue.Queue()  # messages typed; None: time to leave
         self.lock = threading.Lock()  # for the next three
         self.unsent = 0      # messages typed and not yet stored or refused
         self.leaving = False  # /quit or end of input was read
@@ -1664,9 +1661,8 @@ class TerminalClient:
         return 1 if self.chat.refusal or unsent else 0
 
     def _join(self, stdin):
-        """Join the room. On a terminal, ask for the room password when
-        the server wants one and CHAT_PASSWORD did not give it (as the
-        window does); a script on a pipe gets the refusal instead."""
+        """Join. On a terminal, ask for the room password if the server
+        wants one that CHAT_PASSWORD did not give, as the window does."""
         while True:
             try:
                 return self.chat.connect()
@@ -1687,8 +1683,8 @@ class TerminalClient:
 
     # -- the stdin thread --
     def _read(self, stdin):
-        """Runs on the stdin thread: run each command at once, and queue
-        each message for the main thread."""
+        """Run each command at once; queue each message for the main
+        thread."""
         tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
@@ -1707,7 +1703,7 @@ class TerminalClient:
         self.quit("")  # end of input
 
     def command(self, line, command, rest):
-        """Run a command (COMMANDS, section 7) at once."""
+        """Run a command (COMMANDS, section 7)."""
         if problem := command_problem(command):
             self.say(f"not sent: {quoted(line)}: {problem}")
             return
@@ -1749,8 +1745,8 @@ class TerminalClient:
                 self.unsent -= 1
 
     def _tell_waiting(self):
-        """Leaving with messages the server has not stored, while it is
-        away, takes a while: say why, and the way out. Hold self.lock."""
+        """Leaving with messages unstored while the server is away takes a
+        while: say why, and the way out. Hold self.lock."""
         if self.leaving and self.unsent and self.chat.away_since is not None:
             self.say(f"waiting for the server to store "
                      f"{plural(self.unsent, 'message')} (Ctrl-C to quit "
@@ -1808,7 +1804,7 @@ class TerminalClient:
             self.outbox.put(None)
 
     def _away_notes(self, back, since):
-        """Runs on a thread of its own until back is set: says "still
+        """Runs on a thread of its own until back is set: "still
         reconnecting" at growing intervals (15 s, 30 s, 1 min, ...)."""
         wait = self.AWAY_NOTE
         while not back.wait(wait):
@@ -1819,17 +1815,12 @@ class TerminalClient:
                 self.say(f"server away for {duration(wait)}; "
                          "still reconnecting")
 
-    @staticmethod
-    def say(text):
-        say_line(text)
-
 
 # 9. The command line: main(argv) --------------------------------------------
 #
 # argparse types: each turns a flag's text into a value or refuses it with a
-# sentence. argparse then prints "argument --rate: must be 0 or more, not
-# '-5'" under the command's usage and exits with status 2, its sign of a
-# mistake on the command line.
+# sentence, which argparse prints under the command's usage ("argument
+# --rate: must be 0 or more, not '-5'") before it exits with status 2.
 
 
 def number(kind, rule, ok):
@@ -1861,6 +1852,9 @@ def checked(problem):
 
 
 valid_id, display_name = checked(id_problem), checked(name_problem)
+# server --db: SQLite takes "" for a temporary file, which keeps nothing.
+database = checked(lambda text: None if text else
+                   "give a file name, or :memory: to keep nothing")
 
 
 def member_list(text):
@@ -1887,19 +1881,9 @@ def server_address(text):
     return text
 
 
-def database(text):
-    """server --db: SQLite takes "" for a temporary file, deleted when it
-    closes, which would keep nothing without a word."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "give a file name, or :memory: to keep nothing")
-    return text
-
-
 # Later parts add to the command line through one hook: each appends to
 # EXTENSIONS a function that takes argparse's subparsers (`commands`) and
-# adds its flags and commands, or sets other defaults. main() builds the
-# parser when it runs, so it has every part that this file holds.
+# adds its flags and commands, or sets other defaults.
 EXTENSIONS = []
 
 
@@ -1926,9 +1910,9 @@ def build_parser():
                         help="most members online at once (default: 0, "
                         "no limit)")
     server.add_argument("--db", default="chat.db", type=database,
-                        metavar="PATH",
-                        help="SQLite file for history and read positions "
-                        "(default: %(default)s; :memory: keeps nothing)")
+                        metavar="PATH", help="SQLite file for history and "
+                        "read positions (default: %(default)s; :memory: "
+                        "keeps nothing)")
     server.add_argument("--rate", default=RATE, metavar="N",
                         type=number(float, "0 or more", lambda n: n >= 0),
                         help="messages a second each member may send, with "
@@ -1939,9 +1923,8 @@ def build_parser():
                         help="seconds of silence from a client before the "
                         "server pings it; one that does not answer is "
                         "dropped (default: %(default)s)")
-    server.add_argument("--tls-cert", metavar="FILE",
-                        help="PEM certificate: serve TLS instead of "
-                        "plaintext (needs --tls-key)")
+    server.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: "
+                        "serve TLS instead of plaintext (needs --tls-key)")
     server.add_argument("--tls-key", metavar="FILE",
                         help="PEM private key for --tls-cert")
     server.add_argument("--log-level", default="INFO", type=str.upper,
@@ -1958,9 +1941,9 @@ def build_parser():
     client.add_argument("--id", required=True, dest="client_id", metavar="ID",
                         type=valid_id, help="your member id: 1 to 32 "
                         "letters, digits, _ . or -, e.g. 1")
-    client.add_argument("--name", type=display_name,
-                        help="display name (default: the name the server "
-                        "remembers for your id, else the id)")
+    client.add_argument("--name", type=display_name, help="display name "
+                        "(default: the name the server remembers for your "
+                        "id, else the id)")
     client.add_argument("--server", default="127.0.0.1:50051",
                         metavar="HOST:PORT", type=server_address,
                         help="HOST:PORT of the chat server "
@@ -2003,11 +1986,12 @@ def run_client(args):
         if why_not is None:
             return status
         print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
-    # Neither a message with characters the terminal cannot show nor a line
-    # of bytes that are not UTF-8 (text_problem refuses it) may crash us.
-    if sys.stdout is not None:  # None: started with stdout closed (>&-)
+    # Neither characters the terminal cannot show nor a line that is not
+    # UTF-8 (text_problem refuses it) may crash us. None: started with
+    # stdout or stdin closed (>&-, <&-).
+    if sys.stdout is not None:
         sys.stdout.reconfigure(errors="replace")
-    stdin = sys.stdin or open(os.devnull)  # None: closed (<&-): no input
+    stdin = sys.stdin or open(os.devnull)
     stdin.reconfigure(errors="surrogateescape")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
