@@ -1109,8 +1109,7 @@ async def shut_down(server, servicer):
 # and 0.2 s), so even an idle client wakes at least 15 times a second.
 
 # Keepalive (server_options, section 6, explains it): ping every 20 s, even
-# while the chat is quiet, so that a server that vanished is noticed within
-# about 30 s.
+# when all is quiet, so that a vanished server is noticed within about 30 s.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.http2.ping_timeout_ms", 10_000),
@@ -1218,8 +1217,7 @@ class ReadReceipts:
             return None
         self._sending = self._received
         trace("client", "ReadReceipts._start", seq=self._received)
-        # .future() returns at once: the receive thread never waits for the
-        # round trip.
+        # .future() returns at once: no thread waits for the round trip.
         self._call = self._stub.MarkRead.future(
             pb.MarkReadRequest(client_id=self._client_id,
                                up_to_seq=self._received,
@@ -1229,8 +1227,7 @@ class ReadReceipts:
 
     def _watch(self, call):
         """Have _done run when call completes, on the channel's spin thread;
-        or at once, right here, if it has completed already. So never call
-        it holding the lock."""
+        or, if it has already, at once, right here: so not under the lock."""
         if call is not None:
             call.add_done_callback(self._done)
 
@@ -1260,7 +1257,7 @@ class ChatClient:
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.client_id, self.name = client_id, name  # name: the server's
+        self.client_id, self.name = client_id, name  # once in, the server's
         self.history = history  # already-read messages to ask for, once
         self.on_event, self.on_status = on_event, on_status
         self.channel = open_channel(target, tls_ca)
@@ -1409,10 +1406,11 @@ class ChatClient:
         """Take each Event of the stream until it ends; return the RpcError
         that ended it, or None if the server ended it with OK."""
         # A stream lives for hours, so it has no deadline. But gRPC gives
-        # each attempt to connect 20 s (grpc.min_reconnect_backoff_ms, left
-        # unset: not a backoff, despite its name), and a server that is
-        # connected but hung, forever. So a timer cancels (from its thread)
-        # a first Join that has no Welcome within CONNECT_TIMEOUT.
+        # each attempt to connect 20 s (the default of
+        # grpc.min_reconnect_backoff_ms, which we leave unset: not a backoff,
+        # despite its name), and waits forever on a server that is connected
+        # but hung. So a timer cancels (from its own thread) a first Join
+        # that has no Welcome within CONNECT_TIMEOUT.
         no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
         if not self.joined:
             no_answer.start()
@@ -1428,7 +1426,7 @@ class ChatClient:
             no_answer.cancel()
         return None
 
-    def _give_up(self, call):
+    def _give_up(self, call):  # on the timer's thread: no Welcome in time
         self._gave_up = True
         call.cancel()  # the receive thread wakes with CANCELLED
 
@@ -1444,7 +1442,7 @@ class ChatClient:
         if event.HasField("caught_up"):
             self.away_since = None
             self._set_state("online")
-        if event.messages:  # drop those we have (our server sends none)
+        if event.messages:  # drop those we have (ours sends none twice)
             fresh = [m for m in event.messages if m.seq > self.last_seq]
             if not fresh:
                 return
@@ -1485,13 +1483,13 @@ class ChatClient:
         for member in presence:
             state = (member.name, member.online)
             before = self.roster.get(member.id)
-            if member.id == self.client_id or before == state:
-                pass  # no news
-            elif before and before[1] and member.online:
-                notices.append(f"{before[0]} is now known as {member.name}")
-            else:
-                notices.append(f"{member.name} "
-                               f"{'joined' if member.online else 'left'}")
+            if member.id != self.client_id and before != state:
+                if before and before[1] and member.online:
+                    notices.append(f"{before[0]} is now known as "
+                                   f"{member.name}")
+                else:
+                    notices.append(f"{member.name} "
+                                   f"{'joined' if member.online else 'left'}")
             self.roster[member.id] = state
         return notices
 
@@ -1683,8 +1681,7 @@ class TerminalClient:
 
     # -- the stdin thread --
     def _read(self, stdin):
-        """Run each command at once; queue each message for the main
-        thread."""
+        """Run commands at once; queue messages for the main thread."""
         tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
