@@ -1866,12 +1866,10 @@ def server_address(text):
     """client --server: HOST:PORT. gRPC would take a mistake here for a
     server that cannot be reached, and keep trying."""
     host, _, port = text.rpartition(":")
-    if "://" in text:
+    if "://" in text or not host:
+        what = f"a URL ({text!r})" if "://" in text else repr(text)
         raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
-    if not host:
-        raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {what}")
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(
             f"{port!r} in {text!r} is not a port number (1 to 65535)")
