@@ -1006,87 +1006,74 @@ async def serve(args):
 
 # 7. The client --------------------------------------------------------------
 #
-# A channel is a virtual connection to a target, a name such as
-# "localhost:50051" that may resolve to several addresses. Creating one does
-# no I/O: it is IDLE until the first call, then CONNECTING -> READY (or
-# TRANSIENT_FAILURE if nothing listens), and IDLE again once the server
-# goes away. In one process, channels with the same target and options
-# share one TCP connection (gRPC's subchannel pool), and each call (our Join
-# stream, each Send, each MarkRead) is one HTTP/2 stream on it: the Join
-# that waits for events never blocks a Send.
+# A channel is a virtual connection to a target ("localhost:50051", a name
+# that may resolve to several addresses). Creating one does no I/O: it is
+# IDLE until the first call, then CONNECTING -> READY (TRANSIENT_FAILURE if
+# nothing listens), and IDLE again once the server goes away. Channels of
+# one process with the same target and options share one TCP connection,
+# and each call (the Join stream, each Send, each MarkRead) is an HTTP/2
+# stream on it: the Join that waits for events never blocks a Send.
 #
-# A stub (services.ChatRoomStub) holds no connection, only a
-# "multicallable" per RPC that knows the method's name and how to
-# (de)serialize: stub.Send(request) returns a SendReply, stub.Join(request)
-# an iterator of Events, and stub.MarkRead.future(request) a grpc.Future,
-# at once (ReadReceipts).
+# A stub (services.ChatRoomStub) holds no connection, only a multicallable
+# per RPC that knows the method's name and how to (de)serialize:
+# stub.Send(request) returns a SendReply, stub.Join(request) an iterator of
+# Events, and stub.MarkRead.future(request) a grpc.Future, at once.
 #
-# The threaded API waits on completion queues too (section 6), with plain
-# threads. A blocking unary call (stub.Send) makes a queue of its own, and
-# the calling thread waits on it. Streams and .future() calls share one
-# queue per channel: the first one starts a "channel spin" thread that takes
-# events off it and wakes the waiter (our receive thread, in `for event in
-# call`). future.add_done_callback(fn) runs fn on the spin thread, or, if
-# the call has completed already, at once on the calling thread (maybe your
-# UI's). Both wait in slices (the receive thread 0.1 s, the spin thread
-# 0.2 s), so even an idle client wakes at least 15 times a second in grpcio.
+# The threaded API waits on completion queues too (section 6). A blocking
+# call (stub.Send) makes a queue of its own, and its thread waits on it.
+# Streams and .future() calls share one queue per channel: the first starts
+# a "channel spin" thread that takes the events off it and wakes the waiter
+# (our receive thread, in `for event in call`). Both wait in slices (0.1 s
+# and 0.2 s), so even an idle client wakes at least 15 times a second.
 
-# Keepalive, the client's side (server_options() in section 6 explains both
-# sides): ping every 20 s, even while the chat is quiet, so that a server
-# that vanished without a word is noticed within about 30 s.
+# Keepalive (server_options, section 6, explains it): ping every 20 s, even
+# when all is quiet, so that a vanished server is noticed within about 30 s.
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.http2.ping_timeout_ms", 10_000),  # the deadline for the answer
-    ("grpc.keepalive_timeout_ms", 10_000),  # becomes TCP_USER_TIMEOUT
-    # The client's own limit on pings, not the server's strikes: after 2
-    # pings with no data sent in between, one a minute. 0 lifts it (a quiet
-    # chat sends no data for hours).
-    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # else 1 a minute after 2
     ("grpc.keepalive_permit_without_calls", 1),  # also between two Joins
-    # Between connection attempts the channel waits 1 s, then 1.6 times
-    # longer each time, with jitter, up to this cap (gRPC's default, 120 s,
-    # is too long to wait for a restarted chat). min_reconnect_backoff_ms,
-    # despite its name, is the time each attempt is given to connect.
+    # Between attempts to connect, wait 1 s, then 1.6 times longer each
+    # time, up to 5 s (gRPC's 120 s is too long for a restarted chat).
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 # wait_for_ready, three ways. Without it a call fails (UNAVAILABLE) as soon
 # as the channel's attempt to connect fails; with it the call waits, through
 # the channel's retries, until it connects or the call's deadline passes.
-#   Send          waits, with a deadline (SEND_TIMEOUT) per attempt: it rides
-#                 out a reconnect, but never hangs without an answer.
+#   Send            waits, with a deadline (SEND_TIMEOUT) per attempt: it
+#                   rides out a reconnect, but never hangs without an answer.
 #   the first Join  does not wait: a wrong address or a stopped server is
-#                 told at once; CONNECT_TIMEOUT bounds a server that hangs.
-#   a rejoin      waits, without a deadline: we know the server exists, and
-#                 the channel's own backoff paces the attempts.
-SEND_TIMEOUT = 10  # seconds per attempt; a Send never hangs without an answer
+#                   told at once; CONNECT_TIMEOUT bounds a server that hangs.
+#   a rejoin        waits, without a deadline: the server exists, and the
+#                   channel's own backoff paces the attempts.
+SEND_TIMEOUT = 10  # seconds per attempt
 CONNECT_TIMEOUT = 10  # seconds the first Join may wait for its Welcome
 
 
 def open_channel(target, tls_ca=None):
-    """A channel to the server: plaintext, or TLS when tls_ca names the PEM
-    file of the certificate (or its CA) that the server must present."""
+    """A channel to target: plaintext, or TLS if tls_ca names the PEM file
+    of the certificate (or its CA) that the server must present."""
     if tls_ca is None:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=read_pem("--tls-ca", tls_ca))
+    credentials = grpc.ssl_channel_credentials(read_pem("--tls-ca", tls_ca))
     return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
 
-# Status codes after which the client tries again rather than gives up:
+# The status codes after which the client tries again:
 #   UNAVAILABLE: the server is down or restarting, or the network dropped.
-#   RESOURCE_EXHAUSTED: on a stream, we fell behind and the server closed
-#     it: we catch up from where we are. On a Send: faster than the
-#     server's --rate allows; we wait, then resend the same message_id.
-#   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; the retry
+#   RESOURCE_EXHAUSTED: the server closed a Join stream we fell behind on
+#     (we catch up from where we are), or a Send came faster than --rate
+#     allows (we wait, then resend it).
+#   DEADLINE_EXCEEDED on a Send: stored or not, we cannot know; a retry
 #     carries the same message_id, so at most one copy is stored.
-#   FAILED_PRECONDITION on a Send: "not online": the server restarted
-#     and our Join has not been redone yet.
-#   CANCELLED, not by us (we check for that first): a server too busy to
-#     take the call in time; gRPC's core cancels a call that waits too
-#     long for the application. (In a server handler, a CancelledError is
-#     another thing: the client left, the server is stopping, or
-#     Session.close ended the stream.)
+#   FAILED_PRECONDITION on a Send, "not online": the server restarted and
+#     our Join is not redone yet.
+#   CANCELLED, not by us (we check that first): a server too busy to take
+#     the call in time; gRPC's core cancels a call that waits too long. (A
+#     CancelledError in a server handler is another thing: the client left,
+#     the server is stopping, or Session.close ended the stream.)
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
@@ -1102,21 +1089,15 @@ class Refused(Exception):
 
 class ReadReceipts:
     """Tells the server with MarkRead which messages have arrived, so that
-    the next run of the client does not show them again as unread.
-
-    After each batch, received() confirms all up to the highest seq so far
-    (bob's client, having shown alice's "hi", sends MarkRead(up_to_seq=7)).
-    stub.MarkRead.future() returns at once: the receive thread never waits
-    for the round trip. At most one MarkRead is on its way; _done() sends
-    the next if more arrived meanwhile. One that fails (the server is away)
-    is redone after the next message, and each Join records its after_seq
-    as read anyway (ChatRoomServicer._read_up_to).
-    """
+    the next run does not show them again as unread: after each batch, all
+    up to the highest seq so far (bob's client, having shown alice's "hi",
+    sends MarkRead(up_to_seq=7)). At most one MarkRead is on its way. One
+    that fails (the server is away) is redone after the next message, and
+    each Join records its after_seq as read anyway. Part III's
+    ThrottledReadReceipts overrides _start and flush."""
 
     def __init__(self, stub, client_id, metadata):
-        self._stub = stub
-        self._client_id = client_id
-        self._metadata = metadata
+        self._stub, self._client_id, self._metadata = stub, client_id, metadata
         self._changed = threading.Condition()  # guards everything below
         self._history_id = ""  # the history these seqs count in
         self._received = 0   # highest seq that arrived
@@ -1126,15 +1107,13 @@ class ReadReceipts:
         self._stopped = False  # flush() is over: start no more
 
     def joined(self, read_seq, history_id):
-        """At each Welcome: read_seq is our read position on the server
-        now, in its history history_id (perhaps another one than before)."""
+        """At each Welcome: our read position now, in history_id's seqs."""
         with self._changed:
             self._received = self._confirmed = read_seq
             self._history_id = history_id
 
     def received(self, seq):
-        """Runs on the receive thread after messages up to seq arrived
-        (flush() calls it too, with 0, on the thread that leaves)."""
+        """Messages up to seq have arrived (on the receive thread)."""
         with self._changed:
             self._received = max(self._received, seq)
             call = self._start()
@@ -1149,13 +1128,14 @@ class ReadReceipts:
             self._stopped = True
 
     def _start(self):
-        """Start a MarkRead up to the highest seq received, unless one is
-        on its way or there is nothing new; return it. Hold the lock."""
+        """Start a MarkRead up to the highest seq received, unless one is on
+        its way or nothing is new; return it. Hold the lock."""
         if (self._call is not None or self._stopped
                 or self._received <= self._confirmed):
             return None
         self._sending = self._received
         trace("client", "ReadReceipts._start", seq=self._received)
+        # .future() returns at once: no thread waits for the round trip.
         self._call = self._stub.MarkRead.future(
             pb.MarkReadRequest(client_id=self._client_id,
                                up_to_seq=self._received,
@@ -1164,45 +1144,38 @@ class ReadReceipts:
         return self._call
 
     def _watch(self, call):
-        """Have _done run when call completes. Called without the lock:
-        on a call that has already completed, add_done_callback runs _done
-        at once, right here."""
+        """Have _done run when call completes, on the channel's spin thread;
+        or, if it has already, at once, right here: so not under the lock."""
         if call is not None:
             call.add_done_callback(self._done)
 
     def _done(self, call):
-        """Runs on the channel's spin thread when a MarkRead completes (or
-        at once in _watch, if it had completed already)."""
+        """A MarkRead completed: start the next, if more arrived meanwhile."""
         with self._changed:
             self._call = next_call = None
             if call.code() == grpc.StatusCode.OK:
                 self._confirmed = max(self._confirmed, self._sending)
-                next_call = self._start()  # if more arrived meanwhile
+                next_call = self._start()
             self._changed.notify_all()
         self._watch(next_call)
 
 
 class ChatClient:
-    """The client's side of the protocol, with no user interface.
-
-    It joins, reads the Join stream on a receive thread (joining again when
-    the stream breaks), sends messages, and confirms what arrived with
-    `receipts` (ReadReceipts, or Part III's). The UI (terminal or Tk) gives
-    it two callbacks, both called on the receive thread, never the UI's:
-      on_event(event, notices)  every pb.Event, in order, without repeats;
+    """The client's side of the protocol, with no user interface: it joins,
+    reads the Join stream on a receive thread (joining again when it
+    breaks), sends messages, and confirms what arrived with `receipts`.
+    The UI gives it two callbacks, called on the receive thread, not its own:
+      on_event(event, notices)  each pb.Event, in order, without repeats;
           notices are sentences for its presence changes ("bob joined",
           "bob left", "alice is now known as alice2")
       on_status(state, text)  "online", "reconnecting" or "closed", and a
-          sentence for a person that says why; only when either changes.
-    While reconnecting, away_since is the time.monotonic() at which we lost
-    the server (else None). An empty name asks the server for the name it
-    remembers for our id; once we are in, self.name is the one it gave us.
-    """
+          sentence that says why; only when either changes.
+    An empty name asks the server for the one it remembers for our id."""
 
     def __init__(self, target, client_id, name, on_event, on_status,
                  history=0, password=None, tls_ca=None,
                  receipts=ReadReceipts):
-        self.client_id, self.name = client_id, name
+        self.client_id, self.name = client_id, name  # once in, the server's
         self.history = history  # already-read messages to ask for, once
         self.on_event, self.on_status = on_event, on_status
         self.channel = open_channel(target, tls_ca)
@@ -1212,11 +1185,11 @@ class ChatClient:
         self.metadata = password_metadata(password)
         self.receipts = receipts(self.stub, client_id, self.metadata)
         self.last_seq = 0       # highest seq received: where to resume from
-        self.history_id = ""    # the history last_seq counts in (Welcome's)
+        self.history_id = ""    # the history last_seq counts in
         self.left_behind = {}   # other histories we had: id -> last_seq
         self.joined = False     # a Welcome came: later Joins resume
         self.roster = {}        # member id -> (name, online), as we know it
-        self.away_since = None
+        self.away_since = None  # time.monotonic() when we lost the server
         self.refusal = None     # the Refused that ended the session
         self._state, self._why = "connecting", ""  # as told to on_status
         self._gave_up = False   # the first Join had no answer in time
@@ -1232,17 +1205,15 @@ class ChatClient:
         self._thread.start()
 
     def connect(self):
-        """Join the room. Blocks until the replay of unread messages is over
-        (CaughtUp), or until we were in and lost the server again; raises
-        Refused if the server refuses or cannot be reached."""
+        """Join; block until the replay of unread messages is over, or we
+        lost the server again. Raises Refused if we cannot get in."""
         self.start()
         self._wait_for("online", "reconnecting")
 
     def send(self, text):
-        """Send one message; block until the server has stored it and
+        """Send one message; block until the server has stored it, and
         return its SendReply (alice's send("hi") returns seq=7). Retries
-        through disconnects (with the same message_id, so never twice).
-        Raises Refused if the server says no."""
+        with the same message_id, so never twice; raises Refused."""
         if problem := text_problem(text):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         trace("client", "ChatClient.send", text=text)
@@ -1282,14 +1253,13 @@ class ChatClient:
             call.cancel()  # the receive thread wakes with CANCELLED
         if self._thread.is_alive():
             self._thread.join()
-        # While the server is away, no confirmation can reach it: do not
-        # wait for one. (What it did not confirm is shown again next time.)
+        # With the server away, no MarkRead can reach it: do not wait.
         self.receipts.flush(timeout=0 if self.away_since is not None else 5)
         self.channel.close()
 
     def _wait_for(self, *states):
-        """Block until the state is one of states; raise Refused if the
-        server has ended the session, or once close() is called."""
+        """Block until the state is one of states; raise Refused once the
+        server has ended the session, or close() is called."""
         with self._changed:
             self._changed.wait_for(lambda: self._leaving
                                    or self._state in states + ("closed",))
@@ -1313,11 +1283,22 @@ class ChatClient:
 
     # -- the receive thread --
     def _receive(self):
-        """Runs on the receive thread: join, read the Join stream, and join
-        again whenever it breaks, resuming after the last seq we have."""
+        """Join, read the Join stream, and join again whenever it breaks,
+        resuming after the last seq we have; stop when we leave, or when
+        the server turns us away."""
         while (call := self._join()) is not None:
             error = self._read(call)
-            if self._ended(error):
+            if self._leaving:
+                return
+            if self._gave_up and not self.joined:
+                self.refusal = Refused(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no answer within {CONNECT_TIMEOUT} s.")
+            elif error is not None and (not self.joined
+                                        or error.code() not in RETRY):
+                self.refusal = Refused(error.code(), error.details())
+            if self.refusal is not None:
+                self._set_state("closed", self.refusal.details)
                 return
             if self.away_since is None:
                 self.away_since = time.monotonic()
@@ -1335,11 +1316,6 @@ class ChatClient:
         with self._changed:
             if self._leaving:
                 return None
-            # The first Join fails fast if the connection does (nothing
-            # listens, TLS on one side only, ...), so that a user who typed
-            # a wrong address hears so at once. Later Joins use
-            # wait_for_ready: the call waits while the channel reconnects
-            # (with gRPC's own backoff) instead of failing.
             self._call = self.stub.Join(request, wait_for_ready=self.joined,
                                         metadata=self.metadata)
             return self._call
@@ -1347,12 +1323,12 @@ class ChatClient:
     def _read(self, call):
         """Take each Event of the stream until it ends; return the RpcError
         that ended it, or None if the server ended it with OK."""
-        # A stream lives for hours, so it has no deadline (timeout=): that
-        # would end it. But gRPC gives each connection attempt 20 s (the
-        # default of grpc.min_reconnect_backoff_ms, which we leave unset),
-        # and on a server that is connected but hung, it waits forever. So a
-        # timer cancels the first Join if no Welcome came within
-        # CONNECT_TIMEOUT. (cancel() works from any thread.)
+        # A stream lives for hours, so it has no deadline. But gRPC gives
+        # each attempt to connect 20 s (the default of
+        # grpc.min_reconnect_backoff_ms, which we leave unset: not a backoff,
+        # despite its name), and waits forever on a server that is connected
+        # but hung. So a timer cancels (from its own thread) a first Join
+        # that has no Welcome within CONNECT_TIMEOUT.
         no_answer = threading.Timer(CONNECT_TIMEOUT, self._give_up, [call])
         if not self.joined:
             no_answer.start()
@@ -1368,8 +1344,7 @@ class ChatClient:
             no_answer.cancel()
         return None
 
-    def _give_up(self, call):
-        """Runs on the timer thread: the first Join had no answer in time."""
+    def _give_up(self, call):  # on the timer's thread: no Welcome in time
         self._gave_up = True
         call.cancel()  # the receive thread wakes with CANCELLED
 
@@ -1385,8 +1360,12 @@ class ChatClient:
         if event.HasField("caught_up"):
             self.away_since = None
             self._set_state("online")
-        if event.messages and not self._keep_new(event.messages):
-            return  # we have them all already
+        if event.messages:  # drop those we have (ours sends none twice)
+            fresh = [m for m in event.messages if m.seq > self.last_seq]
+            if not fresh:
+                return
+            del event.messages[:len(event.messages) - len(fresh)]
+            self.last_seq = fresh[-1].seq
         trace("client", "ChatClient._take", event)
         self.on_event(event, notices)
         if event.messages:
@@ -1397,8 +1376,8 @@ class ChatClient:
         notices = []
         if self.joined and welcome.history_id != self.history_id:
             # Our seqs count in a history the server no longer has (section
-            # 3): start over in this one, keeping what we had of the other
-            # should it come back, so that nothing is shown twice.
+            # 3): start over in this one, and keep our place in the other,
+            # should it come back.
             self.left_behind[self.history_id] = self.last_seq
             notices.append("the server's history is not the one this "
                            "client had (it was reset or replaced); starting "
@@ -1414,58 +1393,29 @@ class ChatClient:
                             self.left_behind.pop(welcome.history_id, 0))
         return notices
 
-    def _keep_new(self, messages):
-        """Drop the messages we already have, from the front of the list;
-        return how many are left. (Our server sends none twice, but the
-        client keeps its no-repeats promise to the UI on its own.)"""
-        fresh = [m for m in messages if m.seq > self.last_seq]
-        del messages[:len(messages) - len(fresh)]
-        if fresh:
-            self.last_seq = fresh[-1].seq
-        return len(fresh)
-
     def _news(self, presence):
-        """Drop the presence changes that change nothing for us (our server
-        sends none, but not every server need be ours); return a sentence
-        for each one left."""
-        stale, notices = [], []
-        for index, member in enumerate(presence):
+        """Keep the roster; return a sentence for each presence change that
+        is news to us (our server sends no other kind, but not every server
+        need be ours)."""
+        notices = []
+        for member in presence:
             state = (member.name, member.online)
             before = self.roster.get(member.id)
-            if member.id == self.client_id or before == state:
-                stale.append(index)
-            elif before and before[1] and member.online:
-                notices.append(f"{before[0]} is now known as {member.name}")
-            else:
-                notices.append(f"{member.name} "
-                               f"{'joined' if member.online else 'left'}")
+            if member.id != self.client_id and before != state:
+                if before and before[1] and member.online:
+                    notices.append(f"{before[0]} is now known as "
+                                   f"{member.name}")
+                else:
+                    notices.append(f"{member.name} "
+                                   f"{'joined' if member.online else 'left'}")
             self.roster[member.id] = state
-        for index in reversed(stale):
-            del presence[index]
         return notices
-
-    def _ended(self, error):
-        """The stream broke with error (None: ended with OK). Is this the
-        end (we are leaving, or the server turned us away), or rejoin?"""
-        if self._leaving:
-            return True
-        if self._gave_up and not self.joined:
-            self.refusal = Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"no answer within {CONNECT_TIMEOUT} s.")
-        elif error is not None and (not self.joined
-                                    or error.code() not in RETRY):
-            self.refusal = Refused(error.code(), error.details())
-        else:
-            return False
-        self._set_state("closed", self.refusal.details)
-        return True
 
 
 def why_lost(error):
-    """One sentence for a Join stream that broke (error None: it ended with
-    OK). Our server's details are sentences ending with a period ("the
-    server is shutting down; your client will reconnect."); gRPC's ("Socket
-    closed", ...) are not, and mean that the connection itself broke."""
+    """A sentence for a broken Join stream (error None: ended with OK).
+    Our server's details are sentences, with a period; gRPC's ("Socket
+    closed") are not, and mean that the connection broke."""
     if error is None:
         return "the server ended the stream."
     if error.details().endswith("."):
@@ -1474,9 +1424,8 @@ def why_lost(error):
 
 
 def retry_delays():
-    """Waits between retries, in seconds: 0.5, doubling up to 8, each with
-    +-20% jitter so that the clients of a restarted server do not all retry
-    at once."""
+    """Waits between retries, in seconds: 0.5, doubling up to 8, each +-20%
+    so that the clients of a restarted server do not all retry at once."""
     delay = 0.5
     while True:
         yield delay * (0.8 + 0.4 * random.random())
@@ -1485,8 +1434,8 @@ def retry_delays():
 
 # The commands, the same in every UI: a line that starts with / is one of
 # these, run at once and never sent; "//" sends the rest with one / removed.
-# /help lists them in this order. To add one (README's exercise: "/me
-# waves"), add it here, then its method to TerminalClient and ChatWindow.
+# To add one (README's exercise: "/me waves"), add it here, then its method
+# to TerminalClient and ChatWindow.
 COMMANDS = {
     "/help": "lists the commands",
     "/who": "lists the members and who is online",
@@ -1496,8 +1445,8 @@ COMMANDS = {
 
 
 def typed(line):
-    """What a typed line asks for: (command, the rest of the line) for a
-    command, or (None, the text to send)."""
+    """(command, the rest of the line) for a command, else (None, the
+    text to send)."""
     if line.startswith("/") and not line.startswith("//"):
         command, _, rest = line.partition(" ")
         return command, rest
@@ -1534,9 +1483,8 @@ def who_line(chat):
 # 8. The terminal client -----------------------------------------------------
 #
 # The contract that scripts and the tests rely on:
-#   stdin   one message a line. A line that starts with / is a command
-#           (/help lists them); "//" sends the rest with one / removed.
-#           "/quit" or end of input leaves once all typed so far is stored.
+#   stdin   one message a line, or a command (section 7); "/quit" or end of
+#           input leaves once all typed so far is stored.
 #   stdout  chat messages only, one a line: "[14:02:07] alice: hi".
 #   stderr  everything else.
 #   exit    0 after a normal leave; 1 with a one-line reason when the server
@@ -1587,18 +1535,16 @@ class TerminalClient:
 
     AWAY_NOTE = 15  # seconds away before the first "still reconnecting"
     TTY_LINE = 4095  # Linux's terminal keeps at most this much of a line
+    say = staticmethod(say_line)
 
     def __init__(self, target, client_id, name, password=None, tls_ca=None,
                  receipts=ReadReceipts, explain=Explain()):
         self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
-        self.receipts = receipts  # for ChatClient
-        self.explain = explain    # for a refused Join
+        self.receipts, self.explain = receipts, explain
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
         self.unread = 0      # from the last Welcome
-        # Messages typed, in order, for the main thread to send; None when
-        # it is time to leave. Commands do not go here: they run at once.
-        self.outbox = queue.Queue()
+        self.outbox = queue.Queue()  # messages typed; None: time to leave
         self.lock = threading.Lock()  # for the next three
         self.unsent = 0      # messages typed and not yet stored or refused
         self.leaving = False  # /quit or end of input was read
@@ -1631,9 +1577,8 @@ class TerminalClient:
         return 1 if self.chat.refusal or unsent else 0
 
     def _join(self, stdin):
-        """Join the room. On a terminal, ask for the room password when
-        the server wants one and CHAT_PASSWORD did not give it (as the
-        window does); a script on a pipe gets the refusal instead."""
+        """Join. On a terminal, ask for the room password if the server
+        wants one that CHAT_PASSWORD did not give, as the window does."""
         while True:
             try:
                 return self.chat.connect()
@@ -1654,8 +1599,7 @@ class TerminalClient:
 
     # -- the stdin thread --
     def _read(self, stdin):
-        """Runs on the stdin thread: run each command at once, and queue
-        each message for the main thread."""
+        """Run commands at once; queue messages for the main thread."""
         tty = stdin.isatty()
         for line in stdin:
             line = line.rstrip("\r\n")
@@ -1674,7 +1618,7 @@ class TerminalClient:
         self.quit("")  # end of input
 
     def command(self, line, command, rest):
-        """Run a command (COMMANDS, section 7) at once."""
+        """Run a command (COMMANDS, section 7)."""
         if problem := command_problem(command):
             self.say(f"not sent: {quoted(line)}: {problem}")
             return
@@ -1716,8 +1660,8 @@ class TerminalClient:
                 self.unsent -= 1
 
     def _tell_waiting(self):
-        """Leaving with messages the server has not stored, while it is
-        away, takes a while: say why, and the way out. Hold self.lock."""
+        """Leaving with messages unstored while the server is away takes a
+        while: say why, and the way out. Hold self.lock."""
         if self.leaving and self.unsent and self.chat.away_since is not None:
             self.say(f"waiting for the server to store "
                      f"{plural(self.unsent, 'message')} (Ctrl-C to quit "
@@ -1775,7 +1719,7 @@ class TerminalClient:
             self.outbox.put(None)
 
     def _away_notes(self, back, since):
-        """Runs on a thread of its own until back is set: says "still
+        """Runs on a thread of its own until back is set: "still
         reconnecting" at growing intervals (15 s, 30 s, 1 min, ...)."""
         wait = self.AWAY_NOTE
         while not back.wait(wait):
@@ -1786,17 +1730,12 @@ class TerminalClient:
                 self.say(f"server away for {duration(wait)}; "
                          "still reconnecting")
 
-    @staticmethod
-    def say(text):
-        say_line(text)
-
 
 # 9. The command line: main(argv) --------------------------------------------
 #
 # argparse types: each turns a flag's text into a value or refuses it with a
-# sentence. argparse then prints "argument --rate: must be 0 or more, not
-# '-5'" under the command's usage and exits with status 2, its sign of a
-# mistake on the command line.
+# sentence, which argparse prints under the command's usage ("argument
+# --rate: must be 0 or more, not '-5'") before it exits with status 2.
 
 
 def number(kind, rule, ok):
@@ -1828,6 +1767,9 @@ def checked(problem):
 
 
 valid_id, display_name = checked(id_problem), checked(name_problem)
+# server --db: SQLite takes "" for a temporary file, which keeps nothing.
+database = checked(lambda text: None if text else
+                   "give a file name, or :memory: to keep nothing")
 
 
 def member_list(text):
@@ -1842,31 +1784,19 @@ def server_address(text):
     """client --server: HOST:PORT. gRPC would take a mistake here for a
     server that cannot be reached, and keep trying."""
     host, _, port = text.rpartition(":")
-    if "://" in text:
+    if "://" in text or not host:
+        what = f"a URL ({text!r})" if "://" in text else repr(text)
         raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not a URL ({text!r})")
-    if not host:
-        raise argparse.ArgumentTypeError(
-            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {text!r}")
+            f"give HOST:PORT, e.g. 127.0.0.1:50051, not {what}")
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(
             f"{port!r} in {text!r} is not a port number (1 to 65535)")
     return text
 
 
-def database(text):
-    """server --db: SQLite takes "" for a temporary file, deleted when it
-    closes, which would keep nothing without a word."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "give a file name, or :memory: to keep nothing")
-    return text
-
-
 # Later parts add to the command line through one hook: each appends to
 # EXTENSIONS a function that takes argparse's subparsers (`commands`) and
-# adds its flags and commands, or sets other defaults. main() builds the
-# parser when it runs, so it has every part that this file holds.
+# adds its flags and commands, or sets other defaults.
 EXTENSIONS = []
 
 
@@ -1893,9 +1823,9 @@ def build_parser():
                         help="most members online at once (default: 0, "
                         "no limit)")
     server.add_argument("--db", default="chat.db", type=database,
-                        metavar="PATH",
-                        help="SQLite file for history and read positions "
-                        "(default: %(default)s; :memory: keeps nothing)")
+                        metavar="PATH", help="SQLite file for history and "
+                        "read positions (default: %(default)s; :memory: "
+                        "keeps nothing)")
     server.add_argument("--rate", default=RATE, metavar="N",
                         type=number(float, "0 or more", lambda n: n >= 0),
                         help="messages a second each member may send, with "
@@ -1906,9 +1836,8 @@ def build_parser():
                         help="seconds of silence from a client before the "
                         "server pings it; one that does not answer is "
                         "dropped (default: %(default)s)")
-    server.add_argument("--tls-cert", metavar="FILE",
-                        help="PEM certificate: serve TLS instead of "
-                        "plaintext (needs --tls-key)")
+    server.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: "
+                        "serve TLS instead of plaintext (needs --tls-key)")
     server.add_argument("--tls-key", metavar="FILE",
                         help="PEM private key for --tls-cert")
     server.add_argument("--log-level", default="INFO", type=str.upper,
@@ -1925,9 +1854,9 @@ def build_parser():
     client.add_argument("--id", required=True, dest="client_id", metavar="ID",
                         type=valid_id, help="your member id: 1 to 32 "
                         "letters, digits, _ . or -, e.g. 1")
-    client.add_argument("--name", type=display_name,
-                        help="display name (default: the name the server "
-                        "remembers for your id, else the id)")
+    client.add_argument("--name", type=display_name, help="display name "
+                        "(default: the name the server remembers for your "
+                        "id, else the id)")
     client.add_argument("--server", default="127.0.0.1:50051",
                         metavar="HOST:PORT", type=server_address,
                         help="HOST:PORT of the chat server "
@@ -1970,11 +1899,12 @@ def run_client(args):
         if why_not is None:
             return status
         print(f"chat: {why_not}; using the terminal client", file=sys.stderr)
-    # Neither a message with characters the terminal cannot show nor a line
-    # of bytes that are not UTF-8 (text_problem refuses it) may crash us.
-    if sys.stdout is not None:  # None: started with stdout closed (>&-)
+    # Neither characters the terminal cannot show nor a line that is not
+    # UTF-8 (text_problem refuses it) may crash us. None: started with
+    # stdout or stdin closed (>&-, <&-).
+    if sys.stdout is not None:
         sys.stdout.reconfigure(errors="replace")
-    stdin = sys.stdin or open(os.devnull)  # None: closed (<&-): no input
+    stdin = sys.stdin or open(os.devnull)
     stdin.reconfigure(errors="surrogateescape")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
