@@ -2295,9 +2295,11 @@ class ChatWindow:
                          pady=(4, 0))
         # Tags, named styles for the view's text: one for each kind of
         # format_message's chunks, and more.
-        self.bold = tkfont.nametofont("TkDefaultFont").copy()
-        self.bold["weight"] = "bold"
+        self.bold, self.italic = (tkfont.nametofont("TkDefaultFont").copy()
+                                  for _ in "bi")
+        self.bold["weight"], self.italic["slant"] = "bold", "italic"
         self.view.tag_configure("name", font=self.bold)
+        self.view.tag_configure("notice", font=self.italic)
         self.view.tag_configure("time", font="TkSmallCaptionFont")
         self.view.tag_configure("line", lmargin2=24)
         self.view.tag_configure("more", lmargin1=24)
