@@ -1505,10 +1505,17 @@ def shown_time(timestamp):
 
 
 def format_message(message):
-    """'[14:02:07] alice: hi', at shown_time(). A newline inside a message
-    shows as '\\n', so that each message stays on one line."""
-    text = message.text.replace("\n", "\\n")
-    return f"[{shown_time(message.sent_at)}] {message.sender_name}: {text}"
+    """alice's "hi" as (text, kind) chunks, for both UIs to show:
+    [("[14:02:07] ", "time"), ("alice: ", "name"), ("hi", "text")], at
+    shown_time()."""
+    return [(f"[{shown_time(message.sent_at)}] ", "time"),
+            (f"{message.sender_name}: ", "name"), (message.text, "text")]
+
+
+def one_line(chunks):
+    """The terminal's form of format_message's chunks: "[14:02:07] alice:
+    hi", with a newline inside as '\\n', so that each stays on one line."""
+    return "".join(text for text, _kind in chunks).replace("\n", "\\n")
 
 
 def plural(count, noun):
@@ -1672,7 +1679,7 @@ class TerminalClient:
         trace("client", "TerminalClient.on_event", event)
         try:
             for message in event.messages:  # bob's: "[14:02:07] alice: hi"
-                print(format_message(message), flush=True)
+                print(one_line(format_message(message)), flush=True)
         except BrokenPipeError:
             # Whoever read our stdout is gone (`| head -1`): like any Unix
             # filter, leave. Later prints go to /dev/null, quietly.
@@ -1926,7 +1933,8 @@ def main(argv=None):
 # Part II: the window ========================================================
 #
 # A Tk client for `client` (without --no-gui), added through Part I's one
-# hook, EXTENSIONS: window_flags, at the end of this part.
+# hook, EXTENSIONS (window_flags). Section 10 is the lesson, a plain window;
+# its polish follows, as mixins that override the hooks it names.
 
 
 # 10. The window -------------------------------------------------------------
@@ -1946,9 +1954,8 @@ def main(argv=None):
 # While the mainloop waits, Tcl select()s on the display's connection and
 # on every file given to createfilehandler, so the byte wakes it as a key
 # press would: grpc.aio's trick (section 6), with a pipe for a socketpair.
-# No timer polls the queue (but on Windows, which has no Tk file handlers:
-# there the window looks every 100 ms). Ctrl-C comes in through a pipe too
-# (quit_on_signals). Sends go to a sender thread (`outbox`), as
+# No timer polls the queue (but Windows has no Tk file handlers: there the
+# window looks every 100 ms). Sends go to a sender thread (`outbox`), as
 # ChatClient.send() blocks for a round trip, or while the server is away.
 
 try:
@@ -1956,19 +1963,6 @@ try:
     from tkinter import font as tkfont, messagebox, simpledialog, ttk
 except ImportError:  # Python built without Tk
     tk = None
-
-COLORS = {"own": "#1c71d8", "time": "#9a9996", "read": "#9a9996",
-          "divider": "#e01b24", "notice": "#77767b", "failed": "#e01b24",
-          "online": "#26a269", "offline": "#9a9996", "away": "#c0bfbc"}
-SENDER_COLORS = ("#26a269", "#c64600", "#813d9c", "#0e7c86", "#865e3c",
-                 "#b5348a", "#5e5c64")  # for names other than yours
-MARKS = {"online": "●", "offline": "○", "away": "◌"}  # in the member list
-
-
-def sender_tag(sender_id):
-    """The view's tag for a sender's name, "sender0" to "sender6": the same
-    colour for an id in every window, every time (ids 1 to 7 all differ)."""
-    return f"sender{sum(sender_id.encode()) % len(SENDER_COLORS)}"
 
 
 def open_root():
@@ -1991,124 +1985,119 @@ def trace_view(*parts):
         say_line(" ".join(["tk:", *map(str, parts)]))
 
 
-def wake_pipe(root, on_wake):
-    """A pipe that wakes the mainloop (the top of this section): Tk calls
-    on_wake(read_end) on the main thread when it is readable. Returns
-    (read_end, write_end), the latter non-blocking; (None, None) on
-    Windows."""
-    if not hasattr(root.tk, "createfilehandler"):
-        return None, None
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    root.tk.createfilehandler(read_end, tk.READABLE,
-                              lambda *_: on_wake(read_end))
-    return read_end, write_end
-
-
-def quit_on_signals(root):
-    """Make Ctrl-C (SIGINT) and `kill` (SIGTERM) send root the virtual
-    event <<Quit>>, at once; the name dialog and the window bind it.
-
-    Python runs a signal handler only when the main thread runs Python
-    code, and while the mainloop waits, it sits in C. So set_wakeup_fd has
-    Python's C-level handler also write a byte to a wake pipe; reading it
-    runs Python code on the main thread, and with it the handler, at once.
-    (On Windows: at the window's next 100 ms look.) The handler only queues
-    an event: it may run in the middle of another callback, which must not
-    lose the window under it."""
-    def handler(_signum, _frame):
-        try:
-            root.event_generate("<<Quit>>", when="tail")
-        except tk.TclError:
-            pass  # the window is gone already, and we are on our way out
-    _read_end, write_end = wake_pipe(root, lambda fd: os.read(fd, 512))
-    if write_end is not None:
-        signal.set_wakeup_fd(write_end)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-
-
-def select_all(event):
-    """Ctrl+A selects all the text in a field, as elsewhere on a desktop
-    (Tk's own Ctrl+A goes to the start of the line, as in Emacs)."""
-    event.widget.event_generate("<<SelectAll>>")
-    return "break"  # and not Tk's
-
-
-def ask_name(root, default):
-    """The first screen: ask for a display name. Returns it, or None if the
-    user pressed Escape or closed the window."""
-    root.title("chat.py: your name")
-    frame = ttk.Frame(root, padding=16)
-    frame.grid(sticky="nsew")
-    ttk.Label(frame, text="Your name in the chat:").grid(sticky="w")
-    name = tk.StringVar(value=default)
-    entry = ttk.Entry(frame, textvariable=name, width=30)
-    entry.grid(sticky="ew", pady=6)
-    entry.bind("<Control-a>", select_all)
-    problem = ttk.Label(frame, foreground=COLORS["failed"])
-    problem.grid(sticky="w")
-    answer = tk.StringVar()
-
-    def accept(_event=None):
-        text = name.get().strip()
-        why = name_problem(text) or ("" if text else "Please type a name.")
-        problem.configure(text=why)
-        if not why:
-            answer.set(text)
-    ttk.Button(frame, text="Join", command=accept).grid(sticky="e")
-    root.bind("<Return>", accept)
-    for event in ("<Escape>", "<<Quit>>"):
-        root.bind(event, lambda _event: answer.set("\0"))
-    root.protocol("WM_DELETE_WINDOW", lambda: answer.set("\0"))
-    entry.select_range(0, "end")
-    entry.focus_set()
-    trace_view("name dialog", default)
-    root.wait_variable(answer)  # runs the event loop until answer is set
-    frame.destroy()
-    for event in ("<Return>", "<Escape>", "<<Quit>>"):
-        root.unbind(event)
-    return None if answer.get() == "\0" else answer.get()
-
-
 class ChatWindow:
-    """The chat window. Every method runs on the Tk main thread, except the
-    ones whose docstrings name another thread."""
+    """client's window, in root: a name dialog, then the chat. Every method
+    runs on the Tk main thread, but those whose docstrings name another.
 
-    HISTORY = 20  # already-read messages shown above the unread ones
+    Hooks that the polish overrides (each calling this one by super()):
+      sign_in()                    the password, and the name to offer
+      _build()                     the widgets
+      _show_event(event, notices)  what came on the Join stream
+      _arrived(message, in_sight)  a new message from someone else shows
+      name_tag(message)            the view's tag for its sender's name
+      _set_title(count)            the title
+      _show_state(state, text, away_since)  the connection's state
+      close(ask)                   leave; ask: the user may be asked first
+    """
 
-    def __init__(self, root, target, client_id, name, password=None,
-                 tls_ca=None, receipts=ReadReceipts, explain=Explain()):
-        self.root, self.target, self.name = root, target, name
-        self.client_id, self.tls_ca = client_id, tls_ca
-        self.receipts = receipts  # for ChatClient
-        self.explain = explain    # for a refused Join
-        self.exit_status = 0
-        self.joined = False
-        self.closed = False
-        self.asking = False        # the close dialog is open
-        self.unseen = 0            # messages that arrived while unfocused
-        self.pending = 0           # own messages not yet acknowledged
-        self.next_own = 0          # numbers own messages, to find them again
-        self.below = 0             # new messages below the view's bottom
-        self.away = False          # the server is away: online unknown
-        self.clock = None          # the Tk timer that updates "Away for"
+    HISTORY = 0  # already-read messages the Welcome is to bring
+    COLORS = {"notice": "grey40", "failed": "red3", "time": "grey50",
+              "sending": "grey50"}
+
+    def __init__(self, root, args):
+        self.root, self.args, self.target = root, args, args.server
+        self.exit_status = self.pending = self.next_own = 0  # own messages
+        self.joined = self.closed = self.away = False  # away: the server
         self.inbox = queue.Queue()   # calls: worker threads -> main thread
-        self.outbox = queue.Queue()  # main thread -> sender thread
-        self._wake_read, self._wake_write = wake_pipe(root, self._drain)
-        self._build()
-        if self._wake_read is None:  # Windows
+        self.outbox = queue.Queue()  # messages: main -> sender thread
+        self.wake = None             # the pipe: (read end, write end)
+        if hasattr(root.tk, "createfilehandler"):
+            self.wake = os.pipe()
+            os.set_blocking(self.wake[1], False)
+            root.tk.createfilehandler(self.wake[0], tk.READABLE,
+                                      lambda *_: self._drain())
+        else:  # Windows
             self._drain()
-        self.chat = ChatClient(self.target, self.client_id, self.name,
-                               self._on_event, self._on_status,
-                               history=self.HISTORY, password=password,
-                               tls_ca=self.tls_ca, receipts=self.receipts)
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        root.bind("<Control-q>", lambda _event: self.close())
+        root.bind("<<Quit>>", lambda _event: self.close(ask=False))
+
+    def run(self):
+        """The dialogs, then the chat until the window closes. Returns the
+        exit status."""
+        self.quit_on_signals()
+        self.root.withdraw()  # until join: the dialogs come alone
+        signed_in = self.sign_in()
+        name = signed_in and (self.args.name or self.ask_name(signed_in[1]))
+        if name is None:  # the user cancelled
+            self.close(ask=False)
+            return 0
+        self.join(name, signed_in[0])
+        self.root.mainloop()
+        # The window is gone; leave the room (confirming what we received)
+        # out of sight. Safe to wait for the receive thread: it never calls
+        # Tk.
+        self.chat.close()
+        if self.pending:
+            print(f"chat: {plural(self.pending, 'message')} not sent",
+                  file=sys.stderr)
+            return 1
+        return self.exit_status
+
+    def quit_on_signals(self):
+        """Make Ctrl-C (SIGINT) and `kill` (SIGTERM) close the window, at
+        once. Python runs a signal handler only when the main thread runs
+        Python code, and while the mainloop waits, it sits in C; so
+        set_wakeup_fd has Python's C-level handler write a byte to the wake
+        pipe, and _drain runs the handler. It only queues <<Quit>>: it may
+        run inside another callback, which must keep its window."""
+        def handler(_signum, _frame):
+            try:
+                self.root.event_generate("<<Quit>>", when="tail")
+            except tk.TclError:
+                pass  # the window is gone already, and we are on our way
+        if self.wake:
+            signal.set_wakeup_fd(self.wake[1])
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)
+
+    def sign_in(self):
+        """(The room password, the name that the name dialog offers), or
+        None if the user cancelled: CHAT_PASSWORD's, and our id."""
+        return os.environ.get("CHAT_PASSWORD") or None, self.args.client_id
+
+    def ask_name(self, default, why=""):
+        """The name dialog, again with the reason while the name will not
+        do. Returns the name, or None if the user cancelled."""
+        trace_view("name dialog", default)
+        name = self._dialog(simpledialog.askstring, "chat.py: your name",
+                            f"{why}Your name in the chat:",
+                            initialvalue=default)
+        if name is None:
+            return None
+        name = name.strip()
+        why = name_problem(name) or ("" if name else "please type a name.")
+        return self.ask_name(name, f"{why[0].upper()}{why[1:]}\n") if why \
+            else name
+
+    def join(self, name, password=None):
+        """Open the chat window, and join as name. ChatClient calls its
+        callbacks on the receive thread: they only post."""
+        self.name = name
+        self.root.deiconify()
+        self._build()
+        self.chat = ChatClient(
+            self.target, self.args.client_id, name,
+            lambda *event: self._post(self._show_event, *event),
+            lambda *state: self._post(self._show_state, *state,
+                                      self.chat.away_since),
+            history=self.HISTORY, password=password,
+            tls_ca=self.args.tls_ca, receipts=self.args.receipts)
         threading.Thread(target=self._send_loop, daemon=True,
                          name="sender").start()
         self._show_status(f"Connecting to {self.target}...")
         self.chat.start()
 
-    # -- layout --
     def _build(self):
         """Lay out the window with Tk's grid: the view of messages with its
         scrollbar, the member list to its right, the message box and the
@@ -2119,86 +2108,58 @@ class ChatWindow:
         outer.grid(sticky="nsew")
         outer.columnconfigure(0, weight=1)
         outer.rowconfigure(0, weight=1)
-        self._build_view(outer)
-        self._build_compose(outer)
+        # The messages: a read-only Text (_put enables it for a moment).
+        self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
+                            height=20, padx=6, pady=4, relief="flat",
+                            highlightthickness=0, cursor="arrow",
+                            font="TkDefaultFont", spacing1=3)
+        self.view.grid(row=0, column=0, sticky="nsew")
+        self.scroll = ttk.Scrollbar(outer, command=self.view.yview)
+        self.scroll.grid(row=0, column=1, sticky="ns")
+        self.view.configure(yscrollcommand=self.scroll.set)
         side = ttk.Frame(outer, padding=(8, 0, 0, 0))
         side.grid(row=0, column=2, sticky="ns")
         side.rowconfigure(1, weight=1)
         ttk.Label(side, text="Members").grid(sticky="w")
         self.members = tk.Listbox(side, width=14, activestyle="none",
                                   highlightthickness=0, relief="flat",
-                                  selectmode="browse", takefocus=False)
+                                  takefocus=False)
         self.members.grid(sticky="ns")
-        # width=1: a long sentence must not widen the window; it wraps at
-        # the width the window gives it (set on every resize).
-        self.status = ttk.Label(outer, anchor="w", width=1)
-        self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
-                         pady=(4, 0))
-        self.status.bind("<Configure>", lambda event: self.status.configure(
-            wraplength=event.width))
-        for event in ("<FocusIn>", "<FocusOut>"):
-            self.root.bind(event, self._set_title)
-        self.root.protocol("WM_DELETE_WINDOW", self.close)
-        self.root.bind("<Control-q>", lambda _event: self.close())
-        self.root.bind("<<Quit>>", lambda _event: self.close(ask=False))
-        self._set_title()
-        # A set size (--geometry may give another), so that a status that
-        # wraps onto two lines takes a line from the view instead of growing
-        # the window.
-        self.root.update_idletasks()
-        self.root.geometry(f"{self.root.winfo_reqwidth()}x"
-                           f"{self.root.winfo_reqheight()}")
-
-    def _build_view(self, outer):
-        """The messages: a read-only Text widget (state="disabled"; _append
-        enables it for a moment), and its tags: named styles for its text."""
-        self.view = tk.Text(outer, wrap="word", state="disabled", width=50,
-                            height=20, padx=6, pady=4, relief="flat",
-                            highlightthickness=0, cursor="arrow",
-                            font="TkDefaultFont", spacing1=3)
-        self.scroll = ttk.Scrollbar(outer, command=self.view.yview)
-        self.view.configure(yscrollcommand=self._scrolled)
-        self.view.grid(row=0, column=0, sticky="nsew")
-        self.scroll.grid(row=0, column=1, sticky="ns")
-        # Shown over the view's bottom while new messages wait below it.
-        self.jump = ttk.Button(outer, command=self._jump, takefocus=False)
-        bold = tkfont.nametofont("TkDefaultFont").copy()
-        bold.configure(weight="bold")
-        italic = tkfont.nametofont("TkDefaultFont").copy()
-        italic.configure(slant="italic")
-        tag = self.view.tag_configure
-        # Every line of a message after its first is indented: "line" does
-        # it for lines that wrap, "more" for the lines after a newline.
-        tag("line", lmargin2=24)
-        tag("more", lmargin1=24)
-        tag("time", foreground=COLORS["time"], font="TkSmallCaptionFont")
-        tag("own", foreground=COLORS["own"], font=bold)
-        for index, color in enumerate(SENDER_COLORS):
-            tag(f"sender{index}", foreground=color, font=bold)
-        tag("read", foreground=COLORS["read"])
-        tag("notice", foreground=COLORS["notice"], font=italic)
-        tag("divider", foreground=COLORS["divider"], justify="center")
-        tag("failed", foreground=COLORS["failed"])
-        tag("sending", foreground=COLORS["time"])
-
-    def _build_compose(self, outer):
-        """The message box: Enter sends, Shift+Enter starts a new line."""
         compose = ttk.Frame(outer, padding=(0, 6, 0, 0))
         compose.grid(row=1, column=0, columnspan=3, sticky="ew")
         compose.columnconfigure(0, weight=1)
         self.entry = tk.Text(compose, height=3, wrap="word", undo=True,
                              font="TkDefaultFont")
         self.entry.grid(row=0, column=0, sticky="ew")
+        self.entry.bind("<Return>", self._on_return)  # Shift+Enter too
+        self.entry.bind("<KP_Enter>", self._on_return)
+        self.entry.focus_set()
         # takefocus=False: a click on Send leaves the keyboard in the box.
         ttk.Button(compose, text="Send", command=self.send_typed,
                    takefocus=False).grid(row=0, column=1, sticky="ns",
                                          padx=(6, 0))
-        self.entry.bind("<Return>", self._on_return)  # Shift+Enter too
-        self.entry.bind("<KP_Enter>", self._on_return)
-        self.entry.bind("<Control-a>", select_all)
-        self.entry.focus_set()
+        self.status = ttk.Label(outer, anchor="w")
+        self.status.grid(row=2, column=0, columnspan=3, sticky="ew",
+                         pady=(4, 0))
+        # Tags, named styles for the view's text: one for each kind of
+        # format_message's chunks, and more.
+        self.bold, self.italic = (tkfont.nametofont("TkDefaultFont").copy()
+                                  for _ in "bi")
+        self.bold["weight"], self.italic["slant"] = "bold", "italic"
+        self.view.tag_configure("name", font=self.bold)
+        self.view.tag_configure("notice", font=self.italic)
+        self.view.tag_configure("time", font="TkSmallCaptionFont")
+        self.view.tag_configure("line", lmargin2=24)
+        self.view.tag_configure("more", lmargin1=24)
+        for tag in ("time", "notice", "failed", "sending"):
+            self.view.tag_configure(tag, foreground=self.COLORS[tag])
+        self._set_title()
 
-    # -- typing and sending --
+    def _set_title(self, count=""):
+        """The title: "alice - chat at HOST:PORT", after count."""
+        self.root.title(f"{count}{self.name} - chat at {self.target}")
+
+    # -- typing, sending and commands --
     def _on_return(self, event):
         if event.state & 1:  # Shift is held: a new line
             self.entry.insert("insert", "\n")
@@ -2207,41 +2168,31 @@ class ChatWindow:
         return "break"  # and not Tk's newline
 
     def send_typed(self):
-        """Send what is in the message box (Enter or the Send button)."""
-        line = self.entry.get("1.0", "end-1c").strip("\n")
-        command, text = typed(line)
-        if command:
-            self._command(command, text)
-            return
-        if problem := text_problem(text):
-            # Refused here, with the reason; the text stays in the box.
+        """Send what is in the message box (Enter or the Send button), or
+        run its command (COMMANDS, section 7); what is refused stays there,
+        and the status line says why."""
+        command, text = typed(self.entry.get("1.0", "end-1c").strip("\n"))
+        problem = command_problem(command) if command else text_problem(text)
+        if problem:
             self._show_status(f"Not sent: {problem}", problem=True)
             self.root.bell()
             return
         self.entry.delete("1.0", "end")
-        self.entry.focus_set()
         self._show_status(self.connection)
-        self.next_own += 1
+        if command:
+            run = {"/help": self.help, "/who": self.who, "/quit": self.quit}
+            return run[command](text)
         self.pending += 1
-        tag = f"own{self.next_own}"
-        self._append([(f"{datetime.datetime.now():%H:%M:%S}",
-                       ("time", tag + "time")),
-                      ("  ", ()), (f"{self.name}: ", "own"), (text, ()),
-                      ("  sending...", ("sending", tag + "status"))], tag)
+        self.next_own += 1
+        tag = f"own{self.next_own}"  # to find it again
+        # Shown at once, at our clock's time until the server's is known.
+        message = pb.ChatMessage(sender_id=self.chat.client_id,
+                                 sender_name=self.name, text=text)
+        message.sent_at.GetCurrentTime()
+        self._put(self._chunks(message) + [("  sending...", "sending")], tag)
         self.view.see("end")  # whoever sends wants to see it
         trace_view("message", f"{self.name}: {text}", "sending")
-        self.outbox.put((tag, text))
-
-    def _command(self, command, rest):
-        """Run a command typed in the message box (COMMANDS, section 7);
-        an unknown one stays in the box, with the reason."""
-        if problem := command_problem(command):
-            self._show_status(f"Not sent: {problem}", problem=True)
-            self.root.bell()
-            return
-        self.entry.delete("1.0", "end")
-        run = {"/help": self.help, "/who": self.who, "/quit": self.quit}
-        run[command](rest)
+        self.outbox.put((tag, message))
 
     # The commands. Each gets the rest of its line.
     def help(self, _rest):
@@ -2255,62 +2206,50 @@ class ChatWindow:
             name="who").start()
 
     def quit(self, _rest):
-        """Close the window; with messages not yet stored, ask first."""
         self.close()
 
     def _send_loop(self):
         """Runs on the sender thread: send queued messages one by one, in
-        the order they were typed; report each result to the main thread."""
+        the order they were typed; report each result to the main thread.
+        Once the session is over, what is left stays unsent (run() says)."""
         while True:
-            tag, text = self.outbox.get()
+            tag, message = self.outbox.get()
             try:
-                self._post(self._sent, tag, self.chat.send(text))
+                self._post(self._sent, tag, message,
+                           self.chat.send(message.text))
             except Refused as refused:
-                # Once the session is over, the message stays unsent, and
-                # run_window counts it with the rest.
                 if not self.chat.refusal:
-                    self._post(self._failed, tag, refused.details)
+                    self._post(self._sent, tag, message, None,
+                               f"  not sent: {refused.details}")
 
-    def _sent(self, tag, reply):
-        """Stored: show the time the server gave it, which everyone sees."""
+    def _sent(self, tag, message, reply, failed=""):
+        """Stored: show the time the server gave it, which everyone sees.
+        Or refused: say why."""
         self.pending -= 1
-        self._replace(tag + "status", "", ())
-        self._replace(tag + "time", shown_time(reply.sent_at), "time")
-        trace_view("sent", reply.seq, shown_time(reply.sent_at))
+        if reply:
+            message.sent_at.CopyFrom(reply.sent_at)
+            trace_view("sent", reply.seq, shown_time(reply.sent_at))
+        self._put(self._chunks(message) + [(failed, "failed")], tag)
 
-    def _failed(self, tag, reason):
-        self.pending -= 1
-        self._replace(tag + "status", f"  not sent: {reason}", "failed")
-
-    # -- from the receive thread to the main thread --
-    def _on_event(self, event, notices):
-        """Runs on the receive thread: hand the event to the main thread."""
-        self._post(self._show_event, event, notices)
-
-    def _on_status(self, state, text):
-        """Runs on the receive thread: hand the state to the main thread,
-        with the time the server went away (read here, where it is set)."""
-        self._post(self._show_state, state, text, self.chat.away_since)
-
+    # -- from worker threads to the main thread --
     def _post(self, *call):
         """Runs on a worker thread: queue a call of one of our methods, for
         the main thread to make, and wake it."""
         self.inbox.put(call)
-        if self._wake_write is None:
-            return  # Windows: _drain() looks every 100 ms
-        try:
-            os.write(self._wake_write, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full, so a wake-up is already waiting
+        if self.wake:  # else Windows: _drain() looks every 100 ms
+            try:
+                os.write(self.wake[1], b"!")
+            except BlockingIOError:
+                pass  # the pipe is full, so a wake-up is already waiting
 
-    def _drain(self, wake_read=None):
+    def _drain(self):
         """Runs on the main thread when the wake pipe is readable (on
         Windows, every 100 ms): read every byte waiting and empty the inbox,
         so a burst of events costs one wake-up and one pass here."""
-        if wake_read is None:
-            self.root.after(100, self._drain)
+        if self.wake:
+            os.read(self.wake[0], 4096)
         else:
-            os.read(wake_read, 4096)
+            self.root.after(100, self._drain)
         while not self.closed:  # a call before us may have closed it
             try:
                 method, *args = self.inbox.get_nowait()
@@ -2323,61 +2262,236 @@ class ChatWindow:
         for message in event.messages:
             self._show_message(message)
         if event.HasField("welcome"):
-            self._show_welcome(event.welcome)
+            self.away = False
+            if self.joined:
+                self._notice("reconnected")
+            self.joined = True
+        for notice in notices:
+            self._notice(notice)
+        if event.presence or event.HasField("welcome"):
+            self._draw_members()
+
+    def _show_message(self, message, read=False):
+        """Where bob sees alice's "hi": format_message's chunks; greyed if
+        already read (the polish shows those, above the new ones)."""
+        in_sight = self._put(self._chunks(message, read))
+        trace_view("message", f"{message.sender_name}: {message.text}",
+                   "read" if read else "new")
+        if not read and message.sender_id != self.chat.client_id:
+            self._arrived(message, in_sight)  # own: a new process's replay
+
+    def _chunks(self, message, read=False):
+        """format_message's (text, kind) chunks (section 8), each with its
+        kind's tag; the name's is name_tag(message); "read" if read."""
+        return [(text, "read" if read and kind != "time" else
+                 self.name_tag(message) if kind == "name" else kind)
+                for text, kind in format_message(message)]
+
+    def name_tag(self, message):
+        return "name"
+
+    def _arrived(self, message, in_sight):
+        """A new message from someone else is in the view, in sight or (the
+        user is scrolled up, reading) not."""
+
+    def _notice(self, text):
+        self._put([(text, "notice")])
+        trace_view("notice", text)
+
+    def _show_state(self, state, text, away_since=None):
+        """The connection's state (on_status); away_since: since when the
+        server is away."""
+        if state == "online":
+            self._show_status(f"Connected as {self.name} to {self.target}")
+        elif state == "reconnecting":
+            self.away = True  # nobody is known to be online until a Welcome
+            self._draw_members()
+            self._show_status(f"Reconnecting: {text}")
+        elif state == "closed" and not self.closed:
+            # The server said no for good: explain, then close the window.
+            sentence = text if self.joined else self.args.explain.join(
+                self.chat.refusal, self.target, self.args.tls_ca)
+            self._show_status(sentence[0].upper() + sentence[1:], True)
+            self.exit_status = 1
+            self._dialog(messagebox.showerror, "chat.py", sentence)
+            self.close(ask=False)
+
+    def _show_status(self, text, problem=False):
+        """The status line. What is not a problem is the connection's
+        state, which send_typed shows again after a "Not sent"."""
+        if not problem:
+            self.connection = text
+        self.status.configure(text=text, foreground=self.COLORS[
+            "failed" if problem else "notice"])
+        trace_view("status", text)
+
+    def _draw_members(self):
+        """The member list, from ChatClient's roster (dict() copies it in
+        one step): online ones first, then by name; while the server is
+        away, nobody knows who is online."""
+        roster = dict(self.chat.roster)  # member id -> (name, online)
+        self.members.delete(0, "end")
+        for client_id, (name, online) in sorted(roster.items(), key=lambda
+                item: (not (item[1][1] or self.away), item[1][0].lower())):
+            state = "away" if self.away else "online" if online else "offline"
+            you = " (you)" if client_id == self.chat.client_id else ""
+            mark = {"online": "●", "offline": "○", "away": "◌"}[state]
+            self.members.insert("end", f"{mark} {name}{you}")
+            self.members.itemconfigure("end", foreground=self.COLORS.get(
+                state, ""))
+        trace_view("members", ", ".join(self.members.get(0, "end")))
+
+    def _put(self, chunks, tag=None):
+        """Add an entry of (text, tag) chunks at the view's end, or in place
+        of the one tagged `tag`. The view follows the end if it was there
+        (the user was not scrolled up, reading); returns whether it was."""
+        at_bottom, view = self.view.yview()[1] >= 0.999, self.view
+        view.configure(state="normal")
+        if tag and view.tag_ranges(tag):  # "to": a mark, where to insert
+            view.mark_set("to", f"{tag}.first")
+            view.delete("to", f"{tag}.last")
+        else:
+            view.insert("end", "\n" if view.index("end-1c") != "1.0" else "")
+            view.mark_set("to", "end-1c")
+        view.mark_set("from", "to")
+        view.mark_gravity("from", "left")  # stays before what comes at it
+        view.insert("to", *[part for chunk in chunks for part in chunk])
+        # Each line after an entry's first is indented: "line" does it
+        # where text wraps, "more" after a newline.
+        for name, start in (("line", "from"), ("more", "from lineend +1c"),
+                            (tag, "from")):
+            if name:
+                view.tag_add(name, start, "to")
+        view.configure(state="disabled")
+        if at_bottom:
+            view.see("end")
+        return at_bottom
+
+    # -- leaving --
+    def close(self, ask=True):
+        """Close the window: its close button, Ctrl+Q or /quit (ask), or
+        Ctrl-C in the terminal (not ask); run() does the rest."""
+        if not self.closed:
+            self.closed = True
+            if self.wake:
+                self.root.tk.deletefilehandler(self.wake[0])
+            self.root.destroy()  # and mainloop returns
+
+    def _dialog(self, dialog, *args, **options):
+        """A modal dialog's answer, or None if Ctrl-C closed the window
+        meanwhile: a dialog waits in an event loop of its own, which runs
+        our <<Quit>> binding too."""
+        try:
+            return dialog(*args, parent=self.root, **options)
+        except tk.TclError:
+            if not self.closed:
+                raise
+            return None
+
+
+def open_window(args):
+    """client's window (Part I's no_window tells what it returns)."""
+    root, why_not = open_root()
+    if root is None:
+        return None, why_not
+    return args.window_class(root, args).run(), None
+
+
+def window_flags(commands):
+    """Part II on the command line: client opens a window."""
+    commands.choices["client"].set_defaults(window=open_window,
+                                            window_class=ChatWindow)
+
+
+EXTENSIONS.append(window_flags)
+
+
+# The window's polish --------------------------------------------------------
+#
+# Each mixin adds one thing to ChatWindow, overriding the hooks that its
+# docstring names and calling the lesson's through super(), as socketserver's
+# ThreadingMixIn adds threads to its TCPServer. PolishedWindow combines them
+# by name: leave one out of its bases, and the window goes without it.
+
+class ColoursMixIn:
+    """A palette; every sender's name in a colour of its own, the same in
+    every window (ids 1 to 7 all differ), and yours in blue; the members
+    in green and grey. Overrides COLORS, _build, name_tag."""
+
+    COLORS = {"own": "#1c71d8", "time": "#9a9996", "read": "#9a9996",
+              "sending": "#9a9996", "divider": "#e01b24",
+              "notice": "#77767b", "failed": "#e01b24", "online": "#26a269",
+              "offline": "#9a9996", "away": "#c0bfbc"}
+    SENDERS = ("#26a269", "#c64600", "#813d9c", "#0e7c86", "#865e3c",
+               "#b5348a", "#5e5c64")  # for names other than yours
+
+    def _build(self):
+        super()._build()
+        for tag, color in [("own", self.COLORS["own"]), *(
+                (f"sender{index}", color)
+                for index, color in enumerate(self.SENDERS))]:
+            self.view.tag_configure(tag, foreground=color, font=self.bold)
+
+    def name_tag(self, message):
+        if message.sender_id == self.chat.client_id:
+            return "own"
+        return f"sender{sum(message.sender_id.encode()) % len(self.SENDERS)}"
+
+
+class UnreadMixIn:
+    """On joining, up to 20 already-read messages, greyed, then a line "2
+    new messages" above the unread ones, scrolled to the top of the view
+    once they are all in (CaughtUp). Overrides HISTORY, _show_event."""
+
+    HISTORY = 20
+
+    def _show_event(self, event, notices):
+        first = event.HasField("welcome") and not self.joined
+        super()._show_event(event, notices)
+        if first:
+            self.view.tag_configure("read", foreground=self.COLORS["read"])
+            for message in event.welcome.recent:
+                self._show_message(message, read=True)
+        if first and event.welcome.unread:
+            rule = "\u2500" * 4
+            self.view.tag_configure("divider", justify="center",
+                                    foreground=self.COLORS["divider"])
+            self._put([(f"{rule}  {plural(event.welcome.unread, 'new message')}"
+                        f"  {rule}", "divider")])
+            # A mark is a place in the text that moves as text is added
+            # before it. Left gravity: what is added at the mark goes after
+            # it, so the mark stays on the divider.
+            self.view.mark_set("divider", "end-1l linestart")
+            self.view.mark_gravity("divider", "left")
+            trace_view("divider", event.welcome.unread)
         elif (event.HasField("caught_up")
               and "divider" in self.view.mark_names()):
             self.view.yview("divider")  # the first unread at the top
             self.view.mark_unset("divider")
             trace_view("scrolled to divider")
-        for notice in notices:
-            self._notice(notice)
-        if event.presence:
-            self._draw_members()
 
-    def _show_welcome(self, welcome):
-        self.away = False
-        self._draw_members()
-        if self.joined:
-            self._notice("reconnected")
-            return
-        self.joined = True
-        for message in welcome.recent:
-            self._show_message(message, read=True)
-        if welcome.unread:
-            rule = "\u2500" * 4
-            self._append([(f"{rule}  {plural(welcome.unread, 'new message')}"
-                           f"  {rule}", "divider")])
-            # A mark is a place in the text that moves as text is added
-            # before it. Left gravity: what is added at the mark goes after
-            # it, so the mark stays on the divider; CaughtUp scrolls there.
-            self.view.mark_set("divider", "end-1l linestart")
-            self.view.mark_gravity("divider", "left")
-            trace_view("divider", welcome.unread)
 
-    def _show_message(self, message, read=False):
-        """One line of the view: where bob sees alice's "hi", as
-        "14:02:07  alice: hi" with her name in her colour; grey if read
-        (the history above the divider)."""
-        own = message.sender_id == self.chat.client_id
-        style = ("read",) if read else ()
-        shown = self._append([
-            (f"{shown_time(message.sent_at)}  ", "time"),
-            (f"{message.sender_name}: ",
-             style or ("own" if own else sender_tag(message.sender_id))),
-            (message.text, style)])
-        trace_view("message", f"{message.sender_name}: {message.text}",
-              "read" if read else "new")
-        if read or own:  # own: in the replay of a new process (Join)
-            return
-        if not shown:  # the user is scrolled up, reading older ones
+class JumpMixIn:
+    """While the user is scrolled up, reading, a button over the view's
+    bottom says what came below ("↓ 2 new messages") and goes there.
+    Overrides _build, _arrived."""
+
+    below = 0  # new messages below the view's bottom
+
+    def _build(self):
+        super()._build()
+        self.jump = ttk.Button(self.view.master, command=self._jump,
+                               takefocus=False)
+        self.view.configure(yscrollcommand=self._scrolled)
+
+    def _arrived(self, message, in_sight):
+        super()._arrived(message, in_sight)
+        if not in_sight:
             self.below += 1
             self.jump.configure(
                 text=f"\u2193 {plural(self.below, 'new message')}")
             self.jump.place(in_=self.view, relx=0.5, rely=1.0, y=-8,
                             anchor="s")
-        if not self.focused():
-            self.unseen += 1
-            self._set_title()
 
     def _jump(self):
         self.view.see("end")
@@ -2385,147 +2499,86 @@ class ChatWindow:
 
     def _scrolled(self, first, last):
         """The view moved (yscrollcommand): move the scrollbar, and once
-        the bottom is in sight, hide the "N new messages" button."""
+        the bottom is in sight, hide the button."""
         self.scroll.set(first, last)
         if self.below and float(last) >= 0.999:
             self.below = 0
             self.jump.place_forget()
 
-    def _notice(self, text):
-        self._append([(text, "notice")])
-        trace_view("notice", text)
 
-    def _show_state(self, state, text, away_since=None):
-        self._stop_clock()
-        if state == "online":
-            self._show_status(f"Connected as {self.name} to {self.target}")
-        elif state == "reconnecting":
-            self.away = True  # nobody is known to be online until a Welcome
-            self._draw_members()
-            self._tick(text.rstrip("."), away_since)
-        elif state == "closed":
-            self._refused(text)
+class UnseenCountMixIn:
+    """The title counts the messages that came while the window was not
+    focused: "(2) alice - chat at HOST:PORT". Overrides _build, _arrived,
+    _set_title."""
 
-    def _tick(self, reason, away_since):
-        """While the server is away, say why and for how long, again at
-        each whole second: a clock, which runs only while we are away."""
-        away = time.monotonic() - away_since
-        self._show_status(f"Reconnecting: {reason}. "
-                          f"Away for {duration(away)}.")
-        self.clock = self.root.after(1000 - int(away % 1 * 1000), self._tick,
-                                     reason, away_since)
+    unseen = 0
 
-    def _stop_clock(self):
-        if self.clock is not None:
-            self.root.after_cancel(self.clock)
-            self.clock = None
+    def _build(self):
+        super()._build()
+        for event in ("<FocusIn>", "<FocusOut>"):
+            self.root.bind(event, lambda _event: self._set_title())
 
-    def _refused(self, text):
-        """The server said no for good: explain, then close the window."""
-        if self.closed:
-            return
-        sentence = (text if self.joined else
-                    self.explain.join(self.chat.refusal, self.target,
-                                      self.tls_ca))
-        self._show_status(sentence[0].upper() + sentence[1:], problem=True)
-        self.exit_status = 1
-        self._dialog(messagebox.showerror, "chat.py", sentence)
-        self.close(ask=False)
+    def _arrived(self, message, in_sight):
+        super()._arrived(message, in_sight)
+        if not self.focused():
+            self.unseen += 1
+            self._set_title()
 
-    def _show_status(self, text, problem=False):
-        """The status line. What is not a problem is the connection's
-        state, which send_typed shows again after a "Not sent"."""
-        if not problem:
-            self.connection = text
-        self.status.configure(
-            text=text, foreground=COLORS["failed" if problem else "notice"])
-        trace_view("status", text)
-
-    def _draw_members(self):
-        """The member list, from ChatClient's roster: online ones first,
-        then by name. While the server is away, nobody knows who is online.
-        (The receive thread updates the roster before it posts the event
-        that brought us here; dict() copies it in one step.)"""
-        def state(online):
-            if self.away:
-                return "away"
-            return "online" if online else "offline"
-        self.members.delete(0, "end")
-        def order(item):
-            _client_id, (name, online) = item
-            return state(online) == "offline", name.lower()
-        roster = dict(self.chat.roster)  # member id -> (name, online)
-        for client_id, (name, online) in sorted(roster.items(), key=order):
-            you = " (you)" if client_id == self.chat.client_id else ""
-            self.members.insert("end", f"{MARKS[state(online)]} {name}{you}")
-            self.members.itemconfigure("end", foreground=COLORS[state(online)])
-        trace_view("members", ", ".join(self.members.get(0, "end")))
-
-    def _append(self, chunks, tag=None):
-        """Add one entry to the view; follow it if the view was at the
-        bottom (the user was not scrolled up reading older messages).
-        Returns whether it is in sight."""
-        at_bottom = self.view.yview()[1] >= 0.999
-        self.view.configure(state="normal")
-        if self.view.index("end-1c") != "1.0":
-            self.view.insert("end", "\n")
-        start = self.view.index("end-1c")
-        for text, tags in chunks:
-            self.view.insert("end", text, tags)
-        self.view.tag_add("line", start, "end-1c")
-        self.view.tag_add("more", f"{start} lineend +1c", "end-1c")
-        if tag:
-            self.view.tag_add(tag, start, "end-1c")
-        self.view.configure(state="disabled")
-        if at_bottom:
-            self.view.see("end")
-        return at_bottom
-
-    def _replace(self, tag, text, tags):
-        """Replace the text tagged `tag` (e.g. "sending..."), keeping the
-        indent of the line it is on."""
-        first, last = self.view.tag_ranges(tag)
-        indent = [name for name in self.view.tag_names(first)
-                  if name in ("line", "more")]
-        self.view.configure(state="normal")
-        self.view.delete(first, last)
-        self.view.insert(first, text, (tags, tag, *indent) if text else ())
-        self.view.configure(state="disabled")
+    def _set_title(self, count=""):
+        if self.focused():
+            self.unseen = 0
+        super()._set_title(f"({self.unseen}) " if self.unseen else count)
 
     def focused(self):
         # Tk's own name for the focus widget: it may be one that Python did
         # not create (a dialog's button), which focus_get() cannot look up.
         return str(self.root.tk.call("focus")) != ""
 
-    def _set_title(self, _event=None):
-        """The title, "(2) alice - chat at HOST:PORT": 2 messages came while
-        the window was unfocused. Also runs when the focus comes or goes."""
-        if self.focused():
-            self.unseen = 0
-        count = f"({self.unseen}) " if self.unseen else ""
-        self.root.title(f"{count}{self.name} - chat at {self.target}")
 
-    # -- leaving --
+class AwayClockMixIn:
+    """While the server is away, the status line says for how long, again
+    at each whole second: "Reconnecting: the server is shutting down. Away
+    for 15 s." A Tk timer, which runs only while we are away. Overrides
+    _show_state."""
+
+    clock = None  # the timer
+
+    def _show_state(self, state, text, away_since=None):
+        if self.clock is not None:
+            self.root.after_cancel(self.clock)
+            self.clock = None
+        super()._show_state(state, text, away_since)
+        if state == "reconnecting":
+            self._tick(text.rstrip("."), away_since)
+
+    def _tick(self, reason, away_since):
+        away = time.monotonic() - away_since
+        self._show_status(f"Reconnecting: {reason}. "
+                          f"Away for {duration(away)}.")
+        self.clock = self.root.after(1000 - int(away % 1 * 1000), self._tick,
+                                     reason, away_since)
+
+
+class AskFirstMixIn:
+    """Closing with messages not yet stored asks first: "2 messages not
+    sent yet. Close anyway and lose them?" No, the safe answer, is the
+    default: Enter keeps the window open. Ctrl-C does not ask. Overrides
+    close."""
+
+    asking = False  # the dialog is open: the close button must not ask again
+
     def close(self, ask=True):
-        """Close the window: its close button or Ctrl+Q (which ask first if
-        messages are unsent), or Ctrl-C in the terminal (which does not)."""
-        if self.closed or (ask and self.pending
-                           and (self.asking or not self._lose_unsent())):
-            return
-        self.closed = True
-        self._stop_clock()
-        if self._wake_read is not None:
-            self.root.tk.deletefilehandler(self._wake_read)
-        self.root.destroy()  # mainloop returns; run_window() does the rest
+        if ask and self.pending and not self.closed and (
+                self.asking or not self._lose_unsent()):
+            return  # kept open, or Ctrl-C closed it meanwhile
+        super().close(ask)
 
     def _lose_unsent(self):
-        """Ask whether to close and lose the unsent messages. No, the safe
-        answer, is the default: Enter keeps the window open."""
         them = "it" if self.pending == 1 else "them"
         question = (f"{plural(self.pending, 'message')} not sent yet. Close "
                     f"anyway and lose {them}?")
         trace_view("close dialog", question)
-        self.asking = True  # the close button again must not ask twice
+        self.asking = True
         try:
             lose = self._dialog(messagebox.askyesno, "chat.py", question,
                                 icon="warning", default="no")
@@ -2535,97 +2588,72 @@ class ChatWindow:
             trace_view("kept open")
         return lose
 
-    def _dialog(self, dialog, *args, **options):
-        """Show a modal dialog and return its answer, or None if Ctrl-C
-        closed the window meanwhile: a dialog waits in an event loop of its
-        own, which runs our <<Quit>> binding too."""
-        try:
-            return dialog(*args, parent=self.root, **options)
-        except tk.TclError:
-            if not self.closed:
-                raise
-            return None
+
+class SignInMixIn:
+    """Before the window, one ListMembers call (of a second at most) asks
+    for the room password if the room wants one and CHAT_PASSWORD did not
+    give it (again while it is wrong), and finds the name the server
+    remembers for our id, for the name dialog. Without an answer, joining
+    will say what is wrong. Overrides sign_in."""
+
+    def sign_in(self):
+        password, name = super().sign_in()
+        while True:
+            chat = ChatClient(self.target, self.args.client_id, "", None,
+                              None, password=password,
+                              tls_ca=self.args.tls_ca)  # no Join
+            try:
+                return password, next((m.name for m in chat.list_members(
+                    timeout=1) if m.id == self.args.client_id), name)
+            except Refused as refused:
+                if refused.code != grpc.StatusCode.UNAUTHENTICATED:
+                    return password, name
+            finally:
+                chat.close()
+            wrong = "Wrong password. " if password else ""
+            trace_view("password dialog" + (" again" if wrong else ""))
+            password = self._dialog(
+                simpledialog.askstring, "chat.py",
+                f"{wrong}This room needs a password:", show="*")
+            if not password:  # cancelled: Escape, Cancel, Ctrl-C...
+                return None
 
 
-def ask_password(root, wrong):
-    """The room password, from a dialog; None if the user cancelled it
-    (Escape, Cancel, its close button, or Ctrl-C, which closes root)."""
-    root.title("chat.py")
-    root.bind("<<Quit>>", lambda _event: root.destroy())  # until rebound
-    trace_view("password dialog" + (" again" if wrong else ""))
-    try:
-        return simpledialog.askstring(
-            "chat.py", f"{wrong}This room needs a password:", show="*",
-            parent=root) or None
-    except tk.TclError:  # root is gone, and the dialog with it
-        return None
+class SelectAllMixIn:
+    """Ctrl+A selects all the text in a field, as elsewhere on a desktop
+    (Tk's own goes to the start of the line, as in Emacs). Overrides run."""
+
+    def run(self):
+        for widget_class in ("Entry", "Text"):  # the name, the message box
+            self.root.bind_class(widget_class, "<Control-a>", self.select_all)
+        return super().run()
+
+    def select_all(self, event):
+        event.widget.event_generate("<<SelectAll>>")
+        return "break"  # and not Tk's
 
 
-def sign_in(args, root):
-    """Before the window: the room password if the room wants one and
-    CHAT_PASSWORD did not give it (asked again while wrong), and the name
-    the server remembers for our id, to offer in the name dialog. One
-    ListMembers call each, of a second at most. Returns (password, name),
-    the id for a name if there is none or no answer (joining will say what
-    is wrong); None if the user cancelled the password dialog."""
-    password = os.environ.get("CHAT_PASSWORD") or None
-    while True:
-        chat = ChatClient(args.server, args.client_id, "", None, None,
-                          password=password, tls_ca=args.tls_ca)  # no Join
-        try:
-            members = chat.list_members(timeout=1)
-            break
-        except Refused as refused:
-            if refused.code != grpc.StatusCode.UNAUTHENTICATED:
-                members = []
-                break
-        finally:
-            chat.close()
-        wrong = "Wrong password. " if password else ""
-        if (password := ask_password(root, wrong)) is None:
-            return None
-    return password, next((member.name for member in members
-                           if member.id == args.client_id), args.client_id)
+class PlaceMixIn:
+    """--geometry: the window's size and place; and a set size, so that a
+    long status wraps onto more lines, taking them from the view, instead
+    of widening the window. Overrides _build."""
+
+    def _build(self):
+        super()._build()
+        self.status.configure(width=1)  # wraps at the width the window gives
+        self.status.bind("<Configure>", lambda event: self.status.configure(
+            wraplength=event.width))
+        self.root.update_idletasks()
+        self.root.geometry(f"{self.root.winfo_reqwidth()}x"
+                           f"{self.root.winfo_reqheight()}")
+        if self.args.geometry:
+            self.root.geometry(self.args.geometry)
 
 
-def run_window(args, root):
-    """Ask for the room password if it needs one, and for a name if --name
-    did not give one, then run the chat window in root until it closes.
-    Returns the exit status."""
-    quit_on_signals(root)
-    signed_in = sign_in(args, root)
-    if signed_in is None:  # the user cancelled
-        try:
-            root.destroy()
-        except tk.TclError:
-            pass  # Ctrl-C did it already
-        return 0
-    password, remembered = signed_in
-    name = args.name or ask_name(root, remembered)
-    if name is None:
-        root.destroy()
-        return 0
-    window = ChatWindow(root, args.server, args.client_id, name, password,
-                        args.tls_ca, args.receipts, args.explain)
-    if args.geometry:
-        root.geometry(args.geometry)
-    root.mainloop()
-    # The window is gone; leave the room (confirming what we received) out
-    # of sight. Safe to wait for the receive thread here: it never calls Tk.
-    window.chat.close()
-    if window.pending:
-        print(f"chat: {plural(window.pending, 'message')} not sent",
-              file=sys.stderr)
-        return 1
-    return window.exit_status
-
-
-def open_window(args):
-    """client's window (Part I's no_window tells what it returns)."""
-    root, why_not = open_root()
-    if root is None:
-        return None, why_not
-    return run_window(args, root), None
+class PolishedWindow(ColoursMixIn, UnreadMixIn, JumpMixIn, UnseenCountMixIn,
+                     AwayClockMixIn, AskFirstMixIn, SignInMixIn,
+                     SelectAllMixIn, PlaceMixIn, ChatWindow):
+    """The window that the full program opens."""
 
 
 def geometry(text):
@@ -2637,15 +2665,15 @@ def geometry(text):
     return text
 
 
-def window_flags(commands):
-    """Part II on the command line: the window, and where it goes."""
+def polish_flags(commands):
+    """The polished window, and --geometry."""
     client = commands.choices["client"]
     client.add_argument("--geometry", metavar="WxH+X+Y", type=geometry,
                         help="size and place of the window, e.g. 420x520+0+0")
-    client.set_defaults(window=open_window)
+    client.set_defaults(window_class=PolishedWindow)
 
 
-EXTENSIONS.append(window_flags)
+EXTENSIONS.append(polish_flags)
 
 
 # Part III: for a thousand members ===========================================

@@ -1928,12 +1928,13 @@ class WindowTest(XvfbTestCase):
 
 
 class CutWindowTest(XvfbTestCase):
-    """Parts I and II alone: a window joins and shows a message."""
+    """Parts I and II alone: a window joins and shows a message; and so
+    does the plain window of section 10, without the polish after it."""
 
-    def test_a_window_with_parts_one_and_two(self):
+    def cut_and_talk(self, banner):
         folder = os.path.join(self.tmp.name, "cut")
         os.mkdir(folder)
-        self.script = cut_before(PART_III, folder)
+        self.script = cut_before(banner, folder)
         server = self.start_server("--members", "1,2")
         bob = self.start_client(server, "2", "bob")
         alice = self.start_window(server, "1", "--name", "alice")
@@ -1942,6 +1943,16 @@ class CutWindowTest(XvfbTestCase):
         alice.wait_for("^tk: message bob: hi alice new$")
         self.type_into("alice - chat", "hi bob", "Return")
         bob.wait_for("alice: hi bob$", stream="stdout")
+        return alice
+
+    def test_a_window_with_parts_one_and_two(self):
+        self.cut_and_talk(PART_III)
+
+    def test_the_plain_window_without_its_polish(self):
+        alice = self.cut_and_talk("# The window's polish -")
+        alice.wait_for(r"^tk: sent 2 ")  # bob's hi was 1
+        self.type_into("alice - chat", "/quit", "Return")
+        self.assertEqual(alice.wait(), 0)
 
 
 class DemoTest(XvfbTestCase):
@@ -2011,8 +2022,10 @@ class WindowViewTest(XvfbTestCase):
         self.server = self.start_server("--members", "1,2")
         self.root = chat.tk.Tk(screenName=self.display)
         self.addCleanup(self.root.destroy)
-        self.window = chat.ChatWindow(self.root, self.server.address, "1",
-                                      "alice")
+        args = chat.build_parser().parse_args(
+            ["client", "--id", "1", "--server", self.server.address])
+        self.window = args.window_class(self.root, args)  # PolishedWindow
+        self.window.join("alice")
         self.addCleanup(self.window.chat.close)
         # Run Tk's event loop until the window is online, after the Welcome
         # and the replay (they come in over the wake pipe), or WAIT seconds
@@ -2084,8 +2097,8 @@ class WindowViewTest(XvfbTestCase):
         bob, chad, bob_again, alice = colours
         self.assertEqual(bob, bob_again)
         self.assertNotEqual(bob, chad)
-        self.assertEqual(alice, chat.COLORS["own"])
-        self.assertNotIn(chat.COLORS["own"], (bob, chad))
+        self.assertEqual(alice, self.window.COLORS["own"])
+        self.assertNotIn(self.window.COLORS["own"], (bob, chad))
 
     def test_a_message_from_another_day_shows_its_date(self):
         message = pb.ChatMessage(seq=1, sender_id="2", sender_name="bob",
@@ -2093,7 +2106,7 @@ class WindowViewTest(XvfbTestCase):
         message.sent_at.FromSeconds(int(time.time()) - 3 * 86400)
         self.window._show_message(message)
         self.assertRegex(self.view_text(),
-                         r"^\d{4}-\d\d-\d\d \d\d:\d\d  bob: hi$")
+                         r"^\[\d{4}-\d\d-\d\d \d\d:\d\d\] bob: hi$")
 
     def test_a_long_refusal_wraps_in_the_status_bar(self):
         self.root.update()
