@@ -104,6 +104,7 @@ Where each gRPC lesson is taught:
     keepalive, on both sides           server_options; CLIENT_OPTIONS
     cancellation                       ChatRoomServicer.Join; ChatClient.close
     TLS                                tls_credentials; open_channel
+    mutual TLS and auth_context        tls_credentials; certified_id
     Tk and threads                     section 10's top; ChatWindow._post
     serializing once, raw bytes        SerializedOnce; chat_room_handlers
     batching writes (Part III)         CoalescingSession, RoundsHub
@@ -722,10 +723,17 @@ class ChatRoomServicer(services.ChatRoomServicer):
     # -- helpers --
     async def _check_member(self, context, client_id):
         """Refuse calls without the password (UNAUTHENTICATED), bad ids
-        (INVALID_ARGUMENT) and, with --members, every id not in it
-        (PERMISSION_DENIED), even one that joined this room before."""
+        (INVALID_ARGUMENT), a client certificate's holder acting as another
+        member and, with --members, every id not in it (PERMISSION_DENIED),
+        even one that joined this room before."""
         await self._check_password(context)
         await self._check(context, id_problem(client_id))
+        certified = certified_id(context)
+        if certified is not None and certified != client_id:
+            await self._refuse(
+                context, grpc.StatusCode.PERMISSION_DENIED,
+                f"your certificate is for member {certified}; you asked to "
+                f"act as {client_id}.")
         if self.group is not None and client_id not in self.group:
             await self._refuse(
                 context, grpc.StatusCode.PERMISSION_DENIED,
@@ -912,7 +920,12 @@ class Explain:
         """Raise StartUpError if the PEM files will not do; here, never:
         read_pem says if one cannot be read, gRPC finds the rest."""
 
-    def join(self, refused, target, tls_ca=None):
+    def certified_id(self, cert, key, ca):
+        """The member id that the client certificate cert names; here None,
+        unknown: a server that sees another one in it says so."""
+        return None
+
+    def join(self, refused, target, tls=None):
         """Why the first Join failed (a Refused, section 7)."""
         if refused.code in (grpc.StatusCode.UNAVAILABLE,
                             grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -930,11 +943,33 @@ def read_pem(flag, path):
 
 
 def tls_credentials(args):
-    """Hardening: the server's certificate and private key, for TLS."""
+    """Hardening: the server's certificate and private key, for TLS. With
+    --tls-client-ca, mutual TLS: the handshake also asks each client for a
+    certificate that this CA signed, and refuses one without (the client's
+    call fails with UNAVAILABLE); certified_id reads whom it names."""
     args.explain.check_tls_files("--tls-cert", args.tls_cert, args.tls_key)
+    client_ca = None
+    if args.tls_client_ca:
+        args.explain.check_tls_files("--tls-client-ca", args.tls_client_ca)
+        client_ca = read_pem("--tls-client-ca", args.tls_client_ca)
     key = read_pem("--tls-key", args.tls_key)
     return grpc.ssl_server_credentials(
-        [(key, read_pem("--tls-cert", args.tls_cert))])
+        [(key, read_pem("--tls-cert", args.tls_cert))],
+        root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+def certified_id(context):
+    """Hardening (mutual TLS): the member id that the client's certificate
+    names, its common name (CN); None if it presented none. gRPC checked
+    the certificate in the handshake, and auth_context() holds what it
+    found: {"x509_common_name": [b"2"], "transport_security_type":
+    [b"ssl"], ...}. (peer_identities() would give the subjectAltNames
+    instead, if the certificate had any.) Production systems more often
+    give each user a token, sent as call credentials
+    (grpc.metadata_call_credentials), which gRPC sends only on a secure
+    channel."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
 
 
 def listen(server, host, port, credentials, explain):
@@ -988,7 +1023,8 @@ async def serve(args):
              f"serving with {servicer_class.__name__}",
              f"only ids {', '.join(servicer.group)} may join"
              if servicer.group else "open room: any id may join", where,
-             "TLS" if credentials else "plaintext (no TLS)",
+             "plaintext (no TLS)" if credentials is None else
+             "TLS, with client certificates" if args.tls_client_ca else "TLS",
              "password required" if servicer.password else "no password")
     await until_stopped()
     # Tell every client why its stream ends (they reconnect when we are
@@ -1052,12 +1088,21 @@ SEND_TIMEOUT = 10  # seconds per attempt
 CONNECT_TIMEOUT = 10  # seconds the first Join may wait for its Welcome
 
 
-def open_channel(target, tls_ca=None):
-    """A channel to target: plaintext, or TLS if tls_ca names the PEM file
-    of the certificate (or its CA) that the server must present."""
-    if tls_ca is None:
+# TLS, the client's side: the PEM file of the certificate (or its CA) that
+# the server must present, and for a server that asks members to prove who
+# they are (mutual TLS, tls_credentials), the member's own and its key.
+ClientTLS = collections.namedtuple("ClientTLS", "ca cert key",
+                                   defaults=(None, None))
+
+
+def open_channel(target, tls=None):
+    """A channel to target: plaintext, or TLS given a ClientTLS."""
+    if tls is None:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(read_pem("--tls-ca", tls_ca))
+    credentials = grpc.ssl_channel_credentials(
+        read_pem("--tls-ca", tls.ca),
+        tls.key and read_pem("--tls-key", tls.key),
+        tls.cert and read_pem("--tls-cert", tls.cert))
     return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
 
 
@@ -1173,12 +1218,12 @@ class ChatClient:
     An empty name asks the server for the one it remembers for our id."""
 
     def __init__(self, target, client_id, name, on_event, on_status,
-                 history=0, password=None, tls_ca=None,
+                 history=0, password=None, tls=None,
                  receipts=ReadReceipts):
         self.client_id, self.name = client_id, name  # once in, the server's
         self.history = history  # already-read messages to ask for, once
         self.on_event, self.on_status = on_event, on_status
-        self.channel = open_channel(target, tls_ca)
+        self.channel = open_channel(target, tls)
         self.stub = services.ChatRoomStub(self.channel)
         # Call metadata: key/value pairs sent with a call, like HTTP headers
         # (keys must be lowercase). Every call carries the room password.
@@ -1544,9 +1589,9 @@ class TerminalClient:
     TTY_LINE = 4095  # Linux's terminal keeps at most this much of a line
     say = staticmethod(say_line)
 
-    def __init__(self, target, client_id, name, password=None, tls_ca=None,
+    def __init__(self, target, client_id, name, password=None, tls=None,
                  receipts=ReadReceipts, explain=Explain()):
-        self.target, self.client_id, self.tls_ca = target, client_id, tls_ca
+        self.target, self.client_id, self.tls = target, client_id, tls
         self.receipts, self.explain = receipts, explain
         self.chat = self._client(name, password)
         self.may_ask_password = password is None
@@ -1561,7 +1606,7 @@ class TerminalClient:
     def _client(self, name, password):
         return ChatClient(self.target, self.client_id, name, self.on_event,
                           self.on_status, password=password,
-                          tls_ca=self.tls_ca, receipts=self.receipts)
+                          tls=self.tls, receipts=self.receipts)
 
     def run(self, stdin):
         """Join, send each message, leave. Returns the exit status."""
@@ -1572,7 +1617,7 @@ class TerminalClient:
             self._send_messages()
         except Refused as refused:  # from connect(): never got in
             self.say("chat: " + self.explain.join(refused, self.target,
-                                                  self.tls_ca))
+                                                  self.tls))
         except KeyboardInterrupt:   # Ctrl-C: leave now, all sent or not
             pass
         with self.lock:
@@ -1847,6 +1892,10 @@ def build_parser():
                         "serve TLS instead of plaintext (needs --tls-key)")
     server.add_argument("--tls-key", metavar="FILE",
                         help="PEM private key for --tls-cert")
+    server.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM certificate of the CA that signs members' "
+                        "certificates: each client must present one, and "
+                        "may act only as the id it names (needs --tls-cert)")
     server.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         metavar="LEVEL", help="DEBUG, INFO, WARNING or "
@@ -1858,9 +1907,10 @@ def build_parser():
         description="Join the chat: a window, or the terminal client.",
         epilog="If the room has a password, give it in the environment "
         "variable CHAT_PASSWORD.")
-    client.add_argument("--id", required=True, dest="client_id", metavar="ID",
+    client.add_argument("--id", dest="client_id", metavar="ID",
                         type=valid_id, help="your member id: 1 to 32 "
-                        "letters, digits, _ . or -, e.g. 1")
+                        "letters, digits, _ . or -, e.g. 1 (default: the "
+                        "one --tls-cert names)")
     client.add_argument("--name", type=display_name, help="display name "
                         "(default: the name the server remembers for your "
                         "id, else the id)")
@@ -1871,6 +1921,11 @@ def build_parser():
     client.add_argument("--tls-ca", metavar="FILE",
                         help="PEM certificate the server must present (its "
                         "own, if self-signed, or its CA's): use TLS")
+    client.add_argument("--tls-cert", metavar="FILE",
+                        help="your PEM certificate, for a server that asks "
+                        "members for one (needs --tls-ca and --tls-key)")
+    client.add_argument("--tls-key", metavar="FILE",
+                        help="PEM private key for --tls-cert")
     client.add_argument("--no-gui", action="store_true",
                         help="use the terminal client instead of the window")
     client.set_defaults(func=run_client, receipts=ReadReceipts,
@@ -1889,6 +1944,8 @@ def run_server(args):
                         format="%(asctime)s %(levelname)s %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         args.parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        args.parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     return asyncio.run(serve(args))
 
 
@@ -1899,8 +1956,7 @@ def no_window(args):
 
 
 def run_client(args):
-    if args.tls_ca:
-        args.explain.check_tls_files("--tls-ca", args.tls_ca)
+    args.tls = client_tls(args)
     if not args.no_gui:
         status, why_not = args.window(args)
         if why_not is None:
@@ -1915,8 +1971,38 @@ def run_client(args):
     stdin.reconfigure(errors="surrogateescape")
     client = TerminalClient(args.server, args.client_id, args.name or "",
                             os.environ.get("CHAT_PASSWORD") or None,
-                            args.tls_ca, args.receipts, args.explain)
+                            args.tls, args.receipts, args.explain)
     return client.run(stdin)
+
+
+def client_tls(args):
+    """client's TLS files as a ClientTLS (None: plaintext), checked; and
+    args.client_id, from the certificate when --id is not given."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        args.parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        args.parser.error("--tls-cert needs --tls-ca, the certificate the "
+                          "server must present")
+    certified = None
+    if args.tls_ca:
+        args.explain.check_tls_files("--tls-ca", args.tls_ca)
+    if args.tls_cert:
+        args.explain.check_tls_files("--tls-cert", args.tls_cert,
+                                     args.tls_key)
+        certified = args.explain.certified_id(args.tls_cert, args.tls_key,
+                                              args.tls_ca)
+    if args.client_id is None and certified is None:
+        args.parser.error("give your member id with --id" + (
+            " (the id that --tls-cert names cannot be read here)"
+            if args.tls_cert else ""))
+    if certified and args.client_id and certified != args.client_id:
+        raise StartUpError(f"--tls-cert {args.tls_cert} is for member "
+                           f"{certified}, not --id {args.client_id}: leave "
+                           "out --id, or give the certificate for "
+                           f"{args.client_id}.")
+    args.client_id = args.client_id or certified
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key) \
+        if args.tls_ca else None
 
 
 def main(argv=None):
@@ -2092,7 +2178,7 @@ class ChatWindow:
             lambda *state: self._post(self._show_state, *state,
                                       self.chat.away_since),
             history=self.HISTORY, password=password,
-            tls_ca=self.args.tls_ca, receipts=self.args.receipts)
+            tls=self.args.tls, receipts=self.args.receipts)
         threading.Thread(target=self._send_loop, daemon=True,
                          name="sender").start()
         self._show_status(f"Connecting to {self.target}...")
@@ -2310,7 +2396,7 @@ class ChatWindow:
         elif state == "closed" and not self.closed:
             # The server said no for good: explain, then close the window.
             sentence = text if self.joined else self.args.explain.join(
-                self.chat.refusal, self.target, self.args.tls_ca)
+                self.chat.refusal, self.target, self.args.tls)
             self._show_status(sentence[0].upper() + sentence[1:], True)
             self.exit_status = 1
             self._dialog(messagebox.showerror, "chat.py", sentence)
@@ -2601,7 +2687,7 @@ class SignInMixIn:
         while True:
             chat = ChatClient(self.target, self.args.client_id, "", None,
                               None, password=password,
-                              tls_ca=self.args.tls_ca)  # no Join
+                              tls=self.args.tls)  # no Join
             try:
                 return password, next((m.name for m in chat.list_members(
                     timeout=1) if m.id == self.args.client_id), name)
@@ -3173,7 +3259,38 @@ class Diagnose(Explain):
             raise StartUpError(f"cannot read --tls-key {key} "
                                f"({error.strerror}).")
 
-    def join(self, refused, target, tls_ca=None):
+    def certified_id(self, cert, key, ca):
+        """Found by a TLS handshake with ourselves, in memory: our
+        certificate, checked against ca as a server would check it, tells
+        its name and whether it has expired. (A member's certificate need
+        not be signed by the server's CA: then we cannot tell.)"""
+        ours = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ours.load_cert_chain(cert, key, password=b"")  # check_tls_files ran
+        checker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        checker.check_hostname = False
+        checker.load_verify_locations(ca)
+        to_checker, to_ours = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ends = [checker.wrap_bio(to_checker, to_ours),
+                ours.wrap_bio(to_ours, to_checker, server_side=True)]
+        try:
+            for _ in range(8):  # a handshake takes a few turns each
+                for end in ends:
+                    try:
+                        end.do_handshake()
+                    except ssl.SSLWantReadError:
+                        pass  # waits for the other end's bytes
+        except ssl.SSLCertVerificationError as error:
+            if error.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+                raise StartUpError(f"--tls-cert {cert} has expired; ask for "
+                                   "a new one.")
+            return None
+        except ssl.SSLError:
+            return None
+        subject = ends[0].getpeercert()["subject"]
+        return next(value for part in subject for name, value in part
+                    if name == "commonName")
+
+    def join(self, refused, target, tls=None):
         """What happened, and what to do (stranger 9: "the server refused
         to let you join: id 9 is not a member of this group.")."""
         if refused.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # ChatClient's
@@ -3183,7 +3300,17 @@ class Diagnose(Explain):
         if refused.code == grpc.StatusCode.UNIMPLEMENTED:  # no ChatRoom.Join
             return f"{target} is a gRPC server, but not a chat server."
         if refused.code != grpc.StatusCode.UNAVAILABLE:
-            return super().join(refused, target, tls_ca)
+            return super().join(refused, target, tls)
+        if tls and "Socket closed" in refused.details:
+            # The server hung up after the TLS handshake: it checks client
+            # certificates (and says why only in its own log).
+            if tls.cert is None:
+                return ("the server wants a client certificate: give yours "
+                        "with --tls-cert and --tls-key.")
+            return (f"the server does not accept --tls-cert {tls.cert}: is "
+                    "it signed by the CA that the server trusts (its "
+                    "--tls-client-ca)?")
+        tls_ca = tls and tls.ca
         host = target.rsplit(":", 1)[0]
         for clue, sentence in self.CONNECT_FAILURES:
             if clue in refused.details:

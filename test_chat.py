@@ -1118,6 +1118,119 @@ class FaultTest(ChatTestCase):
         self.assertNotIn("swordfish", log)
 
 
+class ClientCertificateTest(ChatTestCase):
+    """With --tls-client-ca, a member proves who it is with a certificate
+    (mutual TLS), made with README's recipe, and may act only as itself."""
+
+    def setUp(self):
+        super().setUp()
+        if not shutil.which("openssl") or not shutil.which("bash"):
+            self.skipTest("openssl or bash not found")
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            recipe = re.search(r"```sh\n(# The room's CA.*?)```", f.read(),
+                               re.S).group(1)
+        self.openssl(recipe)  # as written: room-ca, server, member1 to 3
+        self.ca = self.path("room-ca.crt")
+        self.server = self.start_server(
+            "--members", "1,2", "--tls-cert", self.path("server.crt"),
+            "--tls-key", self.path("server.key"), "--tls-client-ca", self.ca)
+
+    def path(self, name):
+        return os.path.join(self.tmp.name, name)
+
+    def openssl(self, script):
+        subprocess.run(["bash", "-e", "-c", script], cwd=self.tmp.name,
+                       check=True, capture_output=True, timeout=WAIT)
+
+    def member(self, number, *flags, cert=None, key=None):
+        """A terminal client with member{number}'s certificate (or cert and
+        key), its id taken from it unless flags give --id."""
+        return self.start(
+            "client", "--no-gui", "--server", self.server.address,
+            "--tls-ca", self.ca, "--tls-cert", cert or self.path(
+                f"member{number}.crt"), "--tls-key", key or self.path(
+                    f"member{number}.key"), *flags)
+
+    def test_the_assignment_with_certificates(self):
+        # alice sends "hi"; bob comes later and gets it; stranger 9, with
+        # a certificate from the same CA, is refused.
+        alice = self.member(1, "--name", "alice")
+        alice.wait_for(r"^connected to .* as alice \(id 1\)")
+        alice.type("hi")
+        self.assertEqual(alice.finish(), 0)
+        bob = self.member(2, "--name", "bob")
+        bob.wait_for("alice: hi$", stream="stdout")
+        self.assertEqual(bob.finish(), 0)
+        self.openssl(
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+            "-keyout member9.key -out member9.csr -subj /CN=9\n"
+            "openssl x509 -req -in member9.csr -CA room-ca.crt -CAkey "
+            "room-ca.key -CAcreateserial -days 1 -out member9.crt")
+        stranger = self.member(9)
+        self.assertEqual(stranger.finish(), 1)
+        self.assertRegex(stranger.output("stderr")[-1],
+                         "^chat: .*id 9 is not a member of this group")
+        self.assertEqual(stranger.output(), [])
+
+    def test_a_certificate_acts_only_for_its_member(self):
+        bob = self.member(2, "--name", "bob")
+        bob.wait_for("^connected to ")
+        bob.type("for alice")
+        self.assertEqual(bob.finish(), 0)
+        pem = {name: chat.read_pem("a file", self.path(name))
+               for name in ("room-ca.crt", "member2.key", "member2.crt")}
+        channel = grpc.secure_channel(
+            self.server.address, grpc.ssl_channel_credentials(
+                pem["room-ca.crt"], pem["member2.key"], pem["member2.crt"]))
+        self.addCleanup(channel.close)
+        stub = chat.services.ChatRoomStub(channel)
+        self.assertShutOut(stub, "1", grpc.StatusCode.PERMISSION_DENIED)
+        details = self.assertRefused(
+            grpc.StatusCode.PERMISSION_DENIED, stub.MarkRead,
+            pb.MarkReadRequest(client_id="1", up_to_seq=1))
+        self.assertEqual(details, "your certificate is for member 2; you "
+                         "asked to act as 1.")
+        # alice's read position did not move: "for alice" is unread.
+        alice = self.member(1)
+        alice.wait_for(r"; 1 unread message;")
+        alice.wait_for("bob: for alice$", stream="stdout")
+        self.assertEqual(alice.finish(), 0)
+
+    def test_certificate_mistakes_get_one_sentence(self):
+        self.openssl(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+            "-nodes -keyout other-ca.key -out other-ca.crt -days 1 "
+            "-subj '/CN=another CA'\n"
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+            "-keyout other.key -out other.csr -subj /CN=1\n"
+            "openssl x509 -req -in other.csr -CA other-ca.crt -CAkey "
+            "other-ca.key -CAcreateserial -days 1 -out other.crt\n"
+            "openssl x509 -req -in member1.csr -CA room-ca.crt -CAkey "
+            "room-ca.key -CAcreateserial -days -1 -out expired.crt")
+        clients = {
+            self.start("client", "--no-gui", "--server", self.server.address,
+                       "--id", "1", "--tls-ca", self.ca):
+            r"the server wants a client certificate: give yours with "
+            r"--tls-cert and --tls-key\.$",
+            self.member(1, "--id", "1", cert=self.path("other.crt"),
+                        key=self.path("other.key")):
+            r"the server does not accept --tls-cert \S*other\.crt: is it "
+            r"signed by the CA that the server trusts",
+            self.member(1, cert=self.path("expired.crt")):
+            r"--tls-cert \S*expired\.crt has expired; ask for a new one\.$",
+            self.member(1, key=self.path("member2.key")):
+            r"--tls-key \S*member2\.key is not the private key of "
+            r"--tls-cert \S*member1\.crt\.$",
+            self.member(1, "--id", "2"):
+            r"--tls-cert \S*member1\.crt is for member 1, not --id 2",
+        }
+        for client, sentence in clients.items():
+            self.assertEqual(client.finish(), 1, sentence)
+            stderr = client.output("stderr")
+            self.assertRegex(stderr[-1], "^chat: " + sentence)
+            self.assertNotIn("Traceback", "\n".join(stderr))
+
+
 # The same promises, kept by Part I alone (`server --plain`).
 
 class JoinAndUnreadPlainTest(JoinAndUnreadTest):
@@ -1141,6 +1254,10 @@ class BadInputPlainTest(BadInputTest):
 
 
 class FaultPlainTest(FaultTest):
+    plain = True
+
+
+class ClientCertificatePlainTest(ClientCertificateTest):
     plain = True
 
 
@@ -2024,6 +2141,7 @@ class WindowViewTest(XvfbTestCase):
         self.addCleanup(self.root.destroy)
         args = chat.build_parser().parse_args(
             ["client", "--id", "1", "--server", self.server.address])
+        args.tls = chat.client_tls(args)  # as run_client() does
         self.window = args.window_class(self.root, args)  # PolishedWindow
         self.window.join("alice")
         self.addCleanup(self.window.chat.close)
@@ -2321,7 +2439,7 @@ class CommandLineTest(unittest.TestCase):
 
 
 # Most of a test's time is spent waiting for its processes, so the classes
-# run two at a time (CHAT_TEST_WORKERS=1: one at a time). Each class runs
+# run three at a time (CHAT_TEST_WORKERS=1: one at a time). Each class runs
 # whole on one thread, with its setUpClass and tearDownClass, into a result
 # of its own that records what happened; these are then told to unittest's
 # result in the file's order, as if the classes had run one by one.
@@ -2347,7 +2465,7 @@ for _name in ("startTest", "stopTest", "addSuccess", "addFailure", "addError",
 
 class ConcurrentSuite(unittest.TestSuite):
     def run(self, result, debug=False):
-        workers = int(os.environ.get("CHAT_TEST_WORKERS", "2"))
+        workers = int(os.environ.get("CHAT_TEST_WORKERS", "3"))
 
         def run_class(suite):
             recording = Recording()
