@@ -1118,18 +1118,25 @@ class FaultTest(ChatTestCase):
         self.assertNotIn("swordfish", log)
 
 
+def room_certificates(test):
+    """Run README's recipe for client certificates, as written, in test's
+    folder: room-ca, server and member1 to member3, each .crt and .key."""
+    if not shutil.which("openssl") or not shutil.which("bash"):
+        test.skipTest("openssl or bash not found")
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        recipe = re.search(r"```sh\n(# The room's CA.*?)```", f.read(),
+                           re.S).group(1)
+    subprocess.run(["bash", "-e", "-c", recipe], cwd=test.tmp.name,
+                   check=True, capture_output=True, timeout=WAIT)
+
+
 class ClientCertificateTest(ChatTestCase):
     """With --tls-client-ca, a member proves who it is with a certificate
     (mutual TLS), made with README's recipe, and may act only as itself."""
 
     def setUp(self):
         super().setUp()
-        if not shutil.which("openssl") or not shutil.which("bash"):
-            self.skipTest("openssl or bash not found")
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            recipe = re.search(r"```sh\n(# The room's CA.*?)```", f.read(),
-                               re.S).group(1)
-        self.openssl(recipe)  # as written: room-ca, server, member1 to 3
+        room_certificates(self)
         self.ca = self.path("room-ca.crt")
         self.server = self.start_server(
             "--members", "1,2", "--tls-cert", self.path("server.crt"),
@@ -2042,6 +2049,27 @@ class WindowTest(XvfbTestCase):
                         ".*not a member of this group")
         self.type_into("^chat.py$", "Return")  # the error dialog's OK
         self.assertEqual(window.wait(), 1)
+
+    def test_window_with_a_client_certificate(self):
+        room_certificates(self)
+        path = lambda name: os.path.join(self.tmp.name, name)
+        server = self.start_server(
+            "--members", "1,2", "--tls-cert", path("server.crt"), "--tls-key",
+            path("server.key"), "--tls-client-ca", path("room-ca.crt"))
+        tls = lambda member: ("--tls-ca", path("room-ca.crt"), "--tls-cert",
+                              path(f"member{member}.crt"), "--tls-key",
+                              path(f"member{member}.key"))
+        window = self.start("client", "--server", server.address, "--name",
+                            "alice", *tls(1), env={"DISPLAY": self.display,
+                                                   "CHAT_TRACE": "1"})
+        window.wait_for("^tk: status Connected as alice")
+        bob = self.start("client", "--no-gui", "--server", server.address,
+                         "--name", "bob", *tls(2))
+        bob.type("hi alice")
+        self.assertEqual(bob.finish(), 0)
+        window.wait_for("^tk: message bob: hi alice new$")
+        window.popen.terminate()  # as Ctrl-C: closes at once
+        self.assertEqual(window.wait(), 0)
 
 
 class CutWindowTest(XvfbTestCase):
