@@ -2470,7 +2470,7 @@ class CommandLineTest(unittest.TestCase):
 # run three at a time (CHAT_TEST_WORKERS=1: one at a time). Each class runs
 # whole on one thread, with its setUpClass and tearDownClass, into a result
 # of its own that records what happened; these are then told to unittest's
-# result in the file's order, as if the classes had run one by one.
+# result in unittest's own order, as if the classes had run one by one.
 
 class Recording(unittest.TestResult):
     """A result that keeps each call made to it, to replay them later."""
