@@ -147,6 +147,8 @@ class Bench:
     Everything runs on one event loop, so nothing here needs a lock."""
 
     JOIN_STEP = 50  # members that join at once
+    STORM_EVERY = 0.05  # --storm: seconds between steps, not waiting
+    JOIN_ATTEMPTS = 20  # --storm: tries of a Join shed before its Welcome
     SEND_ATTEMPTS = 10  # tries of a Send shed by an overloaded server
 
     def __init__(self, label, target, server, args, progress):
@@ -155,6 +157,9 @@ class Bench:
         self.clients, self.messages = args.clients, args.messages
         self.rate, self.senders = args.rate, args.senders
         self.idle_s = args.idle  # 0: no idle CPU measurement
+        self.storm = args.storm
+        self.welcomed = set()  # members whose Welcome came
+        self.joins_failed = {}  # --storm: status code name -> Joins it ended
         self.progress = progress
         self.ids = [f"b{n}" for n in range(self.clients)]
         # Our messages read "bench RUN NUMBER SENT_AT": RUN is this run's
@@ -249,9 +254,9 @@ class Bench:
         return task
 
     async def _join_all(self, stubs):
-        """Bring every member online, JOIN_STEP at a time: a burst of
-        thousands of calls at once makes core shed some of them (the
-        server cannot accept connections that fast)."""
+        """Bring every member online, JOIN_STEP at a time: each step once
+        the last is in, or with --storm every STORM_EVERY seconds, as
+        after a restart of the server, when everyone rejoins at once."""
         started = time.perf_counter()
         for first in range(0, self.clients, self.JOIN_STEP):
             step = range(first, min(first + self.JOIN_STEP, self.clients))
@@ -259,9 +264,16 @@ class Bench:
                 self._spawn(self._member(stubs, index),
                             f"member {self.ids[index]}")
                 for index in step]
+            if self.storm:
+                await asyncio.sleep(self.STORM_EVERY)
+                step = range(0)
             while len(self.caught_up) < step.stop:  # or _unless_failed ends
                 await self.joined_changed.wait()
                 self.joined_changed.clear()
+            self._show(f"joined {len(self.caught_up)}/{self.clients}")
+        while len(self.caught_up) < self.clients:  # the storm's tail
+            await self.joined_changed.wait()
+            self.joined_changed.clear()
             self._show(f"joined {len(self.caught_up)}/{self.clients}")
         return time.perf_counter() - started
 
@@ -347,25 +359,40 @@ class Bench:
         return (self.server.cpu_s() - before) / self.idle_s * 100
 
     async def _member(self, stubs, index):
-        """One member's Join stream, until the run cancels it."""
-        call = stubs[index].Join(pb.JoinRequest(client_id=self.ids[index],
-                                                name=self.ids[index]),
-                                 metadata=self.metadata)
-        try:
-            async for event in call:
-                self._arrived(stubs[index], index, event)
-            error = None  # the server ended it with OK
-        except grpc.aio.AioRpcError as rpc_error:
-            error = rpc_error
-        # Our own cancel raises CancelledError, not AioRpcError, and does not
-        # get here: any end of the stream that gets here is a failure. (A
-        # CANCELLED from the server is one too: it shed the call.)
+        """One member's Join stream, until the run cancels it. With
+        --storm, a Join that ends before its Welcome with a code our
+        clients retry is counted, and tried again after a pause, as they
+        do."""
+        delays = retry_delays()
+        for attempt in range(1, self.JOIN_ATTEMPTS + 1):
+            call = stubs[index].Join(
+                pb.JoinRequest(client_id=self.ids[index],
+                               name=self.ids[index]), metadata=self.metadata)
+            try:
+                async for event in call:
+                    self._arrived(stubs[index], index, event)
+                error = None  # the server ended it with OK
+            except grpc.aio.AioRpcError as rpc_error:
+                error = rpc_error
+            # Our own cancel raises CancelledError, not AioRpcError, and
+            # does not get here: any end of the stream that gets here is a
+            # failure. (A CANCELLED from the server is one too: it shed the
+            # call.)
+            if not (self.storm and error and error.code() in RETRY
+                    and index not in self.welcomed
+                    and attempt < self.JOIN_ATTEMPTS):
+                break
+            code = error.code().name
+            self.joins_failed[code] = self.joins_failed.get(code, 0) + 1
+            await asyncio.sleep(next(delays))
         self._fail(self._why_lost(index, error))
 
     def _arrived(self, stub, index, event):
         """Note each of our messages' latency and number, and plan a
         MarkRead (for every message, ours or not)."""
         now = self.last_event = time.perf_counter()  # one for the event
+        if event.HasField("welcome"):
+            self.welcomed.add(index)
         for message in event.messages:
             self.last_seq[index] = message.seq
             if (ours := self._ours(message)) is None:
@@ -559,6 +586,8 @@ def figures(args, label, bench, join_s, deliver_s):
                                        ("p99", .99), ("max", 1.0))},
         "lost": lost, "duplicated": duplicated, "reordered": reordered,
         "send_retries": bench.retries, "others_messages": bench.others,
+        "joins_failed": sum(bench.joins_failed.values()),
+        "joins_failed_by_code": dict(bench.joins_failed),
     }
 
 
@@ -582,6 +611,7 @@ ROWS = [("join time s", "join_s", None, True),
         ("server idle CPU %", "server_idle_cpu_percent", None, False),
         ("server ready in s", "server_ready_s", None, False),
         ("send retries", "send_retries", None, False),
+        ("joins failed", "joins_failed", None, False),
         ("others' messages", "others_messages", None, False),
         *[(key, key, None, False)
           for key in ("lost", "duplicated", "reordered")]]
@@ -666,6 +696,11 @@ def print_runs(runs):
         if any(cells):
             print((f"{label:<20}" + "".join(f"{c or '-':<22}"
                                             for c in cells)).rstrip())
+    for run in runs:
+        if run["joins_failed_by_code"]:
+            print(f"{run['server']}: joins failed: " + ", ".join(
+                f"{code} {count:,}"
+                for code, count in run["joins_failed_by_code"].items()))
 
 
 def cell(run, key, inner):
@@ -718,6 +753,12 @@ def build_parser():
                         default=5, metavar="S",
                         help="seconds of the idle CPU measurement, after "
                         "the messages (default: %(default)s; 0 skips it)")
+    parser.add_argument("--storm", action="store_true",
+                        help="members join %d every %g s without waiting "
+                        "for the last to be in, as after a restart; a Join "
+                        "refused before its Welcome is counted by its code "
+                        "and tried again" % (Bench.JOIN_STEP,
+                                             Bench.STORM_EVERY))
     parser.add_argument("--json", action="store_true",
                         help="print the figures as JSON")
     return parser

@@ -12,12 +12,15 @@ where the message passes in each section, in the tests and in README:
 The path of alice's "hi", hop by hop, with the section (§) of each. With
 CHAT_TRACE=1, every process prints a line at each hop, naming its thread
 (README, "Watch a message travel"), and test_chat.py checks that they come
-in this order. "(III)" marks the hops of Part III's classes, which the
-default server and client take; "(plain)" the one they replace, taken with
---plain. SerializedOnce (with parsed_as) runs on both servers.
+in this order. "(III)" marks the hops through Part III's classes, which
+the default server and client take; "(plain)" the Part I hop they replace,
+which --plain takes. Both servers serialize once (SerializedOnce, with
+parsed_as); a file cut after Part I has ChatRoomServicer.wire (§5) hand
+gRPC the Event itself.
 
-  alice   TerminalClient.queue_message  §8   the stdin thread (_read) puts
-                                             the typed line in the outbox
+  alice   TerminalClient.queue_message  §8   its stdin thread (TerminalClient
+                                             ._read) puts the typed line in
+                                             the outbox
           TerminalClient._send_messages §8   the main thread takes it out
           ChatClient.send               §7   a blocking unary call: Send -->
   server  ChatRoomServicer.Send         §5   checks it (parsed_as first, III)
@@ -99,7 +102,7 @@ Where each gRPC lesson is taught:
     the aio poller and the event loop  section 6's top
     streaming writes, flow control     ChatRoomServicer.Join; Session.close
     status codes and abort             section 5's top; _refuse; RETRY
-    metadata (the room password)       ChatClient.__init__; _check_password
+    metadata (the room password)       PASSWORD_KEY; _check_password
     deadlines and wait_for_ready       SEND_TIMEOUT; ChatClient._join, _read
     keepalive, on both sides           server_options; CLIENT_OPTIONS
     cancellation                       ChatRoomServicer.Join; ChatClient.close
@@ -189,7 +192,9 @@ MAX_REQUEST_BYTES = 256 * 1024
 QUEUE_LIMIT = 1000
 
 # The room password goes with every call as metadata, an HTTP/2 header: its
-# value is ASCII, unless the key ends in "-bin" (bytes, base64 on the wire).
+# value is ASCII, unless the key ends in "-bin": then bytes, which gRPC
+# encodes for HTTP/2 (as they are, to a peer that takes binary headers, as
+# gRPC's own do; else base64).
 # A typed "é" would fail on the client (INTERNAL "Invalid metadata"), so it
 # goes as UTF-8 under a -bin key, read from CHAT_PASSWORD (`ps` shows argv).
 PASSWORD_KEY = "chat-password-bin"
@@ -548,6 +553,7 @@ class ChatRoomServicer(services.ChatRoomServicer):
     store_class = Store  # what serve() opens for it
     hub_class = Hub
     session_class = Session
+    server_options = []  # channel arguments of its own, for serve()
     REPLAY_BATCH = 100  # messages per Event (and per read from SQLite)
     MAX_HISTORY = 50    # most already-read messages a Welcome carries
 
@@ -647,7 +653,7 @@ class ChatRoomServicer(services.ChatRoomServicer):
                                    min(request.history, self.MAX_HISTORY))
         welcome = pb.Event(welcome=pb.Welcome(
             unread=self.store.count_unread(client_id, start, head),
-            read_seq=start, members=self._members(),
+            read_seq=start, members=self._welcome_members(client_id),
             recent=[to_message(stored) for stored in recent],
             history_id=self.store.history_id))
         return session, welcome, (client_id, start, head, resuming)
@@ -686,9 +692,10 @@ class ChatRoomServicer(services.ChatRoomServicer):
         trace("server", "ChatRoomServicer.Send", text=request.text)
         client_id = request.client_id
         await self._check_member(context, client_id)
-        await self._check(context, text_problem(request.text) or (
-            len(request.message_id) > MAX_MESSAGE_ID_CHARS and "message_id "
-            f"is longer than {MAX_MESSAGE_ID_CHARS} characters."))
+        await self._check(context, text_problem(request.text))
+        if len(request.message_id) > MAX_MESSAGE_ID_CHARS:
+            await self._check(context, "message_id is longer than "
+                              f"{MAX_MESSAGE_ID_CHARS} characters.")
         if (session := self.hub.online.get(client_id)) is None:
             await self._refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -753,12 +760,13 @@ class ChatRoomServicer(services.ChatRoomServicer):
 
     async def _check_rate(self, context, client_id):
         """Hardening (flood control): a token bucket per member, holding up
-        to 2 * --rate tokens, gaining --rate a second; a Send takes one."""
+        to 2 * --rate tokens (at least one, or a --rate under 0.5 would
+        refuse every Send), gaining --rate a second; a Send takes one."""
         if not self.rate:
             return
-        now = time.monotonic()
-        tokens, then = self.buckets.get(client_id, (2 * self.rate, now))
-        tokens = min(2 * self.rate, tokens + (now - then) * self.rate)
+        now, most = time.monotonic(), max(1, 2 * self.rate)
+        tokens, then = self.buckets.get(client_id, (most, now))
+        tokens = min(most, tokens + (now - then) * self.rate)
         self.buckets[client_id] = (tokens - 1 if tokens >= 1 else tokens, now)
         if tokens < 1:
             await self._refuse(
@@ -779,6 +787,11 @@ class ChatRoomServicer(services.ChatRoomServicer):
     async def _refuse(self, context, code, sentence):
         log.info("refused %s: %s %s", context.peer(), code.name, sentence)
         await context.abort(code, sentence)  # raises: the handler ends here
+
+    def _welcome_members(self, client_id):
+        """The members client_id's Welcome lists: all, as they are now.
+        (Part III's BatchedPresence lists them as its last batch did.)"""
+        return self._members()
 
     def _members(self):
         """The group (--members), or in an open room everyone who has ever
@@ -1003,9 +1016,10 @@ async def serve(args):
     """Run the server until SIGINT or SIGTERM; return the exit status.
     Raises StartUpError if it cannot start."""
     credentials = tls_credentials(args) if args.tls_cert else None
-    server = grpc.aio.server(options=server_options(args.keepalive))
-    port = listen(server, args.host, args.port, credentials, args.explain)
     servicer_class = args.servicer_class  # Part I's, or Part III's
+    server = grpc.aio.server(options=server_options(args.keepalive)
+                             + servicer_class.server_options)
+    port = listen(server, args.host, args.port, credentials, args.explain)
     try:
         store = servicer_class.store_class(args.db)
     except sqlite3.Error as error:
@@ -1180,7 +1194,8 @@ class ReadReceipts:
             return None
         self._sending = self._received
         trace("client", "ReadReceipts._start", seq=self._received)
-        # .future() returns at once: no thread waits for the round trip.
+        # .future() returns at once: none of our threads waits for the round
+        # trip (the channel's spin thread takes its completion).
         self._call = self._stub.MarkRead.future(
             pb.MarkReadRequest(client_id=self._client_id,
                                up_to_seq=self._received,
@@ -2067,7 +2082,7 @@ def open_root():
 def trace_view(*parts):
     """With CHAT_TRACE=1, the window also prints what it shows to stderr
     ("tk: message alice: hi new"), for test_chat.py to check."""
-    if os.environ.get("CHAT_TRACE"):
+    if TRACE:
         say_line(" ".join(["tk:", *map(str, parts)]))
 
 
@@ -2113,12 +2128,15 @@ class ChatWindow:
         exit status."""
         self.quit_on_signals()
         self.root.withdraw()  # until join: the dialogs come alone
-        signed_in = self.sign_in()
-        name = signed_in and (self.args.name or self.ask_name(signed_in[1]))
+        signed_in = self.sign_in()  # (password, the name to offer)
+        name = None
+        if signed_in is not None:
+            password, offered = signed_in
+            name = self.args.name or self.ask_name(offered)
         if name is None:  # the user cancelled
             self.close(ask=False)
             return 0
-        self.join(name, signed_in[0])
+        self.join(name, password)
         self.root.mainloop()
         # The window is gone; leave the room (confirming what we received)
         # out of sight. Safe to wait for the receive thread: it never calls
@@ -2155,16 +2173,19 @@ class ChatWindow:
     def ask_name(self, default, why=""):
         """The name dialog, again with the reason while the name will not
         do. Returns the name, or None if the user cancelled."""
-        trace_view("name dialog", default)
-        name = self._dialog(simpledialog.askstring, "chat.py: your name",
-                            f"{why}Your name in the chat:",
-                            initialvalue=default)
-        if name is None:
-            return None
-        name = name.strip()
-        why = name_problem(name) or ("" if name else "please type a name.")
-        return self.ask_name(name, f"{why[0].upper()}{why[1:]}\n") if why \
-            else name
+        while True:
+            trace_view("name dialog", default)
+            name = self._dialog(simpledialog.askstring, "chat.py: your name",
+                                f"{why}Your name in the chat:",
+                                initialvalue=default)
+            if name is None:
+                return None
+            default = name.strip()
+            why = name_problem(default) or (
+                "" if default else "please type a name.")
+            if not why:
+                return default
+            why = f"{why[0].upper()}{why[1:]}\n"
 
     def join(self, name, password=None):
         """Open the chat window, and join as name. ChatClient calls its
@@ -2229,9 +2250,10 @@ class ChatWindow:
                          pady=(4, 0))
         # Tags, named styles for the view's text: one for each kind of
         # format_message's chunks, and more.
-        self.bold, self.italic = (tkfont.nametofont("TkDefaultFont").copy()
-                                  for _ in "bi")
-        self.bold["weight"], self.italic["slant"] = "bold", "italic"
+        self.bold = tkfont.nametofont("TkDefaultFont").copy()
+        self.bold["weight"] = "bold"
+        self.italic = tkfont.nametofont("TkDefaultFont").copy()
+        self.italic["slant"] = "italic"
         self.view.tag_configure("name", font=self.bold)
         self.view.tag_configure("notice", font=self.italic)
         self.view.tag_configure("time", font="TkSmallCaptionFont")
@@ -2369,8 +2391,10 @@ class ChatWindow:
     def _chunks(self, message, read=False):
         """format_message's (text, kind) chunks (section 8), each with its
         kind's tag; the name's is name_tag(message); "read" if read."""
-        return [(text, "read" if read and kind != "time" else
-                 self.name_tag(message) if kind == "name" else kind)
+        tags = {"name": self.name_tag(message)}
+        if read:  # all but the time greyed
+            tags = {"name": "read", "text": "read"}
+        return [(text, tags.get(kind, kind))
                 for text, kind in format_message(message)]
 
     def name_tag(self, message):
@@ -2416,9 +2440,12 @@ class ChatWindow:
         one step): online ones first, then by name; while the server is
         away, nobody knows who is online."""
         roster = dict(self.chat.roster)  # member id -> (name, online)
+
+        def order(entry):  # online first (all, while away), then by name
+            _client_id, (name, online) = entry
+            return not (online or self.away), name.lower()
         self.members.delete(0, "end")
-        for client_id, (name, online) in sorted(roster.items(), key=lambda
-                item: (not (item[1][1] or self.away), item[1][0].lower())):
+        for client_id, (name, online) in sorted(roster.items(), key=order):
             state = "away" if self.away else "online" if online else "offline"
             you = " (you)" if client_id == self.chat.client_id else ""
             mark = {"online": "●", "offline": "○", "away": "◌"}[state]
@@ -2433,21 +2460,22 @@ class ChatWindow:
         (the user was not scrolled up, reading); returns whether it was."""
         at_bottom, view = self.view.yview()[1] >= 0.999, self.view
         view.configure(state="normal")
-        if tag and view.tag_ranges(tag):  # "to": a mark, where to insert
-            view.mark_set("to", f"{tag}.first")
-            view.delete("to", f"{tag}.last")
-        else:
-            view.insert("end", "\n" if view.index("end-1c") != "1.0" else "")
-            view.mark_set("to", "end-1c")
-        view.mark_set("from", "to")
-        view.mark_gravity("from", "left")  # stays before what comes at it
-        view.insert("to", *[part for chunk in chunks for part in chunk])
+        if tag and view.tag_ranges(tag):  # in place of the old one
+            start = view.index(f"{tag}.first")
+            view.delete(start, f"{tag}.last")
+        else:  # on a line of its own, at the end
+            if view.index("end-1c") != "1.0":
+                view.insert("end", "\n")
+            start = view.index("end-1c")
+        view.mark_set("at", start)  # a mark moves on past text put at it
+        for text, tags in chunks:
+            view.insert("at", text, tags)
         # Each line after an entry's first is indented: "line" does it
         # where text wraps, "more" after a newline.
-        for name, start in (("line", "from"), ("more", "from lineend +1c"),
-                            (tag, "from")):
-            if name:
-                view.tag_add(name, start, "to")
+        view.tag_add("line", start, "at")
+        view.tag_add("more", f"{start} lineend +1c", "at")
+        if tag:
+            view.tag_add(tag, start, "at")
         view.configure(state="disabled")
         if at_bottom:
             view.see("end")
@@ -2930,42 +2958,79 @@ class BatchedReadsStore(Store):
 
 
 class BatchedPresence:
-    """A mixin for ChatRoomServicer: presence changes go out together, at
-    most PRESENCE_DELAY after the first, as one Event (a chat message sends
-    those waiting first, so the order stays true). Buys a fast join storm,
-    as after a restart; costs "bob joined" up to PRESENCE_DELAY late."""
+    """A mixin for ChatRoomServicer, with SerializedOnce: presence changes
+    go out together, as one Event, PRESENCE_DELAY after the first, or later
+    in a big room: a batch costs a write per member online, so batches come
+    at most PRESENCE_WRITES / (members online) times a second. A Welcome
+    lists the members as the last batch showed them, serialized once for
+    every Welcome until the next batch, with the joining member's own entry
+    as it is now; the changes since come to it in the next batch. (A chat
+    message sends the changes waiting first, so the order stays true.)
+    Buys a join storm in which each join costs about the same, whatever the
+    size of the room; costs "bob joined" a little late."""
 
-    PRESENCE_DELAY = 0.1  # seconds
+    PRESENCE_DELAY = 0.1    # seconds, at least
+    PRESENCE_WRITES = 5000  # a second, at most
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.presence = []          # pb.Members not yet announced
-        # Sessions that came online while those waited: (session, n), n the
-        # number of them that its Welcome already shows.
-        self.presence_joiners = []
+        self.presence_joiners = []  # sessions that came online meanwhile
         self.presence_timer = None
+        # What the last batch showed: member id -> its Welcome.members entry
+        # (serialized); at the start, everyone offline. And those entries
+        # joined, with where each one is, once a Welcome needs them.
+        self.shown = {member.id: member_entry(member)
+                      for member in self._members()}
+        self.shown_joined = None
 
     def _announce(self, session, online):
         self.presence.append(pb.Member(id=session.client_id,
                                        name=session.name, online=online))
         if self.presence_timer is None:
+            delay = max(self.PRESENCE_DELAY,
+                        len(self.hub.online) / self.PRESENCE_WRITES)
             self.presence_timer = asyncio.get_running_loop().call_later(
-                self.PRESENCE_DELAY, self._send_presence)
+                delay, self._send_presence)
 
     def _go_online(self, request, name):
         session, welcome, replay = super()._go_online(request, name)
-        if self.presence:
-            self.presence_joiners.append((session, len(self.presence)))
+        self.presence_joiners.append(session)
         return session, welcome, replay
+
+    def _welcome_members(self, client_id):
+        """Only the member's own entry, as it is now; wire adds the others'."""
+        return [pb.Member(id=client_id, name=self.store.names[client_id],
+                          online=True)]
+
+    def wire(self, event):
+        if not event.HasField("welcome"):
+            return super().wire(event)
+        # An Event with only a Welcome is b"\x0a" (field 1, wire type 2), the
+        # Welcome's length and its bytes. The members' entries go after the
+        # Welcome's other fields: protobuf takes the fields of a message in
+        # any order, and the elements of a repeated one in order.
+        if self.shown_joined is None:
+            spans, at = {}, 0
+            for member_id, entry in self.shown.items():
+                spans[member_id] = (at, at + len(entry))
+                at += len(entry)
+            self.shown_joined = b"".join(self.shown.values()), spans
+        others, spans = self.shown_joined
+        own = event.welcome.members.pop()  # in its place among the others
+        start, end = spans.get(own.id, (len(others), len(others)))
+        welcome = (event.welcome.SerializeToString() + others[:start]
+                   + member_entry(own) + others[end:])
+        return b"\x0a" + varint(len(welcome)) + welcome
 
     def _fan_out(self, stored):
         self._send_presence()
         super()._fan_out(stored)
 
     def _send_presence(self):
-        """Publish the presence changes that wait, made once for everyone
-        online before they began; a member that came online meanwhile gets
-        only what its Welcome did not show, if anything."""
+        """Publish the presence changes that wait, once for everyone who
+        was online before they began; a member that came online meanwhile
+        gets them all but its own, as its Welcome showed the last batch."""
         if self.presence_timer is not None:
             self.presence_timer.cancel()
             self.presence_timer = None
@@ -2974,14 +3039,36 @@ class BatchedPresence:
         changes, self.presence = self.presence, []
         joiners, self.presence_joiners = self.presence_joiners, []
         # One Event per change, joined (CoalescingSession.next_write): any
-        # tail of them is one Event too, so a trimmed copy costs a join.
+        # of them joined are one Event too, so a joiner's copy is a join.
         parts = [pb.Event(presence=[member]).SerializeToString()
                  for member in changes]
         self.hub.publish(b"".join(parts),
-                         skip={session.client_id for session, _ in joiners})
-        for session, seen in joiners:
-            if seen < len(parts):
-                self.hub.publish(b"".join(parts[seen:]), only=session)
+                         skip={session.client_id for session in joiners})
+        for session in joiners:
+            if tail := b"".join(part for member, part in zip(changes, parts)
+                                if member.id != session.client_id):
+                self.hub.publish(tail, only=session)
+        for member in changes:
+            self.shown[member.id] = member_entry(member)
+        self.shown_joined = None
+
+
+def member_entry(member):
+    """A pb.Member as an element of Welcome.members, serialized: b"\x1a"
+    (field 3, wire type 2), its length, its bytes."""
+    data = member.SerializeToString()
+    return b"\x1a" + varint(len(data)) + data
+
+
+def varint(number):
+    """A length as protobuf writes it: 7 bits a byte, low bits first, the
+    high bit set on every byte but the last."""
+    data = bytearray()
+    while number > 0x7F:
+        data.append(number & 0x7F | 0x80)
+        number >>= 7
+    data.append(number)
+    return bytes(data)
 
 
 def chat_room_handlers(servicer):
@@ -3055,11 +3142,21 @@ class ThousandMemberServicer(BatchedPresence, SerializedOnce,
     runs Python's cyclic garbage collector less often: each write makes
     objects it tracks, and with many streams a collection comes often and
     walks them all to find nothing (reference counting frees them). Buys a
-    lower p99; costs memory that cycles hold a little longer."""
+    lower p99; costs memory that cycles hold a little longer.
+
+    And core queues more new calls for it: past max_pending_requests calls
+    that the loop has not taken yet, core cancels new ones at random, and
+    all past the hard limit (1,000 and 3,000 by default, server.cc). A
+    restart brings every member back at once, and a CANCELLED Join is
+    tried again, which only adds to the queue. Buys every Join of a
+    3,000-member storm answered on its first try; costs the memory of
+    calls waiting (a call left waiting 30 s is cancelled all the same)."""
 
     store_class = BatchedReadsStore
     hub_class = RoundsHub
     session_class = CoalescingSession
+    server_options = [("grpc.server.max_pending_requests", 10_000),
+                      ("grpc.server.max_pending_requests_hard_limit", 20_000)]
     GC_THRESHOLD = 20_000
 
     def __init__(self, *args, **kwargs):

@@ -472,30 +472,44 @@ class SendAndFanOutTest(ChatTestCase):
         self.assertNotIn("* alice joined", chad.output("stderr"))
 
     def test_presence_tells_each_member_only_news(self):
-        """Presence changes go out in batches; a member that joins while
-        one is collecting hears neither of its own arrival nor of what its
-        Welcome already showed."""
+        """Presence changes go out in batches (Part III). Whatever its
+        Welcome shows, each member then hears only news, never of its own
+        arrival, and ends up knowing who is online."""
         server = self.start_server()
         stub = self.stub(server)
-        calls = {name: self.raw_join(stub, name, name)
-                 for name in ("zed", "alice", "bob", "x")}
+        rosters, calls = {}, {}
+
+        def join(name):
+            calls[name] = stub.Join(pb.JoinRequest(client_id=name, name=name),
+                                    timeout=WAIT)
+            self.addCleanup(calls[name].cancel)
+            for event in calls[name]:
+                if event.HasField("welcome"):
+                    rosters[name] = {m.id: m.online
+                                     for m in event.welcome.members}
+                if event.HasField("caught_up"):
+                    return
+        for name in ("zed", "alice", "bob", "x"):
+            join(name)
         calls.pop("x").cancel()
         server.wait_for(r"x \(x\) left")
-        calls["chad"] = self.raw_join(stub, "chad", "chad")
+        join("chad")
         send(stub, "zed", "end")
-
-        def presence_until_the_message(call):
-            changes = []
+        send(stub, "alice", "end")  # zed hears of no message of its own
+        for name, call in calls.items():
+            roster = rosters[name]
+            self.assertEqual(roster.get(name), True, name)  # its own entry
             for event in call:
-                changes += [(m.id, m.online) for m in event.presence]
+                for member in event.presence:
+                    self.assertNotEqual(member.id, name)
+                    self.assertNotEqual(roster.get(member.id), member.online,
+                                        f"{name} was told old news")
+                    roster[member.id] = member.online
                 if event.messages:  # sent after every change above
-                    return changes
-        self.assertEqual(presence_until_the_message(calls["alice"]),
-                         [("bob", True), ("x", True), ("x", False),
-                          ("chad", True)])
-        self.assertEqual(presence_until_the_message(calls["bob"]),
-                         [("x", True), ("x", False), ("chad", True)])
-        self.assertEqual(presence_until_the_message(calls["chad"]), [])
+                    break
+            self.assertEqual(
+                {member for member, online in roster.items() if online},
+                {"zed", "alice", "bob", "chad"}, name)
 
     def test_concurrent_senders_give_one_order_with_nothing_lost(self):
         server = self.start_server("--members", "1,2,3,4")
