@@ -1517,6 +1517,16 @@ class BenchTest(ChatTestCase):
             self.assertEqual((run["lost"], run["duplicated"],
                               run["reordered"]), (0, 0, 0))
 
+    def test_storm_brings_everyone_in_and_counts_failed_joins(self):
+        """--storm: 50 Joins every 50 ms, not waiting for the last."""
+        bench = self.start("bench.py", "--clients", "120", "--messages", "3",
+                           "--storm", "--idle", "0", "--json")
+        self.assertEqual(bench.wait(), 0)
+        (run,) = json.loads("\n".join(bench.output()))
+        self.assertEqual(run["deliveries"], 3 * 119)
+        self.assertEqual((run["joins_failed"], run["joins_failed_by_code"]),
+                         (0, {}))
+
     def test_bench_refused_or_unreachable_says_why_and_exits_1(self):
         server = self.start_server("--members", "1,2")
         bench = self.start("bench.py", "--server", server.address,
