@@ -2838,14 +2838,14 @@ class RoundsHub(Hub):
     for each write. A round puts everything published since the last one
     into the queues, and the loop runs each woken writer's step. If that
     took more than BUSY_SHARE of the time since the last round began, then
-    for BUSY_FOR seconds each round is followed by a rest half as long: what
-    is published meanwhile goes out in the next round, one write per member,
-    and the rest lets waiting Sends in. A quiet room never rests. Buys, with
+    for BUSY_FOR seconds each round is followed by a rest as long as it
+    took: what is published meanwhile goes out in the next round, one write
+    per member, and the rest lets waiting Sends in. A quiet room never rests. Buys, with
     CoalescingSession, a busy room's throughput; costs a message published
     during a rest that wait."""
 
     BUSY_SHARE = 0.3  # of the loop's time spent starting one round's writes
-    REST = 0.5        # while busy, rest this many times as long as the round
+    REST = 1.0        # while busy, rest this many times as long as the round
     BUSY_FOR = 1.0    # seconds that a busy round counts
 
     def __init__(self, too_slow):
