@@ -2840,9 +2840,9 @@ class RoundsHub(Hub):
     took more than BUSY_SHARE of the time since the last round began, then
     for BUSY_FOR seconds each round is followed by a rest as long as it
     took: what is published meanwhile goes out in the next round, one write
-    per member, and the rest lets waiting Sends in. A quiet room never rests. Buys, with
-    CoalescingSession, a busy room's throughput; costs a message published
-    during a rest that wait."""
+    per member, and the rest lets waiting Sends in. A quiet room never
+    rests. Buys, with CoalescingSession, a busy room's throughput; costs a
+    message published during a rest that wait."""
 
     BUSY_SHARE = 0.3  # of the loop's time spent starting one round's writes
     REST = 1.0        # while busy, rest this many times as long as the round
