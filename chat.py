@@ -2570,8 +2570,8 @@ class UnreadMixIn:
             rule = "\u2500" * 4
             self.view.tag_configure("divider", justify="center",
                                     foreground=self.COLORS["divider"])
-            self._put([(f"{rule}  {plural(event.welcome.unread, 'new message')}"
-                        f"  {rule}", "divider")])
+            news = plural(event.welcome.unread, "new message")
+            self._put([(f"{rule}  {news}  {rule}", "divider")])
             # A mark is a place in the text that moves as text is added
             # before it. Left gravity: what is added at the mark goes after
             # it, so the mark stays on the divider.
