@@ -266,16 +266,18 @@ class Bench:
                 for index in step]
             if self.storm:
                 await asyncio.sleep(self.STORM_EVERY)
-                step = range(0)
-            while len(self.caught_up) < step.stop:  # or _unless_failed ends
-                await self.joined_changed.wait()
-                self.joined_changed.clear()
-            self._show(f"joined {len(self.caught_up)}/{self.clients}")
-        while len(self.caught_up) < self.clients:  # the storm's tail
+            else:
+                await self._until_caught_up(step.stop)
+        await self._until_caught_up(self.clients)  # the storm's tail
+        return time.perf_counter() - started
+
+    async def _until_caught_up(self, count):
+        """Wait until count members have caught up (or _unless_failed ends
+        the run)."""
+        while len(self.caught_up) < count:
             await self.joined_changed.wait()
             self.joined_changed.clear()
-            self._show(f"joined {len(self.caught_up)}/{self.clients}")
-        return time.perf_counter() - started
+        self._show(f"joined {len(self.caught_up)}/{self.clients}")
 
     async def _settle(self, quiet_s=1.0, at_most_s=60):
         """Wait for the joins' aftermath to pass: until no event (presence

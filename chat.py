@@ -544,6 +544,19 @@ def to_message(stored):
     return message
 
 
+def certified_id(context):
+    """Hardening (mutual TLS): the member id that the client's certificate
+    names, its common name (CN); None if it presented none. gRPC checked
+    the certificate in the handshake, and auth_context() holds what it
+    found: {"x509_common_name": [b"2"], "transport_security_type":
+    [b"ssl"], ...}. (peer_identities() would give the subjectAltNames
+    instead, if the certificate had any.) Production systems more often
+    give each user a token, sent as call credentials
+    (grpc.metadata_call_credentials), which gRPC sends only on a secure
+    channel."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
+
 class ChatRoomServicer(services.ChatRoomServicer):
     """The room's RPCs, overriding the generated base class's (which answer
     UNIMPLEMENTED); owns the store and hub. Part III swaps in the three
@@ -970,19 +983,6 @@ def tls_credentials(args):
         [(key, read_pem("--tls-cert", args.tls_cert))],
         root_certificates=client_ca, require_client_auth=bool(client_ca))
 
-
-def certified_id(context):
-    """Hardening (mutual TLS): the member id that the client's certificate
-    names, its common name (CN); None if it presented none. gRPC checked
-    the certificate in the handshake, and auth_context() holds what it
-    found: {"x509_common_name": [b"2"], "transport_security_type":
-    [b"ssl"], ...}. (peer_identities() would give the subjectAltNames
-    instead, if the certificate had any.) Production systems more often
-    give each user a token, sent as call credentials
-    (grpc.metadata_call_credentials), which gRPC sends only on a secure
-    channel."""
-    names = context.auth_context().get("x509_common_name")
-    return names[0].decode() if names else None
 
 
 def listen(server, host, port, credentials, explain):
@@ -3054,15 +3054,14 @@ class BatchedPresence:
 
 
 def member_entry(member):
-    """A pb.Member as an element of Welcome.members, serialized: b"\x1a"
-    (field 3, wire type 2), its length, its bytes."""
-    data = member.SerializeToString()
-    return b"\x1a" + varint(len(data)) + data
+    """A pb.Member as an element of Welcome.members, serialized: the bytes
+    of a Welcome with only that member (its key, its length, its bytes)."""
+    return pb.Welcome(members=[member]).SerializeToString()
 
 
 def varint(number):
-    """A length as protobuf writes it: 7 bits a byte, low bits first, the
-    high bit set on every byte but the last."""
+    """A length as protobuf writes it before a field's bytes: 7 bits a
+    byte, low bits first, the high bit set on every byte but the last."""
     data = bytearray()
     while number > 0x7F:
         data.append(number & 0x7F | 0x80)
